@@ -1,0 +1,1 @@
+"""PaRO-CC: collectives over a 2D (dp_replicate x dp_shard) mesh."""

@@ -1,0 +1,64 @@
+"""Global collectives over a 2D mesh done in two phases (one link at a time, no overlap).
+
+These have the semantics of the flat collective over all n ranks in group-major order, but
+each rank sends only (g-1)/n of the data across groups. They are what ``comm="default"``
+uses; HO-Ring (``paro_fsdp.comm.ho_ring``) overlaps the two phases.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.stats import INTER, INTRA
+
+
+class HierarchicalCollectives:
+    """Flat all-gather / reduce-scatter / all-reduce as an inter phase and an intra phase."""
+
+    name = "default"
+
+    def __init__(self, groups: MeshGroups) -> None:
+        self.groups = groups
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """``output[r*S:(r+1)*S]`` = ``input`` of flat rank r, for S = ``input.numel()``."""
+        g, m = self.groups.groups, self.groups.group_size
+        s = input.numel()
+        column = input.new_empty(g * s)
+        self.groups.all_gather(column, input.reshape(-1), INTER)  # (g, S): my column
+        gathered = input.new_empty(m * g * s)
+        self.groups.all_gather(gathered, column, INTRA)  # (m, g, S)
+        output.view(g, m, s).copy_(gathered.view(m, g, s).transpose(0, 1))
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
+                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        """``output`` = reduction over ranks of ``input[r*S:(r+1)*S]``, r this flat rank."""
+        g, m = self.groups.groups, self.groups.group_size
+        s = output.numel()
+        by_local = input.view(g, m, s).transpose(0, 1).contiguous()  # (m, g, S)
+        column = input.new_empty(g * s)
+        self.groups.reduce_scatter(column, by_local.view(-1), INTRA)
+        self.groups.reduce_scatter(output.view(-1), column, INTER)
+        if op == dist.ReduceOp.AVG:
+            output.div_(g * m)
+        elif op != dist.ReduceOp.SUM:
+            raise ValueError(f"hierarchical reduce_scatter supports SUM and AVG, got {op}")
+
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        """In-place all-reduce over all n ranks: intra reduce-scatter, inter all-reduce, intra all-gather."""
+        m = self.groups.group_size
+        flat = tensor.view(-1)
+        padded = -(-flat.numel() // m) * m
+        work = flat if padded == flat.numel() else torch.cat([flat, flat.new_zeros(padded - flat.numel())])
+        piece = work.new_empty(padded // m)
+        self.groups.reduce_scatter(piece, work, INTRA)
+        self.groups.all_reduce(piece, INTER)
+        self.groups.all_gather(work, piece, INTRA)
+        if work is not flat:
+            flat.copy_(work[: flat.numel()])
+        if op == dist.ReduceOp.AVG:
+            flat.div_(self.groups.world)
+        elif op != dist.ReduceOp.SUM:
+            raise ValueError(f"hierarchical all_reduce supports SUM and AVG, got {op}")
