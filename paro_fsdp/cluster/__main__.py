@@ -1,0 +1,87 @@
+"""``python -m paro_fsdp.cluster --nodes K --ranks-per-node M --inter-bw RATE -- script.py [args]``.
+
+Builds the emulated cluster, runs the script (or ``-m module``) under torchrun on every node,
+prints each node's output prefixed ``[node<i>]`` and the bytes each node's link carried, and
+removes every namespace it created, whether the run succeeds, fails, times out or is
+interrupted (Ctrl-C, SIGTERM, SIGHUP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+from paro_fsdp.cluster.launch import EmulatedCluster
+from paro_fsdp.cluster.network import ClusterError, cleanup_namespaces
+
+EXIT_TIMEOUT = 124
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # Teardown must not be cut short by a second Ctrl-C.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m paro_fsdp.cluster",
+        description="Run a torchrun script on K emulated nodes (network namespaces) of M ranks each, "
+                    "with each node's link limited to --inter-bw.",
+        epilog="example: python -m paro_fsdp.cluster --nodes 2 --ranks-per-node 4 --inter-bw 250mbit "
+               "-- benchmarks/collectives.py --worker",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="number of nodes (namespaces), default 2")
+    p.add_argument("--ranks-per-node", type=int, default=2, help="torchrun --nproc-per-node, default 2")
+    p.add_argument("--inter-bw", default="1gbit",
+                   help="rate of each node's link, each direction, in tc units (e.g. 250mbit, 1gbit)")
+    p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    p.add_argument("--subnet", default="10.77.0.0/24", help="private subnet for node addresses")
+    p.add_argument("--cleanup-stale", action="store_true",
+                   help="only delete namespaces left behind by killed runs of this tool, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, target = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = _parser().parse_args(own)
+    if args.cleanup_stale:
+        for namespace in cleanup_namespaces(None):
+            print(f"[cluster] deleted stale namespace {namespace}")
+        return 0
+    if not target:
+        _parser().error("give the script after `--`: ... -- script.py [args] or -- -m module [args]")
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
+    try:
+        with EmulatedCluster(args.nodes, args.ranks_per_node, args.inter_bw, subnet=args.subnet) as cluster:
+            print(f"[cluster] {args.nodes} nodes x {args.ranks_per_node} ranks, link {args.inter_bw} "
+                  f"each way, nodes at {', '.join(cluster.addresses)}", flush=True)
+            result = cluster.run(target, timeout=args.timeout)
+    except ClusterError as e:
+        print(f"[cluster] error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, _Stopped) as e:
+        print(f"[cluster] {'stopped by ' if isinstance(e, _Stopped) else 'error: '}{e}; cluster torn down",
+              file=sys.stderr)
+        return 128 + e.signum if isinstance(e, _Stopped) else 2
+    for line in result.summary():
+        print(f"[cluster] {line}", flush=True)
+    if result.timed_out:
+        return EXIT_TIMEOUT
+    return next((abs(n.returncode) or 1 for n in result.nodes if n.returncode), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
