@@ -7,6 +7,8 @@ collective here runs over one of those and records the bytes it sends in ``stats
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -60,6 +62,11 @@ class MeshGroups:
             if mesh.device_type != "cpu" else torch.device("cpu")
         self.stats = stats if stats is not None else CommStats()
         self._gloo = {INTRA: _uses_gloo(self.intra), INTER: _uses_gloo(self.inter)}
+
+    @functools.cached_property
+    def flat_mesh(self) -> DeviceMesh:
+        """The 1D mesh of all n ranks in group-major order (created on first use, collectively)."""
+        return self.mesh[REPLICATE_DIM, SHARD_DIM]._flatten("paro_dp")
 
     def group(self, link: str) -> dist.ProcessGroup:
         return self.intra if link == INTRA else self.inter

@@ -1,0 +1,21 @@
+"""PaRO (Partial Redundancy Optimizer) data parallelism on FSDP2.
+
+Parameters, gradients and optimizer states each get a partition granularity: N (none),
+I (inside the group of fast-linked ranks) or G (global). See ``ParoStrategy``.
+"""
+
+from paro_fsdp.clip import clip_grad_norm_
+from paro_fsdp.optimizer import ParoOptimizer
+from paro_fsdp.parallelize import paro_parallelize
+from paro_fsdp.stats import comm_stats, memory_stats
+from paro_fsdp.strategy import Granularity, ParoStrategy
+
+__all__ = [
+    "Granularity",
+    "ParoOptimizer",
+    "ParoStrategy",
+    "clip_grad_norm_",
+    "comm_stats",
+    "memory_stats",
+    "paro_parallelize",
+]

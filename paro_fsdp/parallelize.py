@@ -1,0 +1,123 @@
+"""``paro_parallelize``: wrap a model for one PaRO strategy on a 2D data-parallel mesh."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, validate_mesh
+from paro_fsdp.comm.hierarchical import HierarchicalCollectives
+from paro_fsdp.engine import Collectives, EngineState, Unit
+from paro_fsdp.strategy import Granularity, ParoStrategy
+
+logger = logging.getLogger("paro_fsdp")
+
+COMMS = ("default", "ho_ring")
+_STATE_ATTR = "_paro_state"
+
+
+class ParoModule:
+    """Mixin the root module gets: FSDP2's accumulation idiom, interpreted per strategy."""
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+        """Call with ``True`` before the last micro-batch's backward, ``False`` before the others.
+
+        Gradients are then reduced across groups once per optimizer step. What is deferred
+        depends on the strategy: with G=I or G=G, per-micro-step reductions inside the
+        partition still run, since they are what keeps gradient memory at 1/m or 1/n.
+        """
+        paro_state(self).set_last_microstep(bool(requires_gradient_sync))
+
+
+def paro_state(model: nn.Module) -> EngineState:
+    """The engine state of a model wrapped by :func:`paro_parallelize`."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} was not wrapped by paro_parallelize; call "
+            f"paro_parallelize(model, mesh, strategy=...) first and pass the module it returns"
+        )
+    return state
+
+
+def _make_collectives(comm: str, groups: MeshGroups) -> Collectives:
+    if comm == "default":
+        return HierarchicalCollectives(groups)
+    if comm == "ho_ring":
+        from paro_fsdp.comm.ho_ring import HORingCollectives
+
+        return HORingCollectives(groups)
+    raise ValueError(f"comm={comm!r} is not supported; valid values: {', '.join(COMMS)}")
+
+
+def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
+    """The mesh FSDP2 shards parameters over for granularity ``level``."""
+    mesh = groups.mesh
+    if level is Granularity.I:
+        return mesh[SHARD_DIM]
+    if level is Granularity.G:
+        return groups.flat_mesh
+    # N: a 1-rank mesh that shares the root mesh, so TP DTensors still compose.
+    return mesh._unflatten(SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"]
+
+
+def paro_parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    strategy: str | ParoStrategy,
+    *,
+    blocks: Sequence[nn.Module] | None = None,
+    comm: str = "default",
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard ``model`` for a PaRO strategy on ``mesh`` = (dp_replicate, dp_shard) = (groups, ranks per group).
+
+    Each of ``blocks`` becomes one FSDP2 unit (gathered, reduced and synchronized together),
+    then the root takes the remaining parameters, as torchtitan wraps transformer blocks.
+    Returns ``model`` itself, whose class gains ``set_requires_gradient_sync``.
+
+    ``comm`` selects the global collectives: ``"default"`` (the backend's, in two phases) or
+    ``"ho_ring"`` (hierarchical overlapping rings). ``mp_policy`` is FSDP2's mixed precision.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None or any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already parallelized (paro_parallelize or fully_shard); "
+            f"parallelize a freshly built model once"
+        )
+    mesh = validate_mesh(mesh)
+    requested = ParoStrategy.parse(strategy)
+    if comm not in COMMS:
+        raise ValueError(f"comm={comm!r} is not supported; valid values: {', '.join(COMMS)}")
+    g, m = mesh.size(0), mesh.size(1)
+    effective = requested.effective_on(g, m)
+    if effective != requested:
+        logger.info(
+            "PaRO strategy %s on %d group(s) x %d rank(s) runs as %s (I collapses to %s)",
+            requested, g, m, effective, "N" if m == 1 else "G",
+        )
+    blocks = list(blocks or [])
+    for i, block in enumerate(blocks):
+        if not any(block is sub for sub in model.modules()):
+            raise ValueError(f"blocks[{i}] ({type(block).__name__}) is not a submodule of the model")
+
+    groups = MeshGroups(mesh)
+    state = EngineState(effective, requested, groups, _make_collectives(comm, groups))
+    fsdp_mesh = _param_mesh(groups, effective.param)
+    kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})
+    setattr(model, _STATE_ATTR, state)
+    state.units = [Unit(mod, state) for mod in [*blocks, model]]
+    state.set_last_microstep(True)
+    return model

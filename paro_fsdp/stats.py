@@ -1,0 +1,31 @@
+"""What a PaRO model costs on this rank: bytes sent and model-state memory."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from paro_fsdp.comm.stats import CommStats
+from paro_fsdp.parallelize import paro_state
+
+
+def comm_stats(model: nn.Module) -> CommStats:
+    """Bytes this rank has sent since the last ``reset()``, by phase and link (intra / inter)."""
+    return paro_state(model).stats
+
+
+def memory_stats(model: nn.Module) -> dict[str, int]:
+    """Model-state bytes held on this rank now: ``{"params", "grads", "optim"}``.
+
+    ``params`` counts the local parameter storage (FSDP's sharded parameters, frozen ones
+    included), ``grads`` the gradient state kept between micro-steps, ``optim`` the
+    optimizer's per-element state for this rank's slices.
+    """
+    state = paro_state(model)
+    params = sum(p._local_tensor.numel() * p.element_size() if hasattr(p, "_local_tensor")
+                 else p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(u.grad_bytes() for u in state.units)
+    optim = 0
+    if state.optimizer is not None:
+        for st in state.optimizer.inner.state.values():
+            optim += sum(v.numel() * v.element_size() for v in st.values() if hasattr(v, "dim") and v.dim() > 0)
+    return {"params": params, "grads": grads, "optim": optim}
