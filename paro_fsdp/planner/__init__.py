@@ -1,0 +1,38 @@
+"""PaRO strategy planner: estimate memory and step time of all 14 strategies, pick the best that fits.
+
+The paper's guideline as a tool: memory from PARO.md's formulas plus transient buffers and
+activations, step time from the per-phase intra / inter bytes over measured (``paro probe``)
+or given link rates. ``choose_strategy`` is what ``paro_strategy = "auto"`` calls.
+"""
+
+from paro_fsdp.planner.calibration import Calibration, LinkFit, fit_link, read_calibration, write_calibration
+from paro_fsdp.planner.cost import COMMS, MEMORY_KINDS, StrategyEstimate, estimate
+from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup, compute_seconds_from_flops
+from paro_fsdp.planner.rank import choose_strategy, pareto_front, plan
+from paro_fsdp.planner.report import describe_assumptions, format_table, plot_pareto
+from paro_fsdp.planner.torchtitan_sizes import TorchtitanJob, read_torchtitan_job, sizes_from_model
+
+__all__ = [
+    "COMMS",
+    "MEMORY_KINDS",
+    "Calibration",
+    "Cluster",
+    "LinkFit",
+    "ModelSizes",
+    "StrategyEstimate",
+    "TorchtitanJob",
+    "TrainingSetup",
+    "choose_strategy",
+    "compute_seconds_from_flops",
+    "describe_assumptions",
+    "estimate",
+    "fit_link",
+    "format_table",
+    "pareto_front",
+    "plan",
+    "plot_pareto",
+    "read_calibration",
+    "read_torchtitan_job",
+    "sizes_from_model",
+    "write_calibration",
+]

@@ -1,0 +1,109 @@
+"""Link calibration: latency and bandwidth per link, fitted from timed collectives.
+
+``paro probe`` writes it; ``paro plan --calibration`` and torchtitan's ``paro_strategy = "auto"``
+read it. The file is JSON so it can be checked in beside a training config and read without
+torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """``seconds = latency + bytes_sent_per_rank / bandwidth`` for one link."""
+
+    latency: float
+    bandwidth: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency) and self.latency >= 0):
+            raise ValueError(f"link latency must be a finite number of seconds >= 0, got {self.latency!r}")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
+            raise ValueError(f"link bandwidth must be a finite number of bytes/s > 0, got {self.bandwidth!r}")
+
+
+def fit_link(points: list[tuple[float, float]]) -> LinkFit:
+    """Least-squares line through ``(bytes_sent_per_rank, seconds)`` points.
+
+    Noise can make the fitted intercept slightly negative; it is clamped to 0 (latency), and
+    a non-positive slope (timings not growing with size) is an error: the sizes were too small
+    to see the bandwidth.
+    """
+    if len({b for b, _ in points}) < 2:
+        raise ValueError(f"fitting a link needs timings at >= 2 distinct sizes, got {len(points)} point(s)")
+    k = len(points)
+    mean_b = sum(b for b, _ in points) / k
+    mean_t = sum(t for _, t in points) / k
+    var = sum((b - mean_b) ** 2 for b, _ in points)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / var
+    if slope <= 0:
+        raise ValueError(
+            f"collective times do not grow with size (points {points}): use larger probe sizes "
+            f"(paro probe --sizes) so bandwidth, not latency, dominates the largest ones"
+        )
+    return LinkFit(latency=max(0.0, mean_t - slope * mean_b), bandwidth=1.0 / slope)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured link rates of one cluster shape (``nodes`` x ``ranks_per_node``)."""
+
+    nodes: int
+    ranks_per_node: int
+    intra: LinkFit
+    inter: LinkFit
+    backend: str = ""
+    device_type: str = ""
+    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # link -> (bytes, s)
+
+
+def write_calibration(cal: Calibration, path: str | os.PathLike) -> None:
+    data = {"format_version": FORMAT_VERSION, **asdict(cal)}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def read_calibration(path: str | os.PathLike) -> Calibration:
+    """Load a file written by ``paro probe``, with errors that name the file and the field."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration file {os.fspath(path)!r} does not exist; write one with "
+                                f"`torchrun ... -m paro_fsdp probe --out {os.fspath(path)}`") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calibration file {os.fspath(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        found = data.get("format_version") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"calibration file {os.fspath(path)!r} has format_version {found!r}; "
+                         f"this version reads {FORMAT_VERSION} (rerun paro probe)")
+    try:
+        return Calibration(
+            nodes=int(data["nodes"]),
+            ranks_per_node=int(data["ranks_per_node"]),
+            intra=LinkFit(**data["intra"]),
+            inter=LinkFit(**data["inter"]),
+            backend=str(data.get("backend", "")),
+            device_type=str(data.get("device_type", "")),
+            points={k: [tuple(p) for p in v] for k, v in data.get("points", {}).items()},
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"calibration file {os.fspath(path)!r} is missing or has a malformed field: {e!r}; "
+                         f"expected nodes, ranks_per_node, intra and inter ({{latency, bandwidth}})") from None
+
+
+def cluster_from_calibration(cal: Calibration, device_memory: float) -> "Cluster":
+    """The measured cluster with ``device_memory`` bytes per rank."""
+    from paro_fsdp.planner.inputs import Cluster  # noqa: PLC0415 (keeps this module torch- and planner-free)
+
+    return Cluster(nodes=cal.nodes, ranks_per_node=cal.ranks_per_node, intra_bw=cal.intra.bandwidth,
+                   inter_bw=cal.inter.bandwidth, device_memory=device_memory,
+                   intra_latency=cal.intra.latency, inter_latency=cal.inter.latency)

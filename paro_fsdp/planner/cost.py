@@ -1,0 +1,134 @@
+"""Per-strategy cost model: memory per rank and time of one optimizer step.
+
+Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top of them:
+
+- each phase costs ``intra_bytes / intra_bw + inter_bytes / inter_bw`` plus a latency per
+  collective; with ``comm="ho_ring"`` a global collective (one that spans both links in a
+  single call) overlaps its two phases and costs ``max`` of the two instead of the sum;
+- collectives are issued per FSDP unit (transformer block), so the latency term grows with
+  the number of blocks and, for per-micro-step phases, with the accumulation steps;
+- communication is not overlapped with compute (the estimate is an upper bound);
+- transient memory: the unsharded parameters (gather dtype) and gradients (reduce dtype) of
+  two FSDP units in flight, for the states that are sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paro_fsdp.comm.stats import INTER, INTRA
+from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
+from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
+from paro_fsdp.strategy import Granularity, ParoStrategy
+
+N, I, G = Granularity.N, Granularity.I, Granularity.G
+COMMS = ("default", "ho_ring")
+UNITS_IN_FLIGHT = 2
+MEMORY_KINDS = ("params", "grads", "optim", "buffers", "activations")
+
+# Sub-collectives (intra, inter) one FSDP unit issues per phase. A gather/reduce over I is one
+# intra collective, over G a hierarchical pair. The once-per-step syncs follow PARO.md's steps.
+_GATHER_CALLS = {N: (0, 0), I: (1, 0), G: (1, 1)}
+_SYNC_G_CALLS = {(N, N): (2, 1), (N, I): (1, 1), (N, G): (1, 1), (I, I): (0, 1), (I, G): (0, 1), (G, G): (0, 0)}
+_SYNC_P_CALLS = {(I, N): (1, 0), (G, N): (1, 1), (G, I): (0, 1)}
+# Phases done as one global collective (HO-Ring overlaps its intra and inter parts). The
+# N->I gradient sync is an intra reduce-scatter feeding an inter all-reduce of its slice:
+# two dependent collectives, so it stays a sum.
+_SYNC_G_GLOBAL = {(N, N), (N, G)}
+_SYNC_P_GLOBAL = {(G, N)}
+
+
+@dataclass(frozen=True)
+class StrategyEstimate:
+    """Estimated memory per rank and step time of one strategy on one cluster."""
+
+    strategy: ParoStrategy
+    effective: ParoStrategy  # what it behaves as on this mesh (m = 1 or g = 1 collapse I)
+    memory: dict[str, float]  # bytes per rank, keys MEMORY_KINDS
+    comm_bytes: dict[str, dict[str, float]]  # {phase: {"intra", "inter"}} bytes per rank per step
+    comm_seconds_by_phase: dict[str, float]
+    collectives: int  # sub-collectives per rank per step
+    compute_seconds: float
+    fits: bool
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def intra_bytes(self) -> float:
+        return sum(p[INTRA] for p in self.comm_bytes.values())
+
+    @property
+    def inter_bytes(self) -> float:
+        return sum(p[INTER] for p in self.comm_bytes.values())
+
+    @property
+    def comm_seconds(self) -> float:
+        return sum(self.comm_seconds_by_phase.values())
+
+    @property
+    def step_seconds(self) -> float:
+        return self.compute_seconds + self.comm_seconds
+
+
+def check_comm(comm: str) -> str:
+    if comm not in COMMS:
+        raise ValueError(f"comm must be one of {', '.join(COMMS)}, got {comm!r}")
+    return comm
+
+
+def _phase_calls(s: ParoStrategy, accum: int) -> dict[str, tuple[tuple[int, int], bool, int]]:
+    """Per phase: (intra, inter) sub-collectives per unit, whether it is one global collective,
+    and how many times per step each unit issues it."""
+    return {
+        "param_gather": (_GATHER_CALLS[s.param], s.param is G, 2 * accum),  # forward and backward
+        "grad_reduce": (_GATHER_CALLS[s.grad], s.grad is G, accum),
+        "sync_g": (_SYNC_G_CALLS[(s.grad, s.optim)], (s.grad, s.optim) in _SYNC_G_GLOBAL, 1),
+        "sync_p": (_SYNC_P_CALLS.get((s.optim, s.param), (0, 0)), (s.optim, s.param) in _SYNC_P_GLOBAL, 1),
+    }
+
+
+def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
+             setup: TrainingSetup = TrainingSetup(), comm: str = "default") -> StrategyEstimate:
+    """Memory per rank and step time of ``strategy`` (see the module docstring for the model)."""
+    s = ParoStrategy.parse(strategy)
+    check_comm(comm)
+    topo = Topology(cluster.nodes, cluster.ranks_per_node)
+    psi, psi_t = model.params, model.trainable_params
+
+    states = memory_bytes(s, topo, psi, psi_t, param_bytes=model.param_bytes,
+                          grad_bytes=model.grad_bytes, optim_bytes=model.optim_bytes)
+    unit_trainable = model.unit_params * psi_t / psi
+    buffers = UNITS_IN_FLIGHT * (
+        (model.unit_params * model.wire_param_bytes if s.param is not N else 0.0)
+        + (unit_trainable * model.wire_grad_bytes if s.grad is not N else 0.0)
+    )
+    memory = {**states, "buffers": buffers, "activations": float(setup.activation_bytes)}
+
+    nbytes = comm_bytes(s, topo, psi, psi_t, accum=setup.accum, param_bytes=model.wire_param_bytes,
+                        grad_bytes=model.wire_grad_bytes, master_bytes=model.master_bytes)
+    # Size-1 groups issue no collective (nothing to exchange).
+    has_intra, has_inter = cluster.ranks_per_node > 1, cluster.nodes > 1
+    seconds: dict[str, float] = {}
+    collectives = 0
+    for phase_name, ((intra_calls, inter_calls), is_global, times) in _phase_calls(s, setup.accum).items():
+        intra_t = nbytes[phase_name][INTRA] / cluster.intra_bw
+        inter_t = nbytes[phase_name][INTER] / cluster.inter_bw
+        transfer = max(intra_t, inter_t) if comm == "ho_ring" and is_global else intra_t + inter_t
+        calls_intra = intra_calls * times * model.blocks if has_intra else 0
+        calls_inter = inter_calls * times * model.blocks if has_inter else 0
+        collectives += calls_intra + calls_inter
+        seconds[phase_name] = transfer + calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
+
+    total = sum(memory.values())
+    return StrategyEstimate(
+        strategy=s,
+        effective=s.effective_on(cluster.nodes, cluster.ranks_per_node),
+        memory=memory,
+        comm_bytes=nbytes,
+        comm_seconds_by_phase=seconds,
+        collectives=collectives,
+        compute_seconds=setup.compute_seconds,
+        fits=total <= cluster.device_memory,
+    )

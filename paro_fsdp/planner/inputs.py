@@ -1,0 +1,145 @@
+"""What the planner needs to know: the model, the cluster and the training setup.
+
+All quantities are in SI base units (elements, bytes, bytes per second, seconds) so that the
+cost model is plain arithmetic; the command line converts from GiB, GB/s and microseconds.
+Validation lives here so every entry point (command line, torchtitan, Python) gets the same
+actionable errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def _check_positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}.{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_int(owner: str, name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Sizes of the model states and of one FSDP unit.
+
+    ``param_bytes`` / ``grad_bytes`` are the dtypes the sharded parameters and gradients are
+    stored in; ``optim_bytes`` is K, the optimizer bytes per trainable element (8 for AdamW
+    moments next to fp32 parameters, 12 with a separate fp32 master copy). ``gather_bytes`` and
+    ``reduce_bytes`` are the dtypes on the wire for parameter all-gathers and gradient
+    reductions (mixed precision), defaulting to the storage dtypes. ``block_params`` is the
+    size of the largest FSDP unit (a transformer block), defaulting to ``params / blocks``.
+    ``flops_per_token`` defaults to 6 per parameter (forward and backward of dense training).
+    """
+
+    params: int
+    trainable: int | None = None
+    blocks: int = 1
+    param_bytes: int = 4
+    grad_bytes: int = 4
+    optim_bytes: int = 8
+    gather_bytes: int | None = None
+    reduce_bytes: int | None = None
+    master_bytes: int = 4
+    block_params: int | None = None
+    flops_per_token: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("ModelSizes", "params", self.params)
+        if self.trainable is not None:
+            _check_int("ModelSizes", "trainable", self.trainable)
+            if self.trainable > self.params:
+                raise ValueError(
+                    f"ModelSizes.trainable ({self.trainable}) must not exceed ModelSizes.params ({self.params})"
+                )
+        _check_int("ModelSizes", "blocks", self.blocks)
+        for name in ("param_bytes", "grad_bytes", "optim_bytes", "master_bytes", "gather_bytes",
+                     "reduce_bytes", "block_params"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int("ModelSizes", name, value)
+        if self.flops_per_token is not None:
+            _check_positive("ModelSizes", "flops_per_token", self.flops_per_token)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params if self.trainable is None else self.trainable
+
+    @property
+    def unit_params(self) -> float:
+        return self.block_params if self.block_params is not None else self.params / self.blocks
+
+    @property
+    def wire_param_bytes(self) -> int:
+        return self.param_bytes if self.gather_bytes is None else self.gather_bytes
+
+    @property
+    def wire_grad_bytes(self) -> int:
+        return self.grad_bytes if self.reduce_bytes is None else self.reduce_bytes
+
+    @property
+    def training_flops_per_token(self) -> float:
+        return 6.0 * self.params if self.flops_per_token is None else self.flops_per_token
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``nodes`` groups of ``ranks_per_node`` ranks, with per-rank link rates.
+
+    Bandwidths are what one rank can send while every rank sends at once (a node's NIC
+    rate divided by its ranks when they share one NIC): the formulas count bytes per rank.
+    Latencies are per collective on that link (a ring's start-up and step overheads).
+    """
+
+    nodes: int
+    ranks_per_node: int
+    intra_bw: float
+    inter_bw: float
+    device_memory: float
+    intra_latency: float = 0.0
+    inter_latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("Cluster", "nodes", self.nodes)
+        _check_int("Cluster", "ranks_per_node", self.ranks_per_node)
+        for name in ("intra_bw", "inter_bw", "device_memory"):
+            _check_positive("Cluster", name, getattr(self, name))
+        for name in ("intra_latency", "inter_latency"):
+            _check_positive("Cluster", name, getattr(self, name), allow_zero=True)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """Per optimizer step: ``accum`` micro-steps; per rank: activation memory and compute time.
+
+    ``compute_seconds`` is the forward and backward time of all ``accum`` micro-steps on one
+    rank (0 ranks strategies by communication alone; see ``compute_seconds_from_flops``).
+    """
+
+    accum: int = 1
+    activation_bytes: float = 0.0
+    compute_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("TrainingSetup", "accum", self.accum)
+        _check_positive("TrainingSetup", "activation_bytes", self.activation_bytes, allow_zero=True)
+        _check_positive("TrainingSetup", "compute_seconds", self.compute_seconds, allow_zero=True)
+
+
+def compute_seconds_from_flops(model: ModelSizes, tokens_per_micro_step: int, accum: int,
+                               device_flops: float) -> float:
+    """Compute time of one optimizer step on one rank at a sustained ``device_flops`` (FLOP/s)."""
+    _check_int("compute", "tokens_per_micro_step", tokens_per_micro_step)
+    _check_int("compute", "accum", accum)
+    _check_positive("compute", "device_flops", device_flops)
+    return model.training_flops_per_token * tokens_per_micro_step * accum / device_flops

@@ -1,0 +1,47 @@
+"""Rank every effective strategy by estimated step time, the ones that fit in memory first."""
+
+from __future__ import annotations
+
+from paro_fsdp.planner.cost import StrategyEstimate, estimate
+from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
+from paro_fsdp.strategy import ParoStrategy
+
+GIB = 2**30
+
+
+def _order(e: StrategyEstimate) -> tuple:
+    # Among equal times, less memory is the better choice (headroom for batch or activations).
+    return (not e.fits, e.step_seconds, e.total_memory, e.strategy.code)
+
+
+def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
+         comm: str = "default") -> list[StrategyEstimate]:
+    """Estimates for all 14 strategies: those that fit by step time, then those that do not."""
+    return sorted((estimate(s, model, cluster, setup, comm) for s in ParoStrategy.all_valid()), key=_order)
+
+
+def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
+                    comm: str = "default") -> tuple[ParoStrategy, list[StrategyEstimate]]:
+    """The fastest strategy that fits in device memory, and the full ranking (``plan``'s order).
+
+    Raises ``ValueError`` naming the least memory any strategy needs when none fits.
+    """
+    ranking = plan(model, cluster, setup, comm)
+    if not ranking[0].fits:
+        smallest = min(ranking, key=lambda e: e.total_memory)
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in smallest.memory.items())
+        raise ValueError(
+            f"no PaRO strategy fits in {cluster.device_memory / GIB:.2f} GiB of device memory per rank: "
+            f"the smallest, {smallest.strategy.code}, needs {smallest.total_memory / GIB:.2f} GiB ({parts} GiB). "
+            f"Use more ranks, a smaller micro-batch (activations), or more device memory."
+        )
+    return ranking[0].strategy, ranking
+
+
+def pareto_front(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
+    """Estimates no other one beats on both memory per rank and step time, by memory."""
+    front = []
+    for e in sorted(estimates, key=lambda e: (e.total_memory, e.step_seconds, e.strategy.code)):
+        if not front or e.step_seconds < front[-1].step_seconds:
+            front.append(e)
+    return front

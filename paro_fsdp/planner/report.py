@@ -1,0 +1,120 @@
+"""Human-readable output of a plan: the assumptions, the ranking table and the Pareto plot."""
+
+from __future__ import annotations
+
+from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
+from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
+from paro_fsdp.planner.rank import pareto_front
+
+_BINARY = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+_DECIMAL = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+_SECONDS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"))
+
+
+def _unit(largest: float, units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    """The largest unit the biggest value is at least 1 of, so a column reads at one scale."""
+    for scale, name in units:
+        if largest >= scale:
+            return scale, name
+    return units[-1]
+
+
+def fmt(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    scale, name = _unit(abs(value), units)
+    return f"{value / scale:.3g} {name}"
+
+
+def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str) -> list[str]:
+    """Every input and modelling assumption behind the numbers, one line each."""
+    psi, psi_t = model.params, model.trainable_params
+    lines = [
+        f"model: Psi = {psi:,} parameters, Psi' = {psi_t:,} trainable ({psi_t / psi:.4g} of Psi), "
+        f"{model.blocks} blocks (FSDP units) of up to {model.unit_params:,.0f} parameters",
+        f"dtypes (bytes/element): params {model.param_bytes}, grads {model.grad_bytes}, optimizer K = "
+        f"{model.optim_bytes}; all-gathers {model.wire_param_bytes}, gradient reductions {model.wire_grad_bytes}, "
+        f"once-per-step syncs {model.master_bytes}",
+        f"cluster: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks = {cluster.world} ranks; per rank: intra "
+        f"{fmt(cluster.intra_bw, _DECIMAL)}/s + {fmt(cluster.intra_latency, _SECONDS)} per collective, inter "
+        f"{fmt(cluster.inter_bw, _DECIMAL)}/s + {fmt(cluster.inter_latency, _SECONDS)} per collective; "
+        f"device memory {fmt(cluster.device_memory, _BINARY)}",
+        f"training: A = {setup.accum} micro-steps per optimizer step; activations "
+        f"{fmt(setup.activation_bytes, _BINARY)} per rank; compute {fmt(setup.compute_seconds, _SECONDS)} per step"
+        + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
+        f"comm = {comm}: a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
+        + (", except one global collective (P=G gathers, G=G reductions, N->N and N->G gradient syncs, "
+           "G->N parameter syncs) costs max(intra, inter) (HO-Ring overlap)" if comm == "ho_ring" else "")
+        + "; plus latency per sub-collective, issued per block",
+        "communication is not overlapped with compute (step time is an upper bound)",
+        f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
+        f"{UNITS_IN_FLIGHT} blocks in flight) + activations; fits iff <= device memory",
+    ]
+    if cluster.nodes == 1 or cluster.ranks_per_node == 1:
+        lines.append("degenerate mesh: I partitions "
+                     + ("over all ranks (same as G)" if cluster.nodes == 1 else "over one rank (same as N)")
+                     + "; the 'same as' column names the equivalent strategy")
+    return lines
+
+
+def format_table(ranking: list[StrategyEstimate]) -> str:
+    """The ranking as a fixed-width table (rank '-' and fits 'no' for those that do not fit)."""
+    mem_scale, mem_unit = _unit(max(e.total_memory for e in ranking), _BINARY)
+    byte_scale, byte_unit = _unit(max(max(e.intra_bytes, e.inter_bytes) for e in ranking), _DECIMAL)
+    sec_scale, sec_unit = _unit(max(e.step_seconds for e in ranking), _SECONDS)
+    front = {e.strategy for e in pareto_front(ranking)}
+    header = (["rank", "strategy", "aliases", "same as"] + [f"{k} {mem_unit}" for k in MEMORY_KINDS]
+              + [f"total {mem_unit}", f"intra {byte_unit}", f"inter {byte_unit}", "collectives",
+                 f"comm {sec_unit}", f"step {sec_unit}", "fits", "pareto"])
+    rows = []
+    fitting = 0
+    for e in ranking:
+        fitting += e.fits
+        rows.append(
+            [str(fitting) if e.fits else "-", e.strategy.code, ",".join(e.strategy.aliases) or "-",
+             e.effective.code if e.effective != e.strategy else "-"]
+            + [f"{e.memory[k] / mem_scale:.3f}" for k in MEMORY_KINDS]
+            + [f"{e.total_memory / mem_scale:.3f}", f"{e.intra_bytes / byte_scale:.3f}",
+               f"{e.inter_bytes / byte_scale:.3f}", str(e.collectives),
+               f"{e.comm_seconds / sec_scale:.4g}", f"{e.step_seconds / sec_scale:.4g}",
+               "yes" if e.fits else "no", "*" if e.strategy in front else ""]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {1, 2, 3}
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def plot_pareto(ranking: list[StrategyEstimate], path: str, device_memory: float | None = None,
+                title: str = "PaRO strategies") -> None:
+    """Memory per rank against estimated step time, every strategy labelled, Pareto front joined."""
+    try:
+        import matplotlib  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'paro-fsdp[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    mem_scale, mem_unit = _unit(max(e.total_memory for e in ranking), _BINARY)
+    sec_scale, sec_unit = _unit(max(e.step_seconds for e in ranking), _SECONDS)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for fits, marker, label in ((True, "o", "fits"), (False, "x", "does not fit")):
+        pts = [e for e in ranking if e.fits == fits]
+        if pts:
+            ax.scatter([e.step_seconds / sec_scale for e in pts], [e.total_memory / mem_scale for e in pts],
+                       marker=marker, label=label, color="tab:blue" if fits else "tab:gray")
+    for e in ranking:
+        ax.annotate(e.strategy.code, (e.step_seconds / sec_scale, e.total_memory / mem_scale),
+                    textcoords="offset points", xytext=(4, 3), fontsize=8)
+    front = pareto_front(ranking)
+    ax.plot([e.step_seconds / sec_scale for e in front], [e.total_memory / mem_scale for e in front],
+            color="tab:red", linestyle="--", marker="s", fillstyle="none", label="Pareto front")
+    if device_memory is not None:
+        ax.axhline(device_memory / mem_scale, color="tab:orange", linestyle=":", label="device memory")
+    ax.set_xlabel(f"estimated step time ({sec_unit})")
+    ax.set_ylabel(f"memory per rank ({mem_unit})")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
