@@ -1,0 +1,53 @@
+"""PaRO for torchtitan 0.2.2, switched on from the job TOML.
+
+``[experimental] custom_import = "torchtitan_patch"`` imports this package inside torchtitan's
+trainer, before it looks up the model's train spec. Importing it:
+
+- registers train specs for ``llama3`` and ``qwen3`` (torchtitan's ``register_train_spec``:
+  user specs take precedence over built-in ones). They are torchtitan's own specs with a
+  PaRO-aware ``parallelize_fn``, optimizer builder, metrics processor and a dataloader that
+  refuses to reshard its state; with ``parallelism.paro_strategy`` unset each delegates to
+  torchtitan's original, so the run is stock torchtitan;
+- registers the ``local_text`` dataset (offline text files; see :mod:`torchtitan_patch.data`);
+- routes the trainer's gradient clipping through :mod:`torchtitan_patch.clip`, the one
+  torchtitan function replaced in place (the trainer calls it by module attribute).
+
+``[job] custom_config_module = "torchtitan_patch.job_config"`` adds the PaRO fields.
+``python -m torchtitan_patch.train`` is ``torchtitan.train`` plus CPU mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec
+
+from torchtitan_patch import clip
+from torchtitan_patch.data import build_dataloader, register_dataset
+from torchtitan_patch.metrics import build_paro_metrics_processor
+from torchtitan_patch.optimizer import build_paro_optimizers
+from torchtitan_patch.parallelize import paro_parallelize_fn
+from torchtitan_patch.settings import SUPPORTED_MODELS
+
+
+def _register_train_specs() -> None:
+    for name in SUPPORTED_MODELS:
+        if name in _extra_train_specs:  # imported twice, or the user registered their own
+            continue
+        stock = importlib.import_module(f"torchtitan.models.{name}").get_train_spec()
+        register_train_spec(
+            name,
+            dataclasses.replace(
+                stock,
+                parallelize_fn=paro_parallelize_fn(stock.parallelize_fn),
+                build_optimizers_fn=build_paro_optimizers,
+                build_metrics_processor_fn=build_paro_metrics_processor,
+                build_dataloader_fn=build_dataloader,
+            ),
+        )
+
+
+register_dataset()
+_register_train_specs()
+clip.install()

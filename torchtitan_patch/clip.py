@@ -1,0 +1,86 @@
+"""Gradient-norm clipping for PaRO models inside torchtitan's training step.
+
+torchtitan's ``train_step`` clips with ``torchtitan.distributed.utils.clip_grad_norm_`` over
+``param.grad``. PaRO keeps synchronized gradients in its engine (``param.grad`` is empty), so
+that norm would be zero. :func:`install` replaces the module attribute the trainer calls with
+:func:`clip_grad_norm_`, which hands PaRO models to ``paro_fsdp.clip_grad_norm_`` and any other
+parameters to torchtitan's function unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchtitan.distributed.utils as dist_utils
+from torch.distributed.device_mesh import DeviceMesh
+
+import paro_fsdp
+from torchtitan_patch.parallelize import PARO_MODELS
+
+_stock_clip_grad_norm_ = dist_utils.clip_grad_norm_
+
+
+def _owners(parameters: list[torch.Tensor]) -> list[nn.Module]:
+    """The PaRO models whose parameters these are (torchtitan passes all model parts' parameters)."""
+    ids = {id(p) for p in parameters}
+    return [m for m in list(PARO_MODELS.keys()) if any(id(p) in ids for p in m.parameters())]
+
+
+@torch.no_grad()
+def paro_clip_grad_norm_(
+    models: list[nn.Module], max_norm: float, norm_type: float = 2.0, pp_mesh: DeviceMesh | None = None
+) -> torch.Tensor:
+    """Clip the gradients of ``models`` (this rank's pipeline stages) by their joint global norm.
+
+    One model without PP is PaRO's own clip. Otherwise each model's norm is measured first
+    (``max_norm=inf`` leaves gradients alone), the norms are combined over models and PP
+    stages, and each model is clipped with ``max_norm * own_norm / total``, which applies the
+    joint coefficient ``max_norm / total``.
+    """
+    if len(models) == 1 and pp_mesh is None:
+        return paro_fsdp.clip_grad_norm_(models[0], max_norm, norm_type)
+    norms = [paro_fsdp.clip_grad_norm_(m, math.inf, norm_type).double() for m in models]
+    if math.isinf(norm_type):
+        total = torch.stack(norms).max()
+        op = dist.ReduceOp.MAX
+    else:
+        total = torch.stack(norms).pow(norm_type).sum()
+        op = dist.ReduceOp.SUM
+    if pp_mesh is not None:
+        dist.all_reduce(total, op=op, group=pp_mesh.get_group())
+    if not math.isinf(norm_type):
+        total = total.pow(1.0 / norm_type)
+    if total > max_norm:
+        for model, norm in zip(models, norms):
+            if norm > 0:
+                paro_fsdp.clip_grad_norm_(model, float(max_norm * norm / total), norm_type)
+    return total.float()
+
+
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    pp_mesh: DeviceMesh | None = None,
+    ep_enabled: bool = False,
+) -> torch.Tensor:
+    """torchtitan's ``clip_grad_norm_`` signature; PaRO models get the PaRO-correct norm."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    models = _owners(params)
+    if not models:
+        return _stock_clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_mesh, ep_enabled)
+    norm = paro_clip_grad_norm_(models, max_norm, norm_type, pp_mesh)
+    if error_if_nonfinite and not torch.isfinite(norm):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({norm.item()})")
+    return norm
+
+
+def install() -> None:
+    """Route the trainer's clipping through :func:`clip_grad_norm_` (idempotent)."""
+    dist_utils.clip_grad_norm_ = clip_grad_norm_

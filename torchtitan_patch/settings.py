@@ -1,0 +1,115 @@
+"""Validation of the PaRO fields of a torchtitan job config, with errors that name field and value."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from paro_fsdp.strategy import ParoStrategy
+
+COMMS = ("default", "ho_ring")
+SUPPORTED_MODELS = ("llama3", "qwen3")
+
+
+class ParoConfigError(ValueError):
+    """A PaRO setting of the job config is invalid; the message says which and what is valid."""
+
+
+@dataclass(frozen=True)
+class ParoSettings:
+    """The validated PaRO settings of a job: strategy and collectives on a g x m data-parallel mesh."""
+
+    strategy: ParoStrategy
+    comm: str
+    groups: int  # data_parallel_replicate_degree: g
+    group_size: int  # data_parallel_shard_degree: m
+
+    def describe(self) -> str:
+        return f"PaRO {self.strategy} ({self.comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
+
+
+def _strategy(value: Any) -> ParoStrategy:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if importlib.util.find_spec("paro_fsdp.planner") is None:
+            raise ParoConfigError(
+                "parallelism.paro_strategy='auto' is not available yet in this installation (the strategy "
+                "planner, paro_fsdp.planner, is missing); set a strategy code such as 'IIG' or 'NIG', or an "
+                "alias (ddp, zero1, zero2, zero3, fsdp, mics, hsdp)"
+            )
+        raise ParoConfigError(
+            "parallelism.paro_strategy='auto' is not wired into the torchtitan integration yet; run the "
+            "planner (paro_fsdp.planner) to pick a strategy and set its code, e.g. paro_strategy = 'IIG'"
+        )
+    try:
+        return ParoStrategy.parse(value)
+    except (ValueError, TypeError) as e:
+        raise ParoConfigError(f"parallelism.paro_strategy={value!r} is invalid: {e}") from None
+
+
+def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
+    """The job's PaRO settings, or ``None`` when ``parallelism.paro_strategy`` is unset (stock torchtitan).
+
+    Raises :class:`ParoConfigError` on any invalid PaRO field or on a parallel layout PaRO
+    cannot run: degrees that do not multiply to ``world_size``, context or expert parallelism,
+    a model other than the supported dense ones.
+    """
+    par = job_config.parallelism
+    value = getattr(par, "paro_strategy", None)
+    if value is None or (isinstance(value, str) and value.strip() in ("", "none", "None")):
+        return None
+    strategy = _strategy(value)
+    comm = getattr(par, "paro_comm", "default")
+    if comm not in COMMS:
+        raise ParoConfigError(f"parallelism.paro_comm={comm!r} is invalid; valid values: {', '.join(COMMS)}")
+    model = job_config.model.name
+    if model not in SUPPORTED_MODELS:
+        raise ParoConfigError(
+            f"model.name={model!r} is not supported with parallelism.paro_strategy; PaRO supports "
+            f"{', '.join(SUPPORTED_MODELS)} (dense flavors)"
+        )
+    for name in ("context_parallel_degree", "expert_parallel_degree"):
+        if getattr(par, name) != 1:
+            raise ParoConfigError(
+                f"parallelism.{name}={getattr(par, name)} is not supported with parallelism.paro_strategy; "
+                f"set it to 1 (PaRO composes with tensor and pipeline parallelism)"
+            )
+    g = par.data_parallel_replicate_degree
+    if not isinstance(g, int) or g < 1:
+        raise ParoConfigError(
+            f"parallelism.data_parallel_replicate_degree={g!r} is invalid; it is the number of groups "
+            f"(e.g. nodes) and must be an integer >= 1"
+        )
+    others = g * par.tensor_parallel_degree * par.pipeline_parallel_degree
+    m = par.data_parallel_shard_degree
+    if m == -1:
+        if world_size % others:
+            raise ParoConfigError(
+                f"world size {world_size} is not divisible by data_parallel_replicate_degree ({g}) x "
+                f"tensor_parallel_degree ({par.tensor_parallel_degree}) x pipeline_parallel_degree "
+                f"({par.pipeline_parallel_degree}) = {others}, so data_parallel_shard_degree=-1 has no value"
+            )
+        m = world_size // others
+    if not isinstance(m, int) or m < 1:
+        raise ParoConfigError(
+            f"parallelism.data_parallel_shard_degree={m!r} is invalid; it is the number of ranks per group "
+            f"and must be an integer >= 1, or -1 for the ranks left over"
+        )
+    if g * m * par.tensor_parallel_degree * par.pipeline_parallel_degree != world_size:
+        raise ParoConfigError(
+            f"parallelism degrees do not multiply to the world size: data_parallel_replicate_degree ({g}) x "
+            f"data_parallel_shard_degree ({m}) x tensor_parallel_degree ({par.tensor_parallel_degree}) x "
+            f"pipeline_parallel_degree ({par.pipeline_parallel_degree}) = "
+            f"{g * m * par.tensor_parallel_degree * par.pipeline_parallel_degree}, but {world_size} ranks were "
+            f"launched"
+        )
+    if job_config.optimizer.early_step_in_backward:
+        raise ParoConfigError(
+            "optimizer.early_step_in_backward=True is not supported with parallelism.paro_strategy: PaRO steps "
+            "the optimizer on synchronized gradient partitions after the last micro-batch"
+        )
+    if job_config.fault_tolerance.enable:
+        raise ParoConfigError("fault_tolerance.enable=True is not supported with parallelism.paro_strategy")
+    if job_config.training.enable_cpu_offload:
+        raise ParoConfigError("training.enable_cpu_offload=True is not supported with parallelism.paro_strategy")
+    return ParoSettings(strategy, comm, g, m)
