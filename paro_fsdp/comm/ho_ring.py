@@ -1,0 +1,336 @@
+"""HO-Ring (PaRO-CC): global collectives over a 2D mesh with overlapped intra and inter phases.
+
+A flat ring over all n ranks crosses each group boundary on one link, so most ranks'
+inter-group capacity idles. HO-Ring runs the inter-group phase as m concurrent rings (one per
+local index, i.e. collectives over the ``dp_replicate`` group, which every rank belongs to) and
+the intra-group phase inside each group, and cuts the data into chunks so the intra phase of
+chunk k runs while the inter phase of chunk k+1 is on the wire. Results equal the flat
+collective over the flattened mesh (flat rank ``group_index * m + local_index``); each rank
+sends (g-1)/n of the data across groups.
+
+Overlap comes from issuing every phase as an asynchronous collective: the intra and inter
+process groups progress independently (NCCL: one internal stream per communicator; gloo:
+background threads per group). A side stream orders the phases through ``Work.wait()`` so the
+caller's stream is only joined at the end; on devices without streams the stream calls are
+no-ops and ``Work.wait()`` blocks the host instead. Every collective is issued during the call,
+in program order, so concurrent operations match across ranks whatever order they are waited in.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.stats import INTER, INTRA
+
+ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
+
+DEFAULT_CHUNKS = 4
+DEFAULT_MIN_CHUNK_BYTES = 1 << 20
+
+
+class _Step:
+    """One in-flight link collective and the host-side work that completes it."""
+
+    __slots__ = ("_work", "_finish")
+
+    def __init__(self, work: dist.Work | None, finish: Callable[[], None] | None = None) -> None:
+        self._work, self._finish = work, finish
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+        if self._finish is not None:
+            self._finish()
+
+
+def _start_all_gather(groups: MeshGroups, link: str, output: torch.Tensor, input: torch.Tensor) -> _Step:
+    k = groups.size(link)
+    if k == 1:
+        output.copy_(input)
+        return _Step(None)
+    groups.stats.add(link, (k - 1) * input.numel() * input.element_size())
+    return _Step(dist.all_gather_single(output, input, group=groups.group(link), async_op=True))
+
+
+def _start_reduce_scatter(groups: MeshGroups, link: str, output: torch.Tensor, input: torch.Tensor) -> _Step:
+    """Sum-reduce-scatter ``input`` (k equal blocks) into ``output``, ring-optimal bytes."""
+    k = groups.size(link)
+    if k == 1:
+        output.copy_(input)
+        return _Step(None)
+    groups.stats.add(link, (k - 1) * output.numel() * output.element_size())
+    if groups._gloo[link]:
+        # gloo's reduce_scatter is an all-reduce plus a copy (twice the bytes): exchange the
+        # blocks and sum locally instead.
+        received = torch.empty_like(input)
+        work = dist.all_to_all_single(received, input, group=groups.group(link), async_op=True)
+        return _Step(work, lambda: torch.sum(received.view(k, -1), dim=0, out=output))
+    return _Step(dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM,
+                                            group=groups.group(link), async_op=True))
+
+
+def _start_all_reduce(groups: MeshGroups, link: str, tensor: torch.Tensor) -> _Step:
+    k = groups.size(link)
+    if k == 1:
+        return _Step(None)
+    groups.stats.add(link, 2 * (k - 1) * tensor.numel() * tensor.element_size() // k)
+    return _Step(dist.all_reduce(tensor, group=groups.group(link), async_op=True))
+
+
+def _check_op(op: ReduceOpLike, dtype: torch.dtype, what: str) -> bool:
+    """Whether ``op`` is AVG (else SUM); anything else is rejected."""
+    if op == dist.ReduceOp.SUM:
+        return False
+    if op == dist.ReduceOp.AVG:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError(f"HO-Ring {what} with ReduceOp.AVG needs a floating-point tensor, got {dtype}")
+        return True
+    raise ValueError(
+        f"HO-Ring {what} supports ReduceOp.SUM and ReduceOp.AVG, got {op}; "
+        "for PREMUL_SUM (FSDP with set_gradient_divide_factor) use "
+        "set_force_sum_reduction_for_comms(True) or the default divide factor"
+    )
+
+
+def _check_same(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"HO-Ring {names} must share dtype and device, got "
+                         f"{a.dtype}/{a.device} and {b.dtype}/{b.device}")
+
+
+class HORingWork(dist.Work):
+    """Handle of an asynchronous HO-Ring collective (a real ``dist.Work`` for FSDP and c10d).
+
+    ``wait()`` finishes the last phase on the collectives' side stream and makes the current
+    stream wait for it; it may be called in any order relative to other handles.
+    """
+
+    def __init__(self, finish: Callable[[], None], result: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._finish: Callable[[], None] | None = finish
+        self._result = list(result)
+        self._lock = threading.Lock()
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        with self._lock:
+            if self._finish is not None:
+                finish, self._finish = self._finish, None
+                finish()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._finish is None
+
+    def result(self) -> list[torch.Tensor]:
+        return self._result
+
+    def get_future(self) -> torch.futures.Future:
+        self.wait()
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(self._result)
+        return future
+
+
+def _chunk_bounds(units: int, unit: int, chunks: int) -> list[tuple[int, int]]:
+    """Split ``units`` blocks of ``unit`` elements into at most ``chunks`` contiguous element ranges."""
+    chunks = max(1, min(chunks, units))
+    return [(i * units // chunks * unit, (i + 1) * units // chunks * unit) for i in range(chunks)] if units else []
+
+
+class HORingCollectives:
+    """Flat-semantics global all-gather / reduce-scatter / all-reduce with HO-Ring.
+
+    ``chunks`` is the pipeline depth; a collective uses fewer when a chunk would carry less than
+    ``min_chunk_bytes`` (per-collective latency then outweighs the overlap). Same interface as
+    :class:`~paro_fsdp.comm.hierarchical.HierarchicalCollectives`, plus ``async_op``.
+    """
+
+    name = "ho_ring"
+
+    def __init__(self, groups: MeshGroups, chunks: int = DEFAULT_CHUNKS,
+                 min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES) -> None:
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        if not isinstance(min_chunk_bytes, int) or min_chunk_bytes < 0:
+            raise ValueError(f"min_chunk_bytes must be a non-negative int, got {min_chunk_bytes!r}")
+        self.groups = groups
+        self.chunks = chunks
+        self.min_chunk_bytes = min_chunk_bytes
+        self._device_module = torch.get_device_module(groups.device.type)
+        self._stream = None
+
+    def _bounds(self, units: int, unit: int, total_bytes: int) -> list[tuple[int, int]]:
+        by_size = total_bytes // self.min_chunk_bytes if self.min_chunk_bytes else self.chunks
+        return _chunk_bounds(units, unit, min(self.chunks, max(1, by_size)))
+
+    def _run(self, issue: Callable[[], Callable[[], None]], async_op: bool,
+             result: Sequence[torch.Tensor]) -> HORingWork | None:
+        """Issue every collective on the side stream now; finish now or at ``wait()``."""
+        dm = self._device_module
+        if self._stream is None:
+            self._stream = dm.Stream()
+        side = self._stream
+        caller = dm.current_stream()
+        side.wait_stream(caller)
+        with dm.stream(side):
+            finish = issue()
+
+        def complete() -> None:
+            with dm.stream(side):
+                finish()
+            dm.current_stream().wait_stream(side)
+
+        if async_op:
+            return HORingWork(complete, result)
+        complete()
+        return None
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
+                   async_op: bool = False) -> HORingWork | None:
+        """``output[r*S:(r+1)*S]`` = ``input`` of flat rank r, for S = ``input.numel()``.
+
+        ``input`` may alias that slice of ``output`` (FSDP's in-place all-gather).
+        """
+        groups = self.groups
+        g, m, s = groups.groups, groups.group_size, input.numel()
+        _check_same(output, input, "all_gather output and input")
+        if output.numel() != g * m * s or not output.is_contiguous():
+            raise ValueError(f"all_gather output must be contiguous with {g * m} x {s} elements "
+                             f"(world x input), got shape {tuple(output.shape)}")
+        src = input.reshape(-1)
+        out = output.view(g, m, s)
+
+        def issue() -> Callable[[], None]:
+            bounds = self._bounds(s, 1, output.numel() * output.element_size())
+            inter = []
+            for a, b in bounds:
+                column = src.new_empty(g * (b - a))
+                inter.append((column, _start_all_gather(groups, INTER, column, src[a:b])))
+            intra = []
+            for (a, b), (column, step) in zip(bounds, inter):
+                step.wait()
+                gathered = src.new_empty(m * g * (b - a))
+                intra.append((gathered, _start_all_gather(groups, INTRA, gathered, column)))
+
+            def finish() -> None:
+                for (a, b), (gathered, step) in zip(bounds, intra):
+                    step.wait()
+                    out[:, :, a:b].copy_(gathered.view(m, g, b - a).transpose(0, 1))
+            return finish
+
+        return self._run(issue, async_op, [output])
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
+                       op: ReduceOpLike = dist.ReduceOp.SUM, *,
+                       async_op: bool = False) -> HORingWork | None:
+        """``output`` = reduction over ranks of ``input[r*S:(r+1)*S]``, r this flat rank."""
+        groups = self.groups
+        g, m, s = groups.groups, groups.group_size, output.numel()
+        _check_same(output, input, "reduce_scatter output and input")
+        average = _check_op(op, output.dtype, "reduce_scatter")
+        if input.numel() != g * m * s or not output.is_contiguous():
+            raise ValueError(f"reduce_scatter needs a contiguous output and an input of {g * m} x "
+                             f"output.numel() = {g * m * s} elements, got {input.numel()}")
+        by_rank = input.reshape(g, m, s)
+        out = output.view(-1)
+
+        def issue() -> Callable[[], None]:
+            bounds = self._bounds(s, 1, input.numel() * input.element_size())
+            intra = []
+            for a, b in bounds:
+                by_local = by_rank[:, :, a:b].transpose(0, 1).contiguous()  # (m, g, chunk)
+                column = out.new_empty(g * (b - a))
+                intra.append((column, _start_reduce_scatter(groups, INTRA, column, by_local.view(-1))))
+            inter = []
+            for (a, b), (column, step) in zip(bounds, intra):
+                step.wait()
+                inter.append(_start_reduce_scatter(groups, INTER, out[a:b], column))
+
+            def finish() -> None:
+                for step in inter:
+                    step.wait()
+                if average:
+                    out.div_(g * m)
+            return finish
+
+        return self._run(issue, async_op, [output])
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOpLike = dist.ReduceOp.SUM, *,
+                   async_op: bool = False) -> HORingWork | None:
+        """In-place all-reduce over all n ranks: per chunk, intra reduce-scatter, inter
+        all-reduce of the 1/m piece, intra all-gather (chunk k's intra phases overlap
+        chunk k±1's inter phase)."""
+        groups = self.groups
+        m, n = groups.group_size, groups.world
+        average = _check_op(op, tensor.dtype, "all_reduce")
+        if not tensor.is_contiguous():
+            raise ValueError("HO-Ring all_reduce works in place and needs a contiguous tensor")
+        flat = tensor.view(-1)
+        total = flat.numel()
+
+        def issue() -> Callable[[], None]:
+            padded = -(-total // n) * n  # every chunk splits evenly over m, then over g
+            work = flat if padded == total else torch.cat([flat, flat.new_zeros(padded - total)])
+            bounds = self._bounds(padded // n, n, padded * flat.element_size())
+            reduce = []
+            for a, b in bounds:
+                piece = work.new_empty((b - a) // m)
+                reduce.append((piece, _start_reduce_scatter(groups, INTRA, piece, work[a:b])))
+            across = []
+            for piece, step in reduce:
+                step.wait()
+                across.append((piece, _start_all_reduce(groups, INTER, piece)))
+            gather = []
+            for (a, b), (piece, step) in zip(bounds, across):
+                step.wait()
+                gather.append(_start_all_gather(groups, INTRA, work[a:b], piece))
+
+            def finish() -> None:
+                for step in gather:
+                    step.wait()
+                if work is not flat:
+                    flat.copy_(work[:total])
+                if average:
+                    flat.div_(n)
+            return finish
+
+        return self._run(issue, async_op, [tensor])
+
+
+_BY_MESH: weakref.WeakKeyDictionary[DeviceMesh, HORingCollectives] = weakref.WeakKeyDictionary()
+_BY_MESH_LOCK = threading.Lock()
+
+
+def collectives_for(mesh: DeviceMesh) -> HORingCollectives:
+    """The HO-Ring collectives of ``mesh``, created once per mesh (its byte counts in ``.groups.stats``)."""
+    with _BY_MESH_LOCK:
+        collectives = _BY_MESH.get(mesh)
+        if collectives is None:
+            collectives = _BY_MESH[mesh] = HORingCollectives(MeshGroups(mesh))
+        return collectives
+
+
+def all_gather(output: torch.Tensor, input: torch.Tensor, mesh: DeviceMesh, *,
+               async_op: bool = False) -> HORingWork | None:
+    """Flat all-gather over the flattened 2D (dp_replicate, dp_shard) ``mesh``, done with HO-Ring."""
+    return collectives_for(mesh).all_gather(output, input, async_op=async_op)
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, mesh: DeviceMesh,
+                   op: ReduceOpLike = dist.ReduceOp.SUM, *, async_op: bool = False) -> HORingWork | None:
+    """Flat reduce-scatter (SUM or AVG) over the flattened 2D ``mesh``, done with HO-Ring."""
+    return collectives_for(mesh).reduce_scatter(output, input, op, async_op=async_op)
+
+
+def all_reduce(tensor: torch.Tensor, mesh: DeviceMesh, op: ReduceOpLike = dist.ReduceOp.SUM, *,
+               async_op: bool = False) -> HORingWork | None:
+    """In-place all-reduce (SUM or AVG) over the flattened 2D ``mesh``, done with HO-Ring."""
+    return collectives_for(mesh).all_reduce(tensor, op, async_op=async_op)
