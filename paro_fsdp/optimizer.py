@@ -160,15 +160,20 @@ class ParoOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ensure_inner_state()
-        params = [p for grp in self.param_groups for p in grp["params"]]
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
             raise ValueError(
-                f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                "optimizer state does not match this optimizer's param groups (saved sizes "
+                f"{[len(s['params']) for s in saved_groups]}, current {[len(g['params']) for g in self.param_groups]})"
             )
+        by_param = {}
         for grp, saved in zip(self.param_groups, saved_groups):
             grp.update({k: v for k, v in saved.items() if k != "params"})
-        by_param = {id(params[int(i)]): st for i, st in state_dict["state"].items()}
+            for p, key in zip(grp["params"], saved["params"]):
+                if key in state_dict["state"]:
+                    by_param[id(p)] = state_dict["state"][key]
         for ui, (unit, slices) in enumerate(self._unit_slices):
             for si, sl in enumerate(slices):
                 saved = by_param.get(id(sl.region.param))

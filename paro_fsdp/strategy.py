@@ -103,5 +103,4 @@ class ParoStrategy:
 
 
 def _valid_codes_text() -> str:
-    codes = [f"{p.name}{g.name}{o.name}" for p, g, o in itertools.product(Granularity, repeat=3) if p <= o and g <= o]
-    return ", ".join(sorted(codes, key=lambda c: (Granularity[c[2]], c)))
+    return ", ".join(s.code for s in ParoStrategy.all_valid())

@@ -1,0 +1,335 @@
+"""Clipping, frozen parameters, mixed precision, checkpoints, degenerate meshes and bad input,
+all in one 4-rank gloo process group."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from dist_utils import run_distributed
+from models import Net, batch, loss_fn
+from paro_fsdp import ParoOptimizer, ParoStrategy, clip_grad_norm_, comm_stats, memory_stats, paro_parallelize
+from paro_fsdp.formulas import Topology, comm_bytes
+from paro_fsdp.parallelize import paro_state
+
+CODES = [str(s) for s in ParoStrategy.all_valid()]
+FULL = StateDictOptions(full_state_dict=True)
+
+
+def _mesh(g: int, m: int):
+    return init_device_mesh("cpu", (g, m), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def _build(mesh, code: str, **kwargs):
+    torch.manual_seed(0)
+    model = Net()
+    return paro_parallelize(model, mesh, code, blocks=model.units(), **kwargs)
+
+
+def _train(model, opt, steps: int, start: int = 0, clip: float | None = None) -> list[float]:
+    rank, norms = dist.get_rank(), []
+    for s in range(start, start + steps):
+        loss_fn(model, batch(s, 0, rank)).backward()
+        if clip is not None:
+            norms.append(clip_grad_norm_(model, clip).item())
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+def _clipping() -> dict:
+    """Norm of all-ones gradients is sqrt(trainable count); clipped training matches DDP + torch clipping."""
+    mesh, rank, n = _mesh(2, 2), dist.get_rank(), 4
+    ones_norm, clip_diff = {}, {}
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for s in range(2):
+        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(n)) / n).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for code in CODES:
+        model = _build(mesh, code)
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        loss_fn(model, batch(0, 0, rank)).backward()
+        for unit in paro_state(model).units:
+            if unit.optim_grad is not None:
+                unit.optim_grad.fill_(1.0)
+                _zero_padding(unit)
+        ones_norm[code] = clip_grad_norm_(model, 1e9).item()
+        opt.zero_grad()
+        _train(model, opt, 2, clip=0.05)
+        full = get_model_state_dict(model, options=FULL)
+        clip_diff[code] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    trainable = sum(p.numel() for p in Net().parameters())
+    return {"ones": ones_norm, "clip_diff": clip_diff, "trainable": trainable}
+
+
+def _zero_padding(unit) -> None:
+    """Keep the all-ones pattern on real elements only: FSDP's padding is not a parameter."""
+    level = unit.state.strategy.optim
+    mask = torch.zeros_like(unit.optim_grad)
+    for sl in unit.layout.slices(level):
+        mask[sl.compact_start : sl.compact_start + sl.numel] = 1
+    unit.optim_grad.mul_(mask)
+
+
+def _frozen() -> dict:
+    """Frozen parameters get no gradient or optimizer state, and under P=N never move."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    out = {}
+    for code in CODES:
+        torch.manual_seed(0)
+        model = Net(dim=16, depth=2, in_features=16, out_features=16)
+        # Frozen parameters inside units that still run backward (a unit that is entirely
+        # frozen and needs no input gradient is gathered once per micro-step, not twice).
+        model.layers[0].norm.requires_grad_(False)
+        model.head.bias.requires_grad_(False)
+        psi = sum(p.numel() for p in model.parameters())
+        psi_t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = paro_parallelize(model, mesh, code, blocks=model.units())
+        frozen_before = {k: v.clone() for k, v in get_model_state_dict(model, options=FULL).items()
+                         if "norm" in k and "layers.0" in k or k == "head.bias"}
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        comm_stats(model).reset()
+        model(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        measured = comm_stats(model).as_dict()
+        frozen_after = get_model_state_dict(model, options=FULL)
+        out[code] = {
+            "bytes": measured,
+            "expected": comm_bytes(code, Topology(2, 2), psi, psi_t, accum=1),
+            "optim": memory_stats(model)["optim"],
+            "frozen_unchanged": all(torch.equal(v, frozen_after[k]) for k, v in frozen_before.items()),
+            "optim_expected": 8 * psi_t * ParoStrategy.parse(code).optim.fraction(2, 4),
+        }
+        opt.zero_grad()
+    return out
+
+
+def _mixed_precision() -> dict:
+    """bf16 compute with fp32 reduction: every strategy trains the same as DDP-like NNN."""
+    mesh = _mesh(2, 2)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    finals, losses = {}, {}
+    for code in ("NNN", "IIG", "GGG", "NIG", "GIG", "INI"):
+        model = _build(mesh, code, mp_policy=policy)
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        rank, curve = dist.get_rank(), []
+        for s in range(4):
+            for a in range(2):
+                model.set_requires_gradient_sync(a == 1)
+                loss = loss_fn(model, batch(0, a, rank))
+                (loss / 2).backward()
+            curve.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+        finals[code] = get_model_state_dict(model, options=FULL)
+        losses[code] = curve
+    diffs = {c: max((sd[k] - finals["NNN"][k]).abs().max().item() for k in sd) for c, sd in finals.items()}
+    return {"diffs": diffs, "losses": losses}
+
+
+def _checkpoint(path: str) -> dict:
+    """Save under IIG on 2x2, load under GGG on 1x4 and NIG on 2x2: same parameters, state and next step."""
+    rank = dist.get_rank()
+
+    def snapshot(model, opt):
+        return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, opt, options=FULL)
+
+    src = _build(_mesh(2, 2), "IIG")
+    src_opt = ParoOptimizer(src, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    _train(src, src_opt, 2)
+    dcp.save({"model": get_model_state_dict(src), "optim": get_optimizer_state_dict(src, src_opt)}, checkpoint_id=path)
+    want_model, want_optim = snapshot(src, src_opt)
+    _train(src, src_opt, 1, start=2)
+    want_next = get_model_state_dict(src, options=FULL)
+    result = {}
+    for code, shape in (("GGG", (1, 4)), ("NIG", (2, 2)), ("NNN", (4, 1))):
+        dst = _build(_mesh(*shape), code)
+        dst_opt = ParoOptimizer(dst, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        for p in dst.parameters():  # make sure the load, not the seed, sets the values
+            p.data.add_(1.0)
+        state = {"model": get_model_state_dict(dst), "optim": get_optimizer_state_dict(dst, dst_opt)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(dst, state["model"])
+        set_optimizer_state_dict(dst, dst_opt, state["optim"])
+        got_model, got_optim = snapshot(dst, dst_opt)
+        model_diff = max((got_model[k] - v).abs().max().item() for k, v in want_model.items())
+        optim_diff = 0.0
+        for fqn, st in want_optim["state"].items():
+            for key, v in st.items():
+                optim_diff = max(optim_diff, (got_optim["state"][fqn][key].float() - v.float()).abs().max().item())
+        _train(dst, dst_opt, 1, start=2)
+        next_diff = max((get_model_state_dict(dst, options=FULL)[k] - v).abs().max().item() for k, v in want_next.items())
+        result[code] = (model_diff, optim_diff, next_diff)
+    return result
+
+
+def _degenerate() -> dict:
+    out: dict = {"log": []}
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            out["log"].append(record.getMessage())
+
+    logger = logging.getLogger("paro_fsdp")
+    logger.addHandler(Collect())
+    logger.setLevel(logging.INFO)
+    for shape, code in (((1, 4), "IIG"), ((4, 1), "IIG"), ((1, 4), "NII"), ((4, 1), "III")):
+        model = _build(_mesh(*shape), code)
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        _train(model, opt, 2)
+        out[f"{shape}/{code}"] = str(paro_state(model).strategy)
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for s in range(2):
+        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(4)) / 4).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = get_model_state_dict(model, options=FULL)
+    out["diff"] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    return out
+
+
+def _errors() -> dict:
+    """Bad input raises an exception that names the problem."""
+    msgs = {}
+    mesh = _mesh(2, 2)
+
+    def catch(key, fn):
+        try:
+            fn()
+            msgs[key] = None
+        except (ValueError, TypeError) as e:
+            msgs[key] = str(e)
+
+    flat = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+    wrong = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
+    catch("mesh_1d", lambda: paro_parallelize(Net(), flat, "IIG"))
+    catch("mesh_names", lambda: paro_parallelize(Net(), wrong, "IIG"))
+    catch("strategy", lambda: paro_parallelize(Net(), mesh, "GNN"))
+    catch("comm", lambda: paro_parallelize(Net(), mesh, "IIG", comm="nccl"))
+    catch("optimizer", lambda: ParoOptimizer(Net(), torch.optim.AdamW, lr=1e-3))
+    twice = _build(mesh, "IIG")
+    catch("twice", lambda: paro_parallelize(twice, mesh, "GGG"))
+    catch("block", lambda: paro_parallelize(Net(), mesh, "IIG", blocks=[torch.nn.Linear(2, 2)]))
+    opt = ParoOptimizer(twice, torch.optim.AdamW, lr=1e-3)
+    try:
+        opt.step()
+        msgs["step_without_backward"] = None
+    except RuntimeError as e:
+        msgs["step_without_backward"] = str(e)
+    return msgs
+
+
+def _all(path: str) -> dict:
+    return {
+        "clipping": _clipping(),
+        "frozen": _frozen(),
+        "mixed": _mixed_precision(),
+        "checkpoint": _checkpoint(path),
+        "degenerate": _degenerate(),
+        "errors": _errors(),
+    }
+
+
+@pytest.fixture(scope="module")
+def results():
+    with tempfile.TemporaryDirectory() as path:
+        return run_distributed(_all, 4, path)
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_global_norm_counts_each_element_once(results, code):
+    for r in results:
+        assert r["clipping"]["ones"][code] == pytest.approx(math.sqrt(r["clipping"]["trainable"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_clipped_training_matches_torch_clipping(results, code):
+    assert results[0]["clipping"]["clip_diff"][code] < 1e-5
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_frozen_parameters(results, code):
+    for rank, r in enumerate(results):
+        run = r["frozen"][code]
+        assert run["frozen_unchanged"]
+        assert run["optim"] == run["optim_expected"], f"rank {rank}"
+        for ph, links in run["expected"].items():
+            for link, value in links.items():
+                assert run["bytes"][ph][link] == pytest.approx(value, abs=0.5), f"rank {rank} {code} {ph}/{link}"
+
+
+def test_mixed_precision_strategies_agree(results):
+    mixed = results[0]["mixed"]
+    for code, diff in mixed["diffs"].items():
+        assert diff < 2e-3, f"{code} drifts from NNN by {diff} under bf16 compute"
+    assert mixed["losses"]["IIG"][-1] < mixed["losses"]["IIG"][0]
+
+
+@pytest.mark.parametrize("code", ["GGG", "NIG", "NNN"])
+def test_checkpoint_reshards_across_strategies(results, code):
+    for r in results:
+        model_diff, optim_diff, next_diff = r["checkpoint"][code]
+        assert model_diff == 0.0
+        assert optim_diff == 0.0
+        assert next_diff < 1e-6
+
+
+def test_degenerate_meshes(results):
+    d = results[0]["degenerate"]
+    assert d["(1, 4)/IIG"] == "GGG"
+    assert d["(4, 1)/IIG"] == "NNG"
+    assert d["(1, 4)/NII"] == "NGG"
+    assert d["(4, 1)/III"] == "NNN"
+    assert d["diff"] < 1e-5
+    assert any("IIG on 1 group(s) x 4 rank(s) runs as GGG (I collapses to G)" in m for m in d["log"])
+    assert any("IIG on 4 group(s) x 1 rank(s) runs as NNG (I collapses to N)" in m for m in d["log"])
+
+
+def test_bad_input_errors(results):
+    e = results[0]["errors"]
+    assert "dp_replicate" in e["mesh_1d"] and "ndim=1" in e["mesh_1d"]
+    assert "('a', 'b')" in e["mesh_names"]
+    assert "not effective" in e["strategy"] and "IIG" in e["strategy"]
+    assert "comm='nccl'" in e["comm"] and "ho_ring" in e["comm"]
+    assert "was not wrapped by paro_parallelize" in e["optimizer"]
+    assert "already parallelized" in e["twice"]
+    assert "blocks[0]" in e["block"]
+    assert "set_requires_gradient_sync(True)" in e["step_without_backward"]
+
+
+def test_strategy_parsing():
+    assert [str(s) for s in ParoStrategy.all_valid()] == [
+        "NNN", "NNI", "NII", "INI", "III", "NNG", "NIG", "NGG", "ING", "IIG", "IGG", "GNG", "GIG", "GGG"]
+    assert str(ParoStrategy.parse("iig")) == "IIG"
+    aliases = {"ddp": "NNN", "zero1": "NNG", "zero2": "NGG", "zero3": "GGG", "fsdp": "GGG", "mics": "III", "hsdp": "III"}
+    for alias, code in aliases.items():
+        assert str(ParoStrategy.parse(alias.upper())) == code
+    invalid = [p + g + o for p in "NIG" for g in "NIG" for o in "NIG"
+               if p + g + o not in {str(s) for s in ParoStrategy.all_valid()}]
+    assert len(invalid) == 13
+    for code in invalid + ["XYZ", "II", ""]:
+        with pytest.raises(ValueError, match="Valid codes: NNN"):
+            ParoStrategy.parse(code)
+    with pytest.raises(TypeError):
+        ParoStrategy.parse(3)  # type: ignore[arg-type]
