@@ -5,8 +5,9 @@ Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top 
 - each phase costs ``intra_bytes / intra_bw + inter_bytes / inter_bw`` plus a latency per
   collective; with ``comm="ho_ring"`` a global collective (one that spans both links in a
   single call) overlaps its two phases and costs ``max`` of the two instead of the sum;
-- collectives are issued per FSDP unit (transformer block), so the latency term grows with
-  the number of blocks and, for per-micro-step phases, with the accumulation steps;
+- collectives are issued per FSDP unit (each transformer block, plus the root module that
+  holds embeddings and output), so the latency term grows with the number of blocks and,
+  for per-micro-step phases, with the accumulation steps;
 - communication is not overlapped with compute (the estimate is an upper bound);
 - transient memory: the unsharded parameters (gather dtype) and gradients (reduce dtype) of
   two FSDP units in flight, for the states that are sharded.
@@ -116,8 +117,8 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         intra_t = nbytes[phase_name][INTRA] / cluster.intra_bw
         inter_t = nbytes[phase_name][INTER] / cluster.inter_bw
         transfer = max(intra_t, inter_t) if comm == "ho_ring" and is_global else intra_t + inter_t
-        calls_intra = intra_calls * times * model.blocks if has_intra else 0
-        calls_inter = inter_calls * times * model.blocks if has_inter else 0
+        calls_intra = intra_calls * times * model.units if has_intra else 0
+        calls_inter = inter_calls * times * model.units if has_inter else 0
         collectives += calls_intra + calls_inter
         seconds[phase_name] = transfer + calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
 

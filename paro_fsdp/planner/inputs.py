@@ -72,6 +72,11 @@ class ModelSizes:
         return self.params if self.trainable is None else self.trainable
 
     @property
+    def units(self) -> int:
+        """FSDP units: every block, and the root module with the embeddings and the output."""
+        return self.blocks + 1
+
+    @property
     def unit_params(self) -> float:
         return self.block_params if self.block_params is not None else self.params / self.blocks
 

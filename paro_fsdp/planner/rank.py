@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from paro_fsdp.planner.cost import StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
+from paro_fsdp.planner.units import BINARY, fmt
 from paro_fsdp.strategy import ParoStrategy
-
-GIB = 2**30
 
 
 def _order(e: StrategyEstimate) -> tuple:
@@ -29,10 +28,10 @@ def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = 
     ranking = plan(model, cluster, setup, comm)
     if not ranking[0].fits:
         smallest = min(ranking, key=lambda e: e.total_memory)
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in smallest.memory.items())
+        parts = ", ".join(f"{k} {fmt(v, BINARY)}" for k, v in smallest.memory.items())
         raise ValueError(
-            f"no PaRO strategy fits in {cluster.device_memory / GIB:.2f} GiB of device memory per rank: "
-            f"the smallest, {smallest.strategy.code}, needs {smallest.total_memory / GIB:.2f} GiB ({parts} GiB). "
+            f"no PaRO strategy fits in {fmt(cluster.device_memory, BINARY)} of device memory per rank: "
+            f"the smallest, {smallest.strategy.code}, needs {fmt(smallest.total_memory, BINARY)} ({parts}). "
             f"Use more ranks, a smaller micro-batch (activations), or more device memory."
         )
     return ranking[0].strategy, ranking

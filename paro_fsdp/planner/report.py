@@ -5,45 +5,28 @@ from __future__ import annotations
 from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import pareto_front
-
-_BINARY = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
-_DECIMAL = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
-_SECONDS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"))
-
-
-def _unit(largest: float, units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
-    """The largest unit the biggest value is at least 1 of, so a column reads at one scale."""
-    for scale, name in units:
-        if largest >= scale:
-            return scale, name
-    return units[-1]
-
-
-def fmt(value: float, units: tuple[tuple[float, str], ...]) -> str:
-    scale, name = _unit(abs(value), units)
-    return f"{value / scale:.3g} {name}"
-
+from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
 
 def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str) -> list[str]:
     """Every input and modelling assumption behind the numbers, one line each."""
     psi, psi_t = model.params, model.trainable_params
     lines = [
         f"model: Psi = {psi:,} parameters, Psi' = {psi_t:,} trainable ({psi_t / psi:.4g} of Psi), "
-        f"{model.blocks} blocks (FSDP units) of up to {model.unit_params:,.0f} parameters",
+        f"{model.blocks} blocks of up to {model.unit_params:,.0f} parameters",
         f"dtypes (bytes/element): params {model.param_bytes}, grads {model.grad_bytes}, optimizer K = "
         f"{model.optim_bytes}; all-gathers {model.wire_param_bytes}, gradient reductions {model.wire_grad_bytes}, "
         f"once-per-step syncs {model.master_bytes}",
         f"cluster: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks = {cluster.world} ranks; per rank: intra "
-        f"{fmt(cluster.intra_bw, _DECIMAL)}/s + {fmt(cluster.intra_latency, _SECONDS)} per collective, inter "
-        f"{fmt(cluster.inter_bw, _DECIMAL)}/s + {fmt(cluster.inter_latency, _SECONDS)} per collective; "
-        f"device memory {fmt(cluster.device_memory, _BINARY)}",
+        f"{fmt(cluster.intra_bw, DECIMAL)}/s + {fmt(cluster.intra_latency, SECONDS)} per collective, inter "
+        f"{fmt(cluster.inter_bw, DECIMAL)}/s + {fmt(cluster.inter_latency, SECONDS)} per collective; "
+        f"device memory {fmt(cluster.device_memory, BINARY)}",
         f"training: A = {setup.accum} micro-steps per optimizer step; activations "
-        f"{fmt(setup.activation_bytes, _BINARY)} per rank; compute {fmt(setup.compute_seconds, _SECONDS)} per step"
+        f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
         f"comm = {comm}: a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
         + (", except one global collective (P=G gathers, G=G reductions, N->N and N->G gradient syncs, "
            "G->N parameter syncs) costs max(intra, inter) (HO-Ring overlap)" if comm == "ho_ring" else "")
-        + "; plus latency per sub-collective, issued per block",
+        + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
         "communication is not overlapped with compute (step time is an upper bound)",
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
         f"{UNITS_IN_FLIGHT} blocks in flight) + activations; fits iff <= device memory",
@@ -57,9 +40,9 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
 
 def format_table(ranking: list[StrategyEstimate]) -> str:
     """The ranking as a fixed-width table (rank '-' and fits 'no' for those that do not fit)."""
-    mem_scale, mem_unit = _unit(max(e.total_memory for e in ranking), _BINARY)
-    byte_scale, byte_unit = _unit(max(max(e.intra_bytes, e.inter_bytes) for e in ranking), _DECIMAL)
-    sec_scale, sec_unit = _unit(max(e.step_seconds for e in ranking), _SECONDS)
+    mem_scale, mem_unit = unit(max(e.total_memory for e in ranking), BINARY)
+    byte_scale, byte_unit = unit(max(max(e.intra_bytes, e.inter_bytes) for e in ranking), DECIMAL)
+    sec_scale, sec_unit = unit(max(e.step_seconds for e in ranking), SECONDS)
     front = {e.strategy for e in pareto_front(ranking)}
     header = (["rank", "strategy", "aliases", "same as"] + [f"{k} {mem_unit}" for k in MEMORY_KINDS]
               + [f"total {mem_unit}", f"intra {byte_unit}", f"inter {byte_unit}", "collectives",
@@ -94,8 +77,8 @@ def plot_pareto(ranking: list[StrategyEstimate], path: str, device_memory: float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    mem_scale, mem_unit = _unit(max(e.total_memory for e in ranking), _BINARY)
-    sec_scale, sec_unit = _unit(max(e.step_seconds for e in ranking), _SECONDS)
+    mem_scale, mem_unit = unit(max(e.total_memory for e in ranking), BINARY)
+    sec_scale, sec_unit = unit(max(e.step_seconds for e in ranking), SECONDS)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for fits, marker, label in ((True, "o", "fits"), (False, "x", "does not fit")):
         pts = [e for e in ranking if e.fits == fits]

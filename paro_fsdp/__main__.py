@@ -1,0 +1,275 @@
+"""``paro`` command line: ``paro plan`` ranks the 14 strategies, ``paro probe`` measures the links.
+
+Units on the command line are the ones people quote: GiB of device memory, GB/s (1e9 bytes/s)
+per rank of link rate, microseconds of latency. Every bad value is reported with its flag, the
+value given and what is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+GIB = 2**30
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, "expected a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, "expected a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """A parameter count: ``7000000000``, ``6.7e9``, ``7B``, ``350M``, ``1.5k``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a parameter count such as 7000000000, 6.7e9, 7B or 350M, "
+                                         f"got {text!r}")
+    value = round(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a parameter count >= 1, got {text!r}")
+    return value
+
+
+def trainable(text: str) -> int | float:
+    """A count (see ``count``) or a fraction of ``--params``: ``1/16``, ``3/1000``, ``0.003``."""
+    if "/" in text:
+        num, _, den = text.partition("/")
+        try:
+            value = float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction of --params like 1/16, got {text!r}") \
+                from None
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            return count(text)
+        if value >= 1:
+            return count(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction of --params must be in (0, 1], got {text!r}")
+    return value
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (a torchtitan config, or explicit sizes)")
+    src.add_argument("--config", metavar="TOML", help="torchtitan job config: sizes from [model] name/flavor, "
+                     "seq_len, batch sizes, mixed precision and activation checkpointing from [training]")
+    src.add_argument("--params", type=count, help="parameter count Psi (7B, 6.7e9, ...)")
+    src.add_argument("--trainable", type=trainable,
+                     help="trainable parameters Psi': a count, or a fraction of --params (1/16, 3/1000); default all")
+    src.add_argument("--blocks", type=positive_int, help="transformer blocks = FSDP units (default: n_layers "
+                     "of --config, else 32)")
+    src.add_argument("--param-bytes", type=positive_int, help="bytes per stored parameter (default 4)")
+    src.add_argument("--grad-bytes", type=positive_int, help="bytes per stored gradient (default 4)")
+    src.add_argument("--optim-bytes", type=positive_int, default=8,
+                     help="optimizer bytes per trainable parameter K: 8 AdamW moments, 12 with an fp32 master copy")
+    src.add_argument("--gather-bytes", type=positive_int,
+                     help="bytes per element of parameter all-gathers (default: --config's mixed_precision_param, "
+                          "else --param-bytes)")
+    src.add_argument("--reduce-bytes", type=positive_int,
+                     help="bytes per element of gradient reductions (default: --config's mixed_precision_reduce, "
+                          "else --grad-bytes)")
+
+    cl = p.add_argument_group("cluster (explicit, or measured by `paro probe`)")
+    cl.add_argument("--calibration", metavar="JSON", help="file written by `paro probe`: shape, bandwidths and "
+                    "latencies (explicit flags override it)")
+    cl.add_argument("--nodes", type=positive_int, help="groups of fast-linked ranks (nodes), g")
+    cl.add_argument("--ranks-per-node", type=positive_int, help="ranks per group, m")
+    cl.add_argument("--intra-bw", type=positive_float, help="intra-node GB/s per rank")
+    cl.add_argument("--inter-bw", type=positive_float,
+                    help="inter-node GB/s per rank while all ranks send (node NIC rate / ranks sharing it)")
+    cl.add_argument("--intra-latency", type=non_negative_float, help="microseconds per intra collective (default 0)")
+    cl.add_argument("--inter-latency", type=non_negative_float, help="microseconds per inter collective (default 0)")
+    cl.add_argument("--memory", type=positive_float, required=True, help="device memory per rank, GiB")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--accum", type=positive_int,
+                    help="micro-steps per optimizer step A (default: from --config's batch sizes, else 1)")
+    tr.add_argument("--activation-memory", type=non_negative_float,
+                    help="activation memory per rank, GiB (default: rough estimate from --config, else 0)")
+    tr.add_argument("--step-compute-seconds", type=non_negative_float,
+                    help="forward+backward seconds of one optimizer step (all micro-steps) per rank")
+    tr.add_argument("--device-tflops", type=positive_float,
+                    help="sustained TFLOP/s per rank: compute time = FLOPs per token x tokens / this")
+    tr.add_argument("--tokens", type=positive_int, help="tokens per rank per micro-step, for --device-tflops "
+                    "(default: --config's local_batch_size x seq_len)")
+    tr.add_argument("--comm", choices=("default", "ho_ring"), default="default",
+                    help="global collectives: two phases in sequence (default) or overlapped (ho_ring)")
+
+    p.add_argument("--plot", metavar="FILE.png", help="plot memory per rank against step time (needs matplotlib)")
+
+
+def _pick(flag: object, *fallbacks: object) -> object:
+    for value in (flag, *fallbacks):
+        if value is not None:
+            return value
+    return None
+
+
+def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
+    """Resolve flags, the calibration file and the torchtitan config into planner inputs."""
+    from paro_fsdp.planner import (Cluster, ModelSizes, TrainingSetup,  # noqa: PLC0415 (keeps --help fast)
+                                   compute_seconds_from_flops, read_calibration, read_torchtitan_job)
+
+    if (args.config is None) == (args.params is None):
+        error("give the model as exactly one of --config TOML (a torchtitan job) or --params COUNT")
+    cal = None
+    if args.calibration:
+        try:
+            cal = read_calibration(args.calibration)
+        except (OSError, ValueError) as e:
+            error(f"--calibration: {e}")
+    job = None
+    if args.config:
+        try:
+            job = read_torchtitan_job(args.config, optim_bytes=args.optim_bytes)
+        except (OSError, ValueError, ImportError) as e:
+            error(f"--config: {e}")
+        base = job.model
+        params, blocks = base.params, _pick(args.blocks, base.blocks)
+        block_params = base.block_params if args.blocks is None else None
+    else:
+        params, blocks, block_params = args.params, _pick(args.blocks, 32), None
+        base = None
+    train = args.trainable
+    if isinstance(train, float):
+        train = max(1, round(train * params))
+    if train is not None and train > params:
+        error(f"--trainable: {train} trainable parameters exceed the {params} parameters of the model")
+
+    shape = {}
+    for flag, attr in (("--nodes", "nodes"), ("--ranks-per-node", "ranks_per_node")):
+        shape[attr] = _pick(getattr(args, attr), getattr(cal, attr, None))
+        if shape[attr] is None:
+            error(f"{flag} is required (or --calibration FILE from `paro probe`)")
+    rates = {}
+    for flag, attr, link in (("--intra-bw", "intra_bw", "intra"), ("--inter-bw", "inter_bw", "inter")):
+        measured = getattr(cal, link).bandwidth if cal else None
+        rates[attr] = _pick(None if getattr(args, attr) is None else getattr(args, attr) * 1e9, measured)
+        if rates[attr] is None:
+            error(f"{flag} is required (or --calibration FILE from `paro probe`)")
+    latency = {}
+    for attr, link in (("intra_latency", "intra"), ("inter_latency", "inter")):
+        given = getattr(args, attr)
+        latency[attr] = given * 1e-6 if given is not None else (getattr(cal, link).latency if cal else 0.0)
+
+    model = ModelSizes(
+        params=params, trainable=train, blocks=blocks, block_params=block_params,
+        param_bytes=_pick(args.param_bytes, 4), grad_bytes=_pick(args.grad_bytes, 4), optim_bytes=args.optim_bytes,
+        gather_bytes=_pick(args.gather_bytes, base.gather_bytes if base else None),
+        reduce_bytes=_pick(args.reduce_bytes, base.reduce_bytes if base else None),
+        flops_per_token=base.flops_per_token if base else None,
+    )
+    cluster = Cluster(device_memory=args.memory * GIB, **shape, **rates, **latency)
+    try:
+        accum = _pick(args.accum, job.accum(cluster.world) if job else None, 1)
+    except ValueError as e:
+        error(f"--config: {e} (or give --accum)")
+    if args.activation_memory is not None:
+        activations = args.activation_memory * GIB
+    else:
+        activations = job.activation_bytes() if job else 0.0
+    if args.step_compute_seconds is not None and args.device_tflops is not None:
+        error("give at most one of --step-compute-seconds and --device-tflops")
+    compute = args.step_compute_seconds or 0.0
+    if args.device_tflops is not None:
+        tokens = _pick(args.tokens, job.tokens_per_micro_step if job else None)
+        if tokens is None:
+            error("--device-tflops needs --tokens (tokens per rank per micro-step) or --config")
+        compute = compute_seconds_from_flops(model, tokens, accum, args.device_tflops * 1e12)
+    return model, cluster, TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute), job
+
+
+def _run_plan(args: argparse.Namespace, error: Callable[[str], None]) -> int:
+    from paro_fsdp.planner import describe_assumptions, format_table, plan, plot_pareto  # noqa: PLC0415
+
+    model, cluster, setup, job = _plan_inputs(args, error)
+    ranking = plan(model, cluster, setup, args.comm)
+    lines = []
+    if job is not None:
+        lines.append(f"torchtitan: {job.name} {job.flavor} ({args.config}), seq_len {job.seq_len}, "
+                     f"local batch {job.local_batch_size}, activation checkpointing {job.activation_checkpoint}")
+    lines += describe_assumptions(model, cluster, setup, args.comm)
+    print("\n".join(f"# {line}" for line in lines))
+    print(format_table(ranking))
+    best = ranking[0]
+    if best.fits:
+        print(f"best that fits: {best.strategy.code}")
+    else:
+        smallest = min(ranking, key=lambda e: e.total_memory)
+        print(f"nothing fits in {args.memory:g} GiB per rank; the smallest, {smallest.strategy.code}, needs "
+              f"{smallest.total_memory / GIB:.3f} GiB")
+    if args.plot:
+        plot_pareto(ranking, args.plot, cluster.device_memory,
+                    title=f"{cluster.nodes}x{cluster.ranks_per_node} ranks, comm={args.comm}")
+        print(f"plot written to {args.plot}")
+    return 0 if best.fits else 1
+
+
+def _run_probe(args: argparse.Namespace, error: Callable[[str], None]) -> int:
+    from paro_fsdp.probe import run_from_args  # noqa: PLC0415
+
+    return run_from_args(args, error)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paro", description="PaRO strategy planner and link probe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_p = sub.add_parser("plan", help="rank the 14 PaRO strategies for a model and cluster",
+                            description="Estimate memory per rank and step time of every PaRO strategy and "
+                                        "rank those that fit. Exit status 1 when none fits.")
+    _add_plan_args(plan_p)
+    plan_p.set_defaults(handler=_run_plan, error=plan_p.error)
+    probe_p = sub.add_parser("probe", help="measure intra/inter-node bandwidth and latency (under torchrun)",
+                             description="Time all-gathers inside and across nodes on the 2D mesh, fit "
+                                         "latency + bytes/bandwidth per link and write a calibration file. "
+                                         "Run under torchrun: torchrun --nproc-per-node M ... -m paro_fsdp probe")
+    from paro_fsdp.probe import add_probe_args  # noqa: PLC0415
+
+    add_probe_args(probe_p)
+    probe_p.set_defaults(handler=_run_probe, error=probe_p.error)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``paro probe``: measure each link's latency and bandwidth with short all-gathers on the 2D mesh.
+
+Every rank all-gathers over its intra group (all groups at once), then over its inter group (all
+columns at once), at a few sizes: the same concurrency training has, so a NIC shared by the
+ranks of a node shows up as its per-rank share. Times are the slowest rank's, the median of
+several repeats; a line ``latency + bytes_sent_per_rank / bandwidth`` is fitted per link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
+from paro_fsdp.comm.stats import INTER, INTRA, LINKS
+from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
+
+DEFAULT_SIZES = (64 * 2**10, 512 * 2**10, 2 * 2**20)  # bytes per rank contributed to each all-gather
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn`` takes on the slowest rank, all ranks starting together."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # tiny, uncounted, on the default group (CPU-capable)
+    return float(elapsed.item())
+
+
+def measure(groups: MeshGroups, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 5,
+            warmup: int = 1) -> dict[str, list[tuple[float, float]]]:
+    """``{link: [(bytes sent per rank, median seconds), ...]}`` for links whose groups have > 1 rank."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for link in LINKS:
+        k = groups.size(link)
+        if k == 1:
+            continue
+        points[link] = []
+        for size in sizes:
+            inp = torch.ones(max(1, size // 4), dtype=torch.float32, device=groups.device)
+            out = inp.new_empty(k * inp.numel())
+            times = [_timed(lambda: groups.all_gather(out, inp, link), groups.device)
+                     for _ in range(warmup + repeats)][warmup:]
+            points[link].append(((k - 1) * inp.numel() * inp.element_size(), statistics.median(times)))
+    return points
+
+
+def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 5) -> Calibration:
+    """Measure both links of ``mesh`` (2D, ``(dp_replicate, dp_shard)``) and fit them.
+
+    A link whose groups have one rank carries no bytes in any strategy, so its rate never
+    enters an estimate; it gets the other link's fit (and no points) to keep the file complete.
+    """
+    groups = MeshGroups(mesh)
+    points = measure(groups, sizes, repeats)
+    if not points:
+        raise ValueError("paro probe needs at least 2 ranks: with 1 rank there is no link to measure")
+    fits = {link: fit_link(p) for link, p in points.items()}
+    for link in LINKS:
+        fits.setdefault(link, next(iter(fits.values())))
+    backend = dist.get_backend(groups.intra) if groups.group_size > 1 else dist.get_backend(groups.inter)
+    return Calibration(nodes=groups.groups, ranks_per_node=groups.group_size, intra=fits[INTRA],
+                       inter=fits[INTER], backend=str(backend), device_type=mesh.device_type, points=points)
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="paro_calibration.json", help="calibration file to write (rank 0)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks per group m (default: torchrun's LOCAL_WORLD_SIZE)")
+    p.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
+                   help="comma-separated bytes each rank contributes per all-gather; the largest should be "
+                        "bandwidth-bound (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per size, median kept (default 5)")
+
+
+def _parse_sizes(text: str, error: Callable[[str], None]) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        error(f"--sizes: expected comma-separated byte counts like 65536,1048576, got {text!r}")
+    if len(set(sizes)) < 2 or min(sizes) < 4:
+        error(f"--sizes: need >= 2 distinct sizes of >= 4 bytes to fit latency and bandwidth, got {text!r}")
+    return sizes
+
+
+def run_from_args(args: argparse.Namespace, error: Callable[[str], None]) -> int:
+    """Entry of ``paro probe`` inside each torchrun worker."""
+    sizes = _parse_sizes(args.sizes, error)
+    if args.repeats < 1:
+        error(f"--repeats: expected an integer >= 1, got {args.repeats}")
+    if "WORLD_SIZE" not in os.environ:
+        error("run under torchrun (or python -m paro_fsdp.cluster): e.g. "
+              "torchrun --nnodes 2 --nproc-per-node 8 ... -m paro_fsdp probe --out paro_calibration.json")
+    world = int(os.environ["WORLD_SIZE"])
+    m = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if m < 1 or world % m:
+        error(f"--ranks-per-node: {m} does not divide the {world} ranks into equal groups")
+    accelerator = torch.accelerator.current_accelerator()
+    device_type = accelerator.type if accelerator is not None else "cpu"
+    if device_type != "cpu":
+        torch.get_device_module(device_type).set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    mesh = init_device_mesh(device_type, (world // m, m), mesh_dim_names=(REPLICATE_DIM, SHARD_DIM))
+    try:
+        cal = run_probe(mesh, sizes, args.repeats)
+        if dist.get_rank() == 0:
+            write_calibration(cal, args.out)
+            for link in LINKS:
+                fit = getattr(cal, link)
+                print(f"{link}: {fit.bandwidth / 1e9:.4g} GB/s per rank, {fit.latency * 1e6:.1f} us per collective "
+                      f"({len(cal.points.get(link, []))} sizes)")
+            print(f"calibration for {cal.nodes} x {cal.ranks_per_node} ranks written to {args.out}")
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,338 @@
+"""The strategy planner: hand-computed estimates, feasibility, the paper's rankings, CLI and probe."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from dist_utils import run_distributed
+from paro_fsdp.__main__ import main
+from paro_fsdp.planner import (
+    Calibration,
+    Cluster,
+    LinkFit,
+    ModelSizes,
+    TrainingSetup,
+    choose_strategy,
+    compute_seconds_from_flops,
+    estimate,
+    fit_link,
+    format_table,
+    pareto_front,
+    plan,
+    read_calibration,
+    read_torchtitan_job,
+    sizes_from_model,
+    write_calibration,
+)
+from paro_fsdp.strategy import ParoStrategy
+
+GIB = 2**30
+
+# A small case worked out by hand: Psi = Psi' = 1000, 2 blocks (3 FSDP units with the root),
+# 2 groups x 2 ranks, A = 2, 4-byte params and grads, K = 8, intra 100 B/s + 0.5 s per
+# collective, inter 10 B/s + 1 s per collective.
+SMALL_MODEL = ModelSizes(params=1000, blocks=2)
+SMALL_CLUSTER = Cluster(nodes=2, ranks_per_node=2, intra_bw=100.0, inter_bw=10.0, device_memory=1e9,
+                        intra_latency=0.5, inter_latency=1.0)
+SMALL_SETUP = TrainingSetup(accum=2)
+
+
+def test_iig_by_hand() -> None:
+    e = estimate("IIG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP)
+    # Gathers: 2A * Psi * (m-1)/m * 4 B = 8000 B intra -> 80 s; 1 intra call x 2A x 3 units x 0.5 s = 6 s.
+    # Reduce: A * Psi' * 1/2 * 4 B = 4000 B intra -> 40 s; 6 calls -> 3 s.
+    # sync_g I->G and sync_p G->I: Psi' * (g-1)/n * 4 B = 1000 B inter -> 100 s each; 3 calls -> 3 s each.
+    assert e.comm_seconds_by_phase == pytest.approx(
+        {"param_gather": 86.0, "grad_reduce": 43.0, "sync_g": 103.0, "sync_p": 103.0})
+    assert e.intra_bytes == pytest.approx(12000) and e.inter_bytes == pytest.approx(2000)
+    assert e.collectives == 12 + 6 + 3 + 3
+    # params 4*1000/2, grads 4*1000/2, optimizer 8*1000/4; buffers: 2 units of 500 params + 500 grads at 4 B.
+    assert e.memory == pytest.approx({"params": 2000, "grads": 2000, "optim": 2000, "buffers": 8000,
+                                      "activations": 0})
+    assert e.step_seconds == pytest.approx(335.0)
+
+
+def test_ho_ring_overlaps_only_global_collectives() -> None:
+    # GGG gathers: intra 8000 B -> 80 s, inter 2A * Psi * 1/4 * 4 B = 4000 B -> 400 s; calls 12 intra, 12 inter.
+    default = estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm="default")
+    ho = estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm="ho_ring")
+    assert default.comm_seconds_by_phase["param_gather"] == pytest.approx(80 + 400 + 6 + 12)
+    assert ho.comm_seconds_by_phase["param_gather"] == pytest.approx(400 + 6 + 12)
+    assert ho.comm_bytes == default.comm_bytes
+    # N->I gradient sync is two dependent collectives: no overlap; N->G is one global reduce-scatter.
+    ni_default, ni_ho = (estimate("NNI", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm=c) for c in ("default", "ho_ring"))
+    assert ni_ho.comm_seconds_by_phase["sync_g"] == pytest.approx(ni_default.comm_seconds_by_phase["sync_g"])
+    ng_default, ng_ho = (estimate("NNG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm=c) for c in ("default", "ho_ring"))
+    assert ng_ho.comm_seconds_by_phase["sync_g"] < ng_default.comm_seconds_by_phase["sync_g"]
+
+
+def test_wire_dtypes_and_compute() -> None:
+    mixed = ModelSizes(params=1000, blocks=2, gather_bytes=2, reduce_bytes=2)
+    full, half = (estimate("GGG", m, SMALL_CLUSTER, SMALL_SETUP) for m in (SMALL_MODEL, mixed))
+    assert half.comm_bytes["param_gather"]["inter"] == pytest.approx(full.comm_bytes["param_gather"]["inter"] / 2)
+    assert half.comm_bytes["grad_reduce"]["intra"] == pytest.approx(full.comm_bytes["grad_reduce"]["intra"] / 2)
+    assert half.memory["buffers"] == pytest.approx(full.memory["buffers"] / 2)
+    assert half.memory["params"] == full.memory["params"]  # storage dtype unchanged
+    setup = TrainingSetup(accum=2, compute_seconds=7.0)
+    assert estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, setup).step_seconds == pytest.approx(full.step_seconds + 7)
+    # 6 FLOPs per parameter per token, 100 tokens x 2 micro-steps at 1.2 MFLOP/s = 1 s.
+    assert compute_seconds_from_flops(SMALL_MODEL, 100, 2, 1.2e6) == pytest.approx(1.0)
+
+
+def test_frozen_parameters_do_not_move_under_p_n() -> None:
+    peft = ModelSizes(params=1000, trainable=10, blocks=2)
+    nnn = estimate("NNN", peft, SMALL_CLUSTER, SMALL_SETUP)
+    # Only the 10 trainable gradients are all-reduced: 2(m-1)/m*10*4 intra, 2(g-1)/n*10*4 inter.
+    assert (nnn.intra_bytes, nnn.inter_bytes) == pytest.approx((40, 20))
+    assert nnn.memory["grads"] == 40 and nnn.memory["optim"] == 80 and nnn.memory["buffers"] == 0
+    # P=I gathers frozen parameters too.
+    assert estimate("INI", peft, SMALL_CLUSTER, SMALL_SETUP).comm_bytes["param_gather"]["intra"] == 8000
+
+
+def test_feasibility_masking_and_order() -> None:
+    model = ModelSizes(params=1_000_000, blocks=4)
+    loose = Cluster(nodes=2, ranks_per_node=4, intra_bw=1e9, inter_bw=1e8, device_memory=1e12)
+    totals = {e.strategy.code: e.total_memory for e in plan(model, loose)}
+    distinct = sorted(set(totals.values()))
+    limit = (distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]) / 2  # about half fit
+    ranking = plan(model, Cluster(nodes=2, ranks_per_node=4, intra_bw=1e9, inter_bw=1e8, device_memory=limit))
+    assert len(ranking) == 14 and {e.strategy for e in ranking} == set(ParoStrategy.all_valid())
+    fits = {e.strategy.code for e in ranking if e.fits}
+    assert fits == {code for code, t in totals.items() if t <= limit} and "GGG" in fits and "NNN" not in fits
+    flags = [e.fits for e in ranking]
+    assert flags == sorted(flags, reverse=True)  # every fitting strategy before every other
+    fitting = [e for e in ranking if e.fits]
+    assert [e.step_seconds for e in fitting] == sorted(e.step_seconds for e in fitting)
+    table = format_table(ranking).splitlines()
+    assert len(table) == 15
+    assert table[1].split()[0] == "1" and table[-1].split()[0] == "-" and table[-1].split()[-1] in ("no", "*")
+
+
+def test_choose_strategy_raises_when_nothing_fits() -> None:
+    tiny = Cluster(nodes=2, ranks_per_node=2, intra_bw=1e9, inter_bw=1e8, device_memory=1000)
+    # GGG: params 1000 + grads 1000 + optimizer 2000 + buffers 2 x (100 + 100) x 4 = 5600 B.
+    with pytest.raises(ValueError, match=r"fits in 1e\+03 B of device memory per rank: the smallest, GGG, "
+                                         r"needs 5.47 KiB \(params 1e\+03 B, grads 1e\+03 B, optim 1.95 KiB, "
+                                         r"buffers 1.56 KiB, activations 0 B\)"):
+        choose_strategy(ModelSizes(params=1000, blocks=10), tiny)
+
+
+def test_degenerate_meshes() -> None:
+    one_node = Cluster(nodes=1, ranks_per_node=4, intra_bw=1e9, inter_bw=1e8, device_memory=1e12)
+    iig, ggg = (estimate(c, SMALL_MODEL, one_node, SMALL_SETUP) for c in ("IIG", "GGG"))
+    assert iig.effective.code == "GGG" and iig.comm_bytes == ggg.comm_bytes and iig.inter_bytes == 0
+    assert iig.step_seconds == pytest.approx(ggg.step_seconds)
+    one_rank = Cluster(nodes=4, ranks_per_node=1, intra_bw=1e9, inter_bw=1e8, device_memory=1e12)
+    iii = estimate("III", SMALL_MODEL, one_rank, SMALL_SETUP)
+    assert iii.effective.code == "NNN" and iii.intra_bytes == 0 and iii.collectives == \
+        estimate("NNN", SMALL_MODEL, one_rank, SMALL_SETUP).collectives
+
+
+def test_pareto_front() -> None:
+    ranking = plan(ModelSizes(params=7_000_000_000, blocks=32), Cluster(4, 8, 150e9, 3e9, 80 * GIB))
+    front = pareto_front(ranking)
+    assert front[0].total_memory == min(e.total_memory for e in ranking)
+    assert all(a.step_seconds > b.step_seconds for a, b in zip(front, front[1:]))
+    for e in ranking:  # everything off the front is dominated by something on it
+        assert e in front or any(f.total_memory <= e.total_memory and f.step_seconds <= e.step_seconds
+                                 for f in front)
+
+
+# The paper's settings: nodes of 8 GPUs with 80 GiB, 2-byte params and grads with an fp32 master
+# (K = 12), a 200 Gbit/s NIC per node shared by 8 ranks, NVLink-class intra links, A = 4.
+def _paper(params: int, trainable: int | None, nodes: int, blocks: int, memory_gib: float, comm: str):
+    model = ModelSizes(params=params, trainable=trainable, blocks=blocks, param_bytes=2, grad_bytes=2, optim_bytes=12)
+    cluster = Cluster(nodes=nodes, ranks_per_node=8, intra_bw=150e9, inter_bw=200e9 / 8 / 8,
+                      device_memory=memory_gib * GIB, intra_latency=20e-6, inter_latency=50e-6)
+    return choose_strategy(model, cluster, TrainingSetup(accum=4, activation_bytes=20 * GIB), comm)
+
+
+@pytest.mark.parametrize("comm", ["default", "ho_ring"])
+@pytest.mark.parametrize("params,nodes,blocks,memory,expected", [
+    (65_000_000_000, 16, 80, 80, "IIG"),  # 65B on 128 GPUs: P=N does not fit
+    (7_000_000_000, 4, 32, 40, "NIG"),  # 7B on 32 GPUs with 40 GiB: N gradients do not fit
+])
+def test_full_training_prefers_group_gradients(comm: str, params: int, nodes: int, blocks: int, memory: float,
+                                               expected: str) -> None:
+    best, ranking = _paper(params, None, nodes, blocks, memory, comm)
+    order = [e.strategy.code for e in ranking]
+    assert best.code == expected
+    assert order.index("IIG") < order.index("GGG") and order.index("NIG") < order.index("NGG")
+    assert order.index(expected) < order.index("GGG")
+
+
+@pytest.mark.parametrize("fraction", [1 / 16, 3 / 1000])
+def test_peft_prefers_group_params_with_full_gradients(fraction: float) -> None:
+    psi = 65_000_000_000
+    best, ranking = _paper(psi, round(psi * fraction), 16, 80, 80, "default")
+    order = [e.strategy.code for e in ranking]
+    # I parameters, unpartitioned gradients of the few trainable ones (INI and ING move the
+    # same bytes; ING's sync_p adds one inter latency per unit).
+    assert best.param.name == "I" and best.grad.name == "N"
+    assert order.index("ING") < min(order.index("IIG"), order.index("GGG"), order.index("GNG"))
+    best_ho, _ = _paper(psi, round(psi * fraction), 16, 80, 80, "ho_ring")
+    assert best_ho.code == "ING"  # HO-Ring overlaps ING's global gradient reduce-scatter
+
+
+def test_input_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"ModelSizes.trainable \(2000\) must not exceed ModelSizes.params \(1000\)"):
+        ModelSizes(params=1000, trainable=2000)
+    with pytest.raises(ValueError, match=r"Cluster.inter_bw must be a finite number > 0, got -1"):
+        Cluster(nodes=2, ranks_per_node=2, intra_bw=1.0, inter_bw=-1, device_memory=1.0)
+    with pytest.raises(ValueError, match=r"TrainingSetup.accum must be an integer >= 1, got 0"):
+        TrainingSetup(accum=0)
+    with pytest.raises(ValueError, match=r"comm must be one of default, ho_ring, got 'ring'"):
+        estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, comm="ring")
+
+
+def test_calibration_fit_and_file(tmp_path) -> None:
+    fit = fit_link([(b, 2e-5 + b / 5e8) for b in (1e3, 1e5, 1e6)])
+    assert fit.latency == pytest.approx(2e-5) and fit.bandwidth == pytest.approx(5e8)
+    with pytest.raises(ValueError, match="do not grow with size"):
+        fit_link([(1e3, 1.0), (1e6, 0.5)])
+    with pytest.raises(ValueError, match=">= 2 distinct sizes"):
+        fit_link([(1e3, 1.0)])
+    cal = Calibration(nodes=2, ranks_per_node=4, intra=fit, inter=LinkFit(1e-4, 1e7), backend="gloo",
+                      device_type="cpu", points={"intra": [(1e3, 0.1), (2e3, 0.2)]})
+    path = tmp_path / "cal.json"
+    write_calibration(cal, path)
+    assert read_calibration(path) == cal
+    data = json.loads(path.read_text())
+    for broken, message in (
+        ({**data, "format_version": 99}, "format_version 99"),
+        ({k: v for k, v in data.items() if k != "inter"}, "missing or has a malformed field: KeyError\\('inter'\\)"),
+        ({**data, "inter": {"latency": 0.0, "bandwidth": 0.0}}, "bandwidth must be a finite number of bytes/s > 0"),
+    ):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            read_calibration(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_calibration(path)
+    with pytest.raises(FileNotFoundError, match="paro_fsdp probe --out"):
+        read_calibration(tmp_path / "missing.json")
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.layers = nn.ModuleDict({"0": nn.Linear(4, 4), "1": nn.Linear(4, 8)})
+        self.out = nn.Linear(8, 10, bias=False)
+        self.emb.weight.requires_grad_(False)
+
+
+def test_sizes_from_model() -> None:
+    sizes = sizes_from_model(_Tiny())
+    assert (sizes.params, sizes.trainable, sizes.blocks, sizes.block_params) == (40 + 20 + 40 + 80, 140, 2, 40)
+    with pytest.raises(ValueError, match="no `layers` blocks"):
+        sizes_from_model(nn.Linear(2, 2))
+
+
+def test_torchtitan_config(tmp_path) -> None:
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[model]\nname = "llama3"\nflavor = "debugmodel"\n'
+                   '[training]\nlocal_batch_size = 2\nglobal_batch_size = 16\nseq_len = 128\n'
+                   '[activation_checkpoint]\nmode = "full"\n')
+    job = read_torchtitan_job(cfg)
+    # debugmodel: dim 256, 6 layers, vocab 2048, untied embeddings (torchtitan reports 6,163,712).
+    assert (job.model.params, job.model.blocks, job.dim) == (6_163_712, 6, 256)
+    assert job.model.gather_bytes == 2 and job.model.reduce_bytes == 4  # bfloat16 / float32 defaults
+    assert job.accum(4) == 2 and job.tokens_per_micro_step == 256
+    assert job.activation_bytes() == 6 * 2 * 256 * 256 + 34 * 256 * 256
+    with pytest.raises(ValueError, match=r"must be a multiple of .* \(2 \* 3\)"):
+        job.accum(3)
+    cfg.write_text('[model]\nname = "llama3"\nflavor = "9T"\n')
+    with pytest.raises(ValueError, match=r"model.flavor = '9T' is not a flavor of 'llama3'; valid: debugmodel"):
+        read_torchtitan_job(cfg)
+
+
+# Command line ---------------------------------------------------------------------------------
+
+CLI = ["plan", "--params", "7B", "--nodes", "4", "--ranks-per-node", "8", "--intra-bw", "150", "--inter-bw", "3",
+       "--memory", "40", "--accum", "4", "--activation-memory", "10"]
+
+
+def test_cli_table(capsys) -> None:
+    assert main(CLI) == 0
+    out = capsys.readouterr().out
+    assert "# cluster: 4 nodes x 8 ranks = 32 ranks; per rank: intra 150 GB/s" in out
+    rows = [line for line in out.splitlines() if line and not line.startswith(("#", "rank", "best"))]
+    assert len(rows) == 14
+    # fp32 parameters: NIG would hold 26 GiB of them and needs 42.6 GiB in all.
+    assert out.splitlines()[-1] == "best that fits: IIG"
+    nig = next(r for r in rows if r.split()[1] == "NIG")
+    assert nig.split()[0] == "-" and nig.split()[9] == "42.596" and " no " in nig
+    assert any(r.split()[:3] == ["-", "NNN", "ddp"] and " no " in r for r in rows)
+
+
+def test_cli_calibration_and_plot(capsys, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    cal = tmp_path / "cal.json"
+    write_calibration(Calibration(nodes=2, ranks_per_node=2, intra=LinkFit(1e-4, 2e9), inter=LinkFit(3e-4, 5e7)), cal)
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--params", "1B", "--trainable", "1/16", "--calibration", str(cal), "--memory", "80",
+                 "--comm", "ho_ring", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "Psi' = 62,500,000 trainable" in out
+    assert "2 nodes x 2 ranks = 4 ranks; per rank: intra 2 GB/s + 100 us per collective, inter 50 MB/s + 300 us" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--params", "7x"], "argument --params: expected a parameter count such as 7000000000, 6.7e9, 7B or 350M, "
+                         "got '7x'"),
+    (["--nodes", "0"], "argument --nodes: expected an integer >= 1, got '0'"),
+    (["--inter-bw", "-3"], "argument --inter-bw: expected a number > 0, got '-3'"),
+    (["--trainable", "2/1"], "argument --trainable: a fraction of --params must be in (0, 1], got '2/1'"),
+    (["--trainable", "8B"], "--trainable: 8000000000 trainable parameters exceed the 7000000000 parameters"),
+    (["--config", "x.toml"], "give the model as exactly one of --config TOML (a torchtitan job) or --params COUNT"),
+    (["--device-tflops", "100"], "--device-tflops needs --tokens (tokens per rank per micro-step) or --config"),
+    (["--calibration", "/nonexistent.json"], "--calibration: calibration file '/nonexistent.json' does not exist"),
+])
+def test_cli_errors(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(CLI + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_cluster_flag_and_nothing_fits(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["plan", "--params", "7B", "--nodes", "2", "--memory", "8"])
+    assert "--ranks-per-node is required (or --calibration FILE from `paro probe`)" in capsys.readouterr().err
+    assert main(CLI[:-6] + ["--memory", "1"]) == 1
+    assert "nothing fits in 1 GiB per rank; the smallest, GGG, needs" in capsys.readouterr().out
+
+
+# Probe on a 2x2 gloo mesh ----------------------------------------------------------------------
+
+def _probe(path: str) -> Calibration:
+    import torch.distributed as dist
+
+    from paro_fsdp.probe import run_probe
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    cal = run_probe(mesh, sizes=(4096, 65536, 262144), repeats=2)
+    if dist.get_rank() == 0:
+        write_calibration(cal, path)
+    return cal
+
+
+def test_probe(tmp_path) -> None:
+    path = tmp_path / "cal.json"
+    cals = run_distributed(_probe, 4, str(path))
+    cal = read_calibration(path)
+    assert cal == cals[0]  # rank 0 wrote what it measured; every rank fits the same (MAX-reduced) times
+    assert all(c.intra == cal.intra and c.inter == cal.inter for c in cals)
+    assert (cal.nodes, cal.ranks_per_node, cal.backend, cal.device_type) == (2, 2, "gloo", "cpu")
+    for link in ("intra", "inter"):
+        # 3 sizes, each all-gather over 2 ranks sends (2-1) x the input.
+        assert [b for b, _ in cal.points[link]] == [4096, 65536, 262144]
+        assert all(t > 0 for _, t in cal.points[link])
+        assert math.isfinite(getattr(cal, link).bandwidth) and getattr(cal, link).bandwidth > 0
