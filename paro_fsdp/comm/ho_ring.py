@@ -85,14 +85,17 @@ def _start_all_reduce(groups: MeshGroups, link: str, tensor: torch.Tensor) -> _S
     return _Step(dist.all_reduce(tensor, group=groups.group(link), async_op=True))
 
 
+def supports_reduction(op: ReduceOpLike, dtype: torch.dtype) -> bool:
+    """Whether HO-Ring can reduce ``dtype`` with ``op`` (SUM, or AVG of floating-point data)."""
+    return op == dist.ReduceOp.SUM or (op == dist.ReduceOp.AVG and (dtype.is_floating_point or dtype.is_complex))
+
+
 def _check_op(op: ReduceOpLike, dtype: torch.dtype, what: str) -> bool:
     """Whether ``op`` is AVG (else SUM); anything else is rejected."""
-    if op == dist.ReduceOp.SUM:
-        return False
+    if supports_reduction(op, dtype):
+        return op == dist.ReduceOp.AVG
     if op == dist.ReduceOp.AVG:
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError(f"HO-Ring {what} with ReduceOp.AVG needs a floating-point tensor, got {dtype}")
-        return True
+        raise ValueError(f"HO-Ring {what} with ReduceOp.AVG needs a floating-point tensor, got {dtype}")
     raise ValueError(
         f"HO-Ring {what} supports ReduceOp.SUM and ReduceOp.AVG, got {op}; "
         "for PREMUL_SUM (FSDP with set_gradient_divide_factor) use "
