@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce")
 IMPLS = ("default", "flat_ring", "hierarchical", "ho_ring")
+PROFILE_IMPLS = ("inter_phase", "intra_phase")
 QUICK_SIZES_MIB = (1, 16, 64)
 FULL_SIZES_MIB = (1, 4, 16, 64, 256)
 DEFAULT_DOC = REPO / "docs" / "collectives-benchmark.md"
@@ -40,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help=f"sizes {FULL_SIZES_MIB} MiB and 5 repetitions")
     p.add_argument("--sizes", type=_csv(int), help="collective sizes S in MiB (total tensor), comma-separated")
     p.add_argument("--collectives", type=_csv(str), default=list(COLLECTIVES))
-    p.add_argument("--impls", type=_csv(str), default=list(IMPLS))
+    p.add_argument("--impls", type=_csv(str), default=list(IMPLS),
+                   help=f"comma-separated subset of {', '.join(IMPLS + PROFILE_IMPLS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the inter and intra phases of the hierarchical collectives alone")
     p.add_argument("--topologies", type=_csv(str), default=["2x4", "4x2"], help="NODESxRANKS, comma-separated")
     p.add_argument("--rates", type=_csv(str), default=["250mbit", "1gbit"], help="link rates (tc units)")
     p.add_argument("--reps", type=int, help="timed repetitions per case (default 3, --full 5)")
@@ -59,7 +63,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.sizes = args.sizes or list(FULL_SIZES_MIB if args.full else QUICK_SIZES_MIB)
     args.reps = args.reps or (5 if args.full else 3)
     args.raw = args.raw or args.doc.with_suffix(".json")
-    for value, valid, what in ((args.collectives, COLLECTIVES, "--collectives"), (args.impls, IMPLS, "--impls")):
+    if args.profile:
+        args.impls += [name for name in PROFILE_IMPLS if name not in args.impls]
+    for value, valid, what in ((args.collectives, COLLECTIVES, "--collectives"),
+                               (args.impls, IMPLS + PROFILE_IMPLS, "--impls")):
         unknown = set(value) - set(valid)
         if unknown:
             raise SystemExit(f"{what}: unknown {sorted(unknown)}; valid: {', '.join(valid)}")

@@ -23,8 +23,10 @@ def formula_bytes(collective: str, impl: str, size: int, groups: int, group_size
     node: (g-1)/g*S. All-reduce is twice either. gloo's reduce_scatter is an all-reduce.
     """
     n = groups * group_size
+    if impl == "intra_phase":
+        return 0.0
     twice = collective == "all_reduce" or (impl == "default" and collective == "reduce_scatter" and backend == "gloo")
-    per_link = (groups - 1) / groups if impl in ("hierarchical", "ho_ring") else (n - 1) / n
+    per_link = (groups - 1) / groups if impl in ("hierarchical", "ho_ring", "inter_phase") else (n - 1) / n
     return (2 if twice else 1) * per_link * size
 
 
@@ -36,7 +38,7 @@ def summarize(run: dict, case: dict, baselines: dict[str, float]) -> dict:
                             run.get("backend", "gloo"))
     return {
         "impl": case["impl"], "size": case["size"], "median": median, "min": min(seconds), "max": max(seconds),
-        "algbw": case["size"] / median / 1e6, "tx": tx, "formula": formula, "ratio": tx / formula,
+        "algbw": case["size"] / median / 1e6, "tx": tx, "formula": formula, "ratio": tx / formula if formula else float("nan"),
         "link_use": tx * 8 / median / run["rate_bits"],
         "vs_default": baselines.get("default", float("nan")) / median,
         "vs_flat_ring": baselines.get("flat_ring", float("nan")) / median,

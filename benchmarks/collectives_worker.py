@@ -23,8 +23,43 @@ from benchmarks.baselines import BackendCollectives, FlatRingCollectives
 from paro_fsdp.cluster import node_counters
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
 from paro_fsdp.comm.hierarchical import HierarchicalCollectives
+from paro_fsdp.comm.stats import INTER, INTRA
 
 MIB = 1 << 20
+PHASES = {"inter_phase": INTER, "intra_phase": INTRA}
+
+
+class _Phase:
+    """One link's part of the hierarchical collectives alone, to profile where their time goes.
+
+    Same buffers and link collectives as ``HierarchicalCollectives``, without the other link's
+    (so the result is not the collective's): HO-Ring can at best take the longer of the two.
+    """
+
+    def __init__(self, groups: MeshGroups, link: str) -> None:
+        self.groups, self.link = groups, link
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        column = input.new_empty(self.groups.groups * input.numel())
+        if self.link == INTER:
+            self.groups.all_gather(column, input, INTER)
+        else:
+            self.groups.all_gather(output, column, INTRA)
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        column = input[: self.groups.groups * output.numel()]
+        if self.link == INTER:
+            self.groups.reduce_scatter(output, column, INTER)
+        else:
+            self.groups.reduce_scatter(column.clone(), input, INTRA)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        piece = tensor[: tensor.numel() // self.groups.group_size]
+        if self.link == INTER:
+            self.groups.all_reduce(piece, INTER)
+        else:
+            self.groups.reduce_scatter(piece.clone(), tensor, INTRA)
+            self.groups.all_gather(tensor, piece.clone(), INTRA)
 
 
 def _implementations(names: list[str], groups: MeshGroups, chunks: int | None) -> dict[str, object]:
@@ -40,6 +75,8 @@ def _implementations(names: list[str], groups: MeshGroups, chunks: int | None) -
             from paro_fsdp.comm.ho_ring import HORingCollectives
 
             impls[name] = HORingCollectives(groups) if chunks is None else HORingCollectives(groups, chunks=chunks)
+        elif name in PHASES:
+            impls[name] = _Phase(groups, PHASES[name])
     return impls
 
 
@@ -139,7 +176,7 @@ def run_worker(args: argparse.Namespace) -> int:
             for rep in range(args.warmup + args.reps):
                 for name in names[rep % len(names):] + names[: rep % len(names)]:
                     seconds, per_node = sample(case, impls[name])
-                    if rep < args.warmup:
+                    if rep < args.warmup and name not in PHASES:
                         case.check(name)
                     else:
                         samples[name].append({"seconds": seconds, "nodes": per_node})

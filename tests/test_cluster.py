@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from paro_fsdp.cluster import (
+    ClusterError,
     ClusterPermissionError,
     EmulatedCluster,
     cleanup_namespaces,
     missing_requirements,
     parse_rate,
 )
+from paro_fsdp.cluster import network
 from paro_fsdp.cluster.network import _node_addresses, list_namespaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +96,23 @@ def test_node_addresses_sort_as_strings_in_node_order():
         _node_addresses("10.77.0.0/30", 3)
 
 
-@pytest.mark.skipif(_reason is None, reason="runs only without the privileges the cluster needs")
-def test_without_privileges_it_says_why():
-    with pytest.raises(ClusterPermissionError, match="root"):
+def test_without_privileges_it_says_why(monkeypatch):
+    monkeypatch.setattr(network.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(network, "_effective_capabilities", lambda: 0)
+    with pytest.raises(ClusterPermissionError, match="needs root"):
         with EmulatedCluster(2, 1, "1gbit"):
             pass
+
+
+def test_missing_tools_are_named(monkeypatch):
+    monkeypatch.setattr(network.shutil, "which", lambda tool: None if tool == "tc" else f"/usr/sbin/{tool}")
+    assert missing_requirements().startswith("tc not found on PATH")
+
+
+@needs_root
+def test_run_outside_the_context_is_an_error():
+    with pytest.raises(ClusterError, match="inside `with EmulatedCluster"):
+        EmulatedCluster(2, 1, "1gbit").run(["script.py"])
 
 
 @needs_root

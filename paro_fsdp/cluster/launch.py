@@ -53,6 +53,8 @@ class NodeResult:
 
 @dataclass(frozen=True)
 class ClusterResult:
+    """One ``EmulatedCluster.run``: per-node results; ``timed_out`` if it was stopped at the deadline."""
+
     nodes: list[NodeResult]
     elapsed_s: float
     timed_out: bool
@@ -143,7 +145,13 @@ class EmulatedCluster:
         return env
 
     def counters(self) -> list[LinkCounters]:
+        """Byte counters of every node since the cluster was built."""
+        self._require_created()
         return self.topology.counters()
+
+    def _require_created(self) -> None:
+        if not self.topology.created:
+            raise ClusterError("the cluster's namespaces do not exist: use it inside `with EmulatedCluster(...)`")
 
     def run(self, target: Sequence[str], timeout: float | None = None, env: dict[str, str] | None = None,
             echo: Callable[[str], None] | None = None) -> ClusterResult:
@@ -156,7 +164,7 @@ class EmulatedCluster:
         if not target:
             raise ValueError("target is empty: give a script path (and arguments) or -m module")
         echo = echo or _print_line
-        before = self.counters()
+        before = self.counters()  # also checks that the cluster exists
         start = time.monotonic()
         procs: list[subprocess.Popen[str]] = []
         outputs: list[list[str]] = [[] for _ in range(self.nodes)]

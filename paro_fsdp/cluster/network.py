@@ -197,6 +197,10 @@ class Topology:
               "rate", f"{self.rate_bits}bit", "burst", str(burst), "latency", "50ms"],
              f"shaping {ifname} in {namespace} to {self.rate} (is the sch_tbf module available?)")
 
+    @property
+    def created(self) -> bool:
+        return len(self._created) == len(self.nodes) + 1
+
     def destroy(self) -> None:
         """Delete every namespace this topology created (nodes first, then the switch)."""
         for namespace in reversed(self._created):
