@@ -127,8 +127,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                     help="sustained TFLOP/s per rank: compute time = FLOPs per token x tokens / this")
     tr.add_argument("--tokens", type=positive_int, help="tokens per rank per micro-step, for --device-tflops "
                     "(default: --config's local_batch_size x seq_len)")
-    tr.add_argument("--comm", choices=("default", "ho_ring"), default="default",
-                    help="global collectives: two phases in sequence (default) or overlapped (ho_ring)")
+    tr.add_argument("--comm", choices=("default", "ho_ring"),
+                    help="global collectives: two phases in sequence (default) or overlapped (ho_ring); "
+                         "default: --config's parallelism.paro_comm, else default")
 
     p.add_argument("--plot", metavar="FILE.png", help="plot memory per rank against step time (needs matplotlib)")
 
@@ -172,10 +173,11 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         error(f"--trainable: {train} trainable parameters exceed the {params} parameters of the model")
 
     shape = {}
-    for flag, attr in (("--nodes", "nodes"), ("--ranks-per-node", "ranks_per_node")):
-        shape[attr] = _pick(getattr(args, attr), getattr(cal, attr, None))
+    for flag, attr, job_attr in (("--nodes", "nodes", "groups"), ("--ranks-per-node", "ranks_per_node", "group_size")):
+        shape[attr] = _pick(getattr(args, attr), getattr(cal, attr, None), getattr(job, job_attr, None))
         if shape[attr] is None:
-            error(f"{flag} is required (or --calibration FILE from `paro probe`)")
+            error(f"{flag} is required (or --calibration FILE from `paro probe`, or --config with "
+                  f"parallelism.data_parallel_replicate_degree / data_parallel_shard_degree)")
     rates = {}
     for flag, attr, link in (("--intra-bw", "intra_bw", "intra"), ("--inter-bw", "inter_bw", "inter")):
         measured = getattr(cal, link).bandwidth if cal else None
@@ -211,6 +213,9 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         if tokens is None:
             error("--device-tflops needs --tokens (tokens per rank per micro-step) or --config")
         compute = compute_seconds_from_flops(model, tokens, accum, args.device_tflops * 1e12)
+    args.comm = _pick(args.comm, job.comm if job else None, "default")
+    if args.comm not in ("default", "ho_ring"):
+        error(f"--config: parallelism.paro_comm = {args.comm!r}; expected default or ho_ring")
     return model, cluster, TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute), job
 
 

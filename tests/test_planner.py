@@ -305,7 +305,7 @@ def test_cli_errors(capsys, argv: list[str], message: str) -> None:
 def test_cli_missing_cluster_flag_and_nothing_fits(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["plan", "--params", "7B", "--nodes", "2", "--memory", "8"])
-    assert "--ranks-per-node is required (or --calibration FILE from `paro probe`)" in capsys.readouterr().err
+    assert "--ranks-per-node is required (or --calibration FILE from `paro probe`, or --config" in capsys.readouterr().err
     assert main(CLI[:-6] + ["--memory", "1"]) == 1
     assert "nothing fits in 1 GiB per rank; the smallest, GGG, needs" in capsys.readouterr().out
 

@@ -62,6 +62,9 @@ class TorchtitanJob:
     global_batch_size: int
     activation_checkpoint: str
     activation_dtype_bytes: int
+    groups: int | None = None  # parallelism.data_parallel_replicate_degree, when set
+    group_size: int | None = None  # parallelism.data_parallel_shard_degree, when set
+    comm: str | None = None  # parallelism.paro_comm, when set
 
     def accum(self, data_parallel: int) -> int:
         """Micro-steps per optimizer step on ``data_parallel`` ranks (torchtitan's rule)."""
@@ -118,6 +121,11 @@ def read_torchtitan_job(path: str | os.PathLike, optim_bytes: int = 8) -> Torcht
             raise ValueError(f"{path}: training.{key} = {value!r}; expected one of {', '.join(_DTYPE_BYTES)}")
         precision[key] = _DTYPE_BYTES[value]
     ac_mode = _section(doc, "activation_checkpoint", path).get("mode", "selective")
+    parallelism = _section(doc, "parallelism", path)
+    degrees = {}
+    for key in ("data_parallel_replicate_degree", "data_parallel_shard_degree"):
+        value = parallelism.get(key)
+        degrees[key] = value if isinstance(value, int) and value >= 1 else None  # -1: torchtitan infers it
 
     import torch  # noqa: PLC0415 (lazy: torchtitan is optional for the planner)
 
@@ -147,4 +155,6 @@ def read_torchtitan_job(path: str | os.PathLike, optim_bytes: int = 8) -> Torcht
         global_batch_size=int(training.get("global_batch_size", -1)),
         activation_checkpoint=str(ac_mode),
         activation_dtype_bytes=precision["mixed_precision_param"],
+        groups=degrees["data_parallel_replicate_degree"], group_size=degrees["data_parallel_shard_degree"],
+        comm=parallelism.get("paro_comm"),
     )
