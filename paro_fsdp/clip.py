@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate
 
 from paro_fsdp.parallelize import paro_state
 from paro_fsdp.strategy import Granularity
+
+
+def _model_parallel_dims(param: torch.Tensor) -> dict[str, dist.ProcessGroup]:
+    """Non-data-parallel mesh dims (e.g. TP) over which ``param``'s local shard is split, by name.
+
+    FSDP2 puts its own data-parallel placement first; later dims come from the parameter's
+    model-parallel mesh. Replicated dims hold identical gradients and are counted once.
+    """
+    if not isinstance(param, DTensor):
+        return {}
+    mesh = param.device_mesh
+    names = mesh.mesh_dim_names or tuple(str(d) for d in range(mesh.ndim))
+    return {names[d]: mesh.get_group(d) for d in range(1, mesh.ndim) if not isinstance(param.placements[d], Replicate)}
 
 
 @torch.no_grad()
@@ -16,28 +32,45 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
 
     Every gradient element lives in exactly one optimizer slice of each group (O=I) or of the
     whole mesh (O=G), so the norm is a sum over owned slices reduced over the ranks that
-    partition them; copies held by other groups are not counted twice.
+    partition them (and over model-parallel ranks that split the parameter); copies held by
+    other groups or replicated across tensor-parallel ranks are not counted twice.
     """
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
     state = paro_state(model)
     if not state.grads_ready():
         raise RuntimeError("no synchronized gradients to clip: call clip_grad_norm_ after the last micro-batch's backward")
-    grads = [u.optim_grad for u in state.units if u.optim_grad is not None]
-    device = state.groups.device
-    if norm_type == 2.0:
-        total = sum((g.double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64, device=device))
-        op = dist.ReduceOp.SUM
-    else:
-        total = max((g.abs().max().double() for g in grads), default=torch.zeros((), dtype=torch.float64, device=device))
-        op = dist.ReduceOp.MAX
     level = state.strategy.optim
-    if level is Granularity.G:
-        dist.all_reduce(total, op=op, group=state.groups.flat_mesh.get_group())
-    elif level is Granularity.I:
-        dist.all_reduce(total, op=op, group=state.groups.intra)
-    norm = total.sqrt() if norm_type == 2.0 else total
+    two = norm_type == 2.0
+    device = state.groups.device
+    partial: defaultdict[tuple[str, ...], torch.Tensor] = defaultdict(
+        lambda: torch.zeros((), dtype=torch.float64, device=device))
+    groups: dict[tuple[str, ...], tuple[dist.ProcessGroup, ...]] = {}
+    for unit in state.units:
+        for region in unit.layout.regions:
+            dims = _model_parallel_dims(region.param)
+            groups[tuple(sorted(dims))] = tuple(dims[d] for d in sorted(dims))
+    for unit in state.units:
+        if unit.optim_grad is None:
+            continue
+        for sl in unit.layout.slices(level):
+            g = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel].double()
+            key = tuple(sorted(_model_parallel_dims(sl.region.param)))
+            value = g.square().sum() if two else g.abs().max()
+            partial[key] = partial[key] + value if two else torch.maximum(partial[key], value)
+    op = dist.ReduceOp.SUM if two else dist.ReduceOp.MAX
+    dp_group = (state.groups.flat_mesh.get_group() if level is Granularity.G
+                else state.groups.intra if level is Granularity.I else None)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    # Every rank reduces the same keys in the same order: they come from the model's parameters.
+    for key in sorted(groups):
+        value = partial[key]
+        for group in ((dp_group,) if dp_group is not None else ()) + groups[key]:
+            dist.all_reduce(value, op=op, group=group)
+        total = total + value if two else torch.maximum(total, value)
+    norm = total.sqrt() if two else total
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
+    for unit in state.units:
+        if unit.optim_grad is not None:
+            unit.optim_grad.mul_(coef.to(unit.optim_grad.dtype))
     return norm.float()
