@@ -251,6 +251,31 @@ def _tensor_parallel() -> dict:
     return out
 
 
+def _ho_ring() -> dict:
+    """comm="ho_ring" trains the same parameters as comm="default" and sends the same bytes."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    out = {}
+    for code in ("NNN", "NNG", "NGG", "GNG", "GIG", "GGG"):
+        runs = {}
+        for comm in ("default", "ho_ring"):
+            model = _build(mesh, code, comm=comm)
+            opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+            comm_stats(model).reset()
+            for s in range(2):
+                for a in range(2):
+                    model.set_requires_gradient_sync(a == 1)
+                    (loss_fn(model, batch(s, a, rank)) / 2).backward()
+                opt.step()
+                opt.zero_grad()
+            assert paro_state(model).collectives.name == comm
+            runs[comm] = (get_model_state_dict(model, options=FULL), comm_stats(model).as_dict())
+        (a_sd, a_bytes), (b_sd, b_bytes) = runs["default"], runs["ho_ring"]
+        out[code] = {"diff": max((a_sd[k] - b_sd[k]).abs().max().item() for k in a_sd),
+                     "same_bytes": a_bytes == b_bytes, "inter": b_bytes["param_gather"]["inter"]
+                     + b_bytes["grad_reduce"]["inter"] + b_bytes["sync_g"]["inter"] + b_bytes["sync_p"]["inter"]}
+    return out
+
+
 def _errors() -> dict:
     """Bad input raises an exception that names the problem."""
     msgs = {}
@@ -290,6 +315,7 @@ def _all(path: str) -> dict:
         "checkpoint": _checkpoint(path),
         "degenerate": _degenerate(),
         "tensor_parallel": _tensor_parallel(),
+        "ho_ring": _ho_ring(),
         "errors": _errors(),
     }
 
@@ -356,6 +382,15 @@ def test_tensor_parallel_parameters(results, code):
         assert run["norm_diff"] < 1e-5, f"rank {rank}: clipping norm differs by {run['norm_diff']}"
         # TP sums partial matmuls in another order; Adam's first steps amplify that rounding.
         assert run["param_diff"] < 1e-4, f"rank {rank}: parameters differ by {run['param_diff']}"
+
+
+@pytest.mark.parametrize("code", ["NNN", "NNG", "NGG", "GNG", "GIG", "GGG"])
+def test_ho_ring_engine_matches_default(results, code):
+    for rank, r in enumerate(results):
+        run = r["ho_ring"][code]
+        assert run["diff"] < 1e-6, f"rank {rank}: HO-Ring parameters differ by {run['diff']}"
+        assert run["same_bytes"], f"rank {rank}: HO-Ring bytes differ from the two-phase collectives"
+        assert run["inter"] > 0
 
 
 def test_bad_input_errors(results):
