@@ -18,6 +18,7 @@ logger = logging.getLogger("paro_fsdp")
 
 COMMS = ("default", "ho_ring")
 _STATE_ATTR = "_paro_state"
+_SINGLE_RANK_MESHES: dict[DeviceMesh, DeviceMesh] = {}
 
 
 class ParoModule:
@@ -61,8 +62,12 @@ def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
         return mesh[SHARD_DIM]
     if level is Granularity.G:
         return groups.flat_mesh
-    # N: a 1-rank mesh that shares the root mesh, so TP DTensors still compose.
-    return mesh._unflatten(SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"]
+    # N: a 1-rank mesh that shares the root mesh, so TP DTensors still compose. Its process
+    # groups are created once per mesh, not once per call.
+    if mesh not in _SINGLE_RANK_MESHES:
+        unflat = mesh._unflatten(SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))
+        _SINGLE_RANK_MESHES[mesh] = unflat["paro_none"]
+    return _SINGLE_RANK_MESHES[mesh]
 
 
 def paro_parallelize(
