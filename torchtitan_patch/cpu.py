@@ -6,7 +6,8 @@ the same TOML runs with plain ``-m torchtitan.train``. Each shim, and why:
 
 1. Device type. ``torchtitan.tools.utils`` falls back to ``"cuda"`` when no accelerator is
    found, and several modules copy ``device_type`` / ``device_module`` at import time. We
-   point every loaded torchtitan module at ``"cpu"`` and at :class:`CpuDeviceModule`.
+   point every loaded torchtitan module, and ``get_device_info`` for those imported later,
+   at ``"cpu"`` and :class:`CpuDeviceModule`.
 2. Device module. The trainer and the memory monitor call CUDA-only functions
    (``set_device``, ``current_device`` as an index, ``get_device_name``, ``get_device_properties``, ``memory_stats``,
    ``reset_peak_memory_stats``, ``empty_cache``). :class:`CpuDeviceModule` answers them for
@@ -105,8 +106,11 @@ def enable_cpu_mode() -> None:
     import torchtitan.distributed.utils  # noqa: F401
     import torchtitan.protocols.train_spec as train_spec_module
     import torchtitan.tools.profiling  # noqa: F401
+    import torchtitan.tools.utils
 
     device_module = CpuDeviceModule()
+    # Modules imported later (e.g. by a model's parallelize) call this at import time.
+    torchtitan.tools.utils.get_device_info = lambda: ("cpu", device_module)
     for name, module in list(sys.modules.items()):
         if name.startswith("torchtitan") and module is not None:
             if getattr(module, "device_type", None) == "cuda":
