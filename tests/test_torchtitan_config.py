@@ -1,0 +1,132 @@
+"""torchtitan integration pieces that need no process group: config fields, data, sync driver."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torchtitan.config import ConfigManager
+
+from torchtitan_patch.cpu import CpuDeviceModule
+from torchtitan_patch.data import ReshardGuardDataLoader, load_local_text
+from torchtitan_patch.parallelize import GradientSyncDriver
+from torchtitan_patch.settings import ParoConfigError, paro_settings
+
+CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "llama3_debug_paro.toml"
+
+
+def _config(*overrides: str) -> Any:
+    return ConfigManager().parse_args(["--job.config_file", str(CONFIG), *overrides])
+
+
+def test_debug_config_parses_to_iig_with_ho_ring() -> None:
+    settings = paro_settings(_config(), world_size=4)
+    assert settings is not None
+    assert (settings.strategy.code, settings.comm, settings.groups, settings.group_size) == ("IIG", "ho_ring", 2, 2)
+
+
+def test_command_line_overrides_the_toml_strategy_and_aliases_parse() -> None:
+    assert paro_settings(_config("--parallelism.paro_strategy", "NIG"), 4).strategy.code == "NIG"
+    assert paro_settings(_config("--parallelism.paro_strategy", "zero3"), 4).strategy.code == "GGG"
+
+
+def test_unset_strategy_means_stock_torchtitan() -> None:
+    assert paro_settings(_config("--parallelism.paro_strategy", "None"), 4) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "expected"),
+    [
+        (("--parallelism.paro_strategy", "GIN"), 4, r"paro_strategy='GIN' is invalid.*not effective"),
+        (("--parallelism.paro_strategy", "XYZ"), 4, r"paro_strategy='XYZ' is invalid.*Valid codes"),
+        (("--parallelism.paro_comm", "ring"), 4, r"paro_comm='ring' is invalid; valid values: default, ho_ring"),
+        ((), 8, r"replicate_degree \(2\) x data_parallel_shard_degree \(2\) .* = 4, but 8 ranks"),
+        (("--parallelism.data_parallel_shard_degree", "-1"), 7, r"world size 7 is not divisible"),
+        (("--parallelism.context_parallel_degree", "2"), 4, r"context_parallel_degree=2 is not supported"),
+        (("--model.name", "deepseek_v3"), 4, r"model.name='deepseek_v3' is not supported.*llama3, qwen3"),
+        (("--parallelism.data_parallel_replicate_degree", "0"), 4, r"data_parallel_replicate_degree=0 is invalid"),
+    ],
+)
+def test_invalid_paro_settings_name_field_value_and_what_is_valid(
+    overrides: tuple[str, ...], world: int, expected: str
+) -> None:
+    with pytest.raises(ParoConfigError, match=expected):
+        paro_settings(_config(*overrides), world)
+
+
+def test_shard_degree_minus_one_takes_the_leftover_ranks() -> None:
+    settings = paro_settings(_config("--parallelism.data_parallel_shard_degree", "-1"), world_size=8)
+    assert (settings.groups, settings.group_size) == (2, 4)
+
+
+def test_auto_strategy_gives_a_clear_error() -> None:
+    planner = importlib.util.find_spec("paro_fsdp.planner") is not None
+    expected = "not wired into the torchtitan integration" if planner else "not available yet"
+    with pytest.raises(ParoConfigError, match=expected):
+        paro_settings(_config("--parallelism.paro_strategy", "auto"), 4)
+
+
+def test_local_text_reads_txt_jsonl_and_folders(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "third doc"}) + "\n")
+    assert load_local_text(str(tmp_path / "a.txt"))["text"] == ["first doc", "second doc"]
+    assert load_local_text(str(tmp_path))["text"] == ["first doc", "second doc", "third doc"]
+    with pytest.raises(FileNotFoundError, match="dataset_path"):
+        load_local_text(str(tmp_path / "missing"))
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_local_text(str(tmp_path / "bad.jsonl"))
+
+
+class _FakeLoader:
+    def __init__(self, world: int) -> None:
+        self.dp_world_size = world
+        self.loaded: dict[str, Any] | None = None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = state
+
+
+def test_dataloader_state_refuses_another_dp_degree() -> None:
+    inner = _FakeLoader(world=4)
+    guard = ReshardGuardDataLoader(inner)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="data-parallel degree 2, this run has 4.*exclude_from_loading dataloader"):
+        guard.load_state_dict({"dp_rank_0": b"", "world_size": 2})
+    assert inner.loaded is None
+    guard.load_state_dict({"dp_rank_0": b"", "world_size": 4})
+    assert inner.loaded == {"dp_rank_0": b"", "world_size": 4}
+
+
+class _Recorder(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.calls: list[bool] = []
+
+    def set_requires_gradient_sync(self, value: bool) -> None:
+        self.calls.append(value)
+
+
+def test_gradient_sync_is_requested_on_the_last_micro_batch_only() -> None:
+    model = _Recorder()
+    driver = GradientSyncDriver(model, accum_steps=3, hook=True)
+    x = torch.zeros(1, 2)
+    for _ in range(2):
+        driver.reset()  # what the optimizer container's zero_grad does at each step
+        for _ in range(3):
+            model(x)
+        with torch.no_grad():
+            model(x)  # validation forwards are not micro-batches
+    assert model.calls == [False, False, True] * 2
+
+
+def test_cpu_device_module_answers_the_memory_monitor() -> None:
+    stats = CpuDeviceModule.memory_stats()
+    assert 0 < stats["active_bytes.all.peak"] <= stats["reserved_bytes.all.peak"] * 2
+    assert CpuDeviceModule.get_device_properties().total_memory > stats["active_bytes.all.peak"]
+    assert CpuDeviceModule().current_device() == 0
