@@ -199,7 +199,7 @@ def _check_process_group(mesh, g: int, m: int) -> None:
         assert torch.equal(rep.to_local(), torch.full((5, 3), expected)), reduce_op
 
 
-def _train(shard_mesh, configure) -> list[torch.Tensor]:
+def _train(shard_mesh, configure) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     from models import Net, batch, loss_fn
     from torch.distributed.fsdp import fully_shard
 
@@ -214,7 +214,7 @@ def _train(shard_mesh, configure) -> list[torch.Tensor]:
         loss_fn(model, batch(step, 0, dist.get_rank())).backward()
         opt.step()
         opt.zero_grad()
-    return [p.full_tensor() for p in model.parameters()]
+    return model, [p.full_tensor() for p in model.parameters()]
 
 
 def _check_fsdp(mesh, g: int, m: int) -> None:
@@ -232,7 +232,7 @@ def _check_fsdp(mesh, g: int, m: int) -> None:
             if isinstance(sub, FSDPModule):
                 sub.set_force_sum_reduction_for_comms(True)
 
-    reference = _train(flat, force_sum)
+    _, reference = _train(flat, force_sum)
     stats = {}
 
     def ho_ring(model) -> None:
@@ -243,9 +243,13 @@ def _check_fsdp(mesh, g: int, m: int) -> None:
         ("adapters", flat, ho_ring),
         ("process group", DeviceMesh.from_group(ho_ring_process_group(mesh), mesh.device_type), lambda _: None),
     ):
-        params = _train(shard_mesh, configure)
+        model, params = _train(shard_mesh, configure)
         for p, ref in zip(params, reference, strict=True):
             torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
+        # An explicit async unshard: FSDP waits on the returned handle only if it is a dist.Work.
+        model.head.unshard(async_op=True).wait()
+        assert torch.equal(model.head.weight, params[-2]), f"{name}: async unshard"
+        model.head.reshard()
     intra, inter = stats["adapters"].get(link=INTRA), stats["adapters"].get(link=INTER)
     # Every global collective of S bytes sends (m-1)/m*S intra and (g-1)/n*S inter: the two
     # totals stand as (m-1)*g : (g-1), whatever the collectives FSDP ran.
