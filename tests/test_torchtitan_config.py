@@ -51,6 +51,8 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
         (("--parallelism.context_parallel_degree", "2"), 4, r"context_parallel_degree=2 is not supported"),
         (("--model.name", "deepseek_v3"), 4, r"model.name='deepseek_v3' is not supported.*llama3, qwen3"),
         (("--parallelism.data_parallel_replicate_degree", "0"), 4, r"data_parallel_replicate_degree=0 is invalid"),
+        (("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+          "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"), 4, r"schedule='ZBVZeroBubble' is not"),
     ],
 )
 def test_invalid_paro_settings_name_field_value_and_what_is_valid(
@@ -114,7 +116,7 @@ class _Recorder(nn.Linear):
 
 def test_gradient_sync_is_requested_on_the_last_micro_batch_only() -> None:
     model = _Recorder()
-    driver = GradientSyncDriver(model, accum_steps=3, hook=True)
+    driver = GradientSyncDriver(model, backwards_per_step=3, pipeline=False)
     x = torch.zeros(1, 2)
     for _ in range(2):
         driver.reset()  # what the optimizer container's zero_grad does at each step
@@ -123,6 +125,18 @@ def test_gradient_sync_is_requested_on_the_last_micro_batch_only() -> None:
         with torch.no_grad():
             model(x)  # validation forwards are not micro-batches
     assert model.calls == [False, False, True] * 2
+
+
+def test_pipeline_schedule_syncs_on_its_last_backward_of_the_step() -> None:
+    model = _Recorder()
+    driver = GradientSyncDriver(model, backwards_per_step=4, pipeline=True)
+    for _ in range(2):  # 2 accumulation steps x 2 pipeline micro-batches, twice
+        driver.reset()
+        for _ in range(2):
+            model.set_requires_gradient_sync(False)  # before each backward
+            model.set_requires_gradient_sync(False)
+            model.set_requires_gradient_sync(True)  # the schedule's reduce step
+    assert model.calls == [False, False, False, True] * 2
 
 
 def test_cpu_device_module_answers_the_memory_monitor() -> None:

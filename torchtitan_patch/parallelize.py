@@ -35,25 +35,38 @@ PARO_MODELS: "weakref.WeakKeyDictionary[nn.Module, GradientSyncDriver]" = weakre
 class GradientSyncDriver:
     """Drives ``set_requires_gradient_sync`` from torchtitan's gradient-accumulation loop.
 
-    torchtitan runs ``gradient_accumulation_steps`` forward/backward passes per optimizer step
-    and never tells the model which one is last. A forward pre-hook counts the training
-    micro-batches since the last ``zero_grad`` and marks every ``accum_steps``-th as last, so
-    cross-group gradient traffic happens once per step. Validation forwards (eval mode or
-    no grad) are not counted. Under pipeline parallelism the schedule drives the sync itself.
+    torchtitan runs several backward passes per optimizer step (``gradient_accumulation_steps``
+    micro-batches, each split into pipeline micro-batches under PP) and never tells the model
+    which one is last. The driver counts them since the last ``zero_grad`` and marks every
+    ``backwards_per_step``-th as last, so cross-group gradient traffic happens once per step.
+
+    Without PP a forward pre-hook counts training forwards (validation, in eval mode or without
+    grad, is not counted). Under PP the schedule calls ``set_requires_gradient_sync(False)``
+    before each of its backwards and ``True`` after the last one; the driver takes over that
+    method on the model, so the last backward itself runs synchronized (PaRO reduces across
+    groups as that backward's gradients arrive) and the schedule's later ``True`` is a no-op.
     """
 
-    def __init__(self, model: nn.Module, accum_steps: int, hook: bool) -> None:
-        self.model = model
-        self.accum_steps = accum_steps
+    def __init__(self, model: nn.Module, backwards_per_step: int, pipeline: bool) -> None:
+        self.backwards_per_step = backwards_per_step
         self.micro_batch = 0
-        if hook:
+        self._set_sync = type(model).set_requires_gradient_sync.__get__(model)
+        if pipeline:
+            model.set_requires_gradient_sync = self._from_schedule
+        else:
             model.register_forward_pre_hook(self._before_forward)
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return
+    def _count(self) -> None:
         self.micro_batch += 1
-        module.set_requires_gradient_sync(self.micro_batch % self.accum_steps == 0)
+        self._set_sync(self.micro_batch % self.backwards_per_step == 0)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._count()
+
+    def _from_schedule(self, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+        if not requires_gradient_sync:  # the schedule is about to run a backward
+            self._count()
 
     def reset(self) -> None:
         self.micro_batch = 0
@@ -147,9 +160,11 @@ def apply_paro(model: nn.Module, settings: ParoSettings, parallel_dims: Parallel
         ),
     )
     SumReduction(model, settings.groups * settings.group_size)
-    PARO_MODELS[model] = GradientSyncDriver(
-        model, gradient_accumulation_steps(job_config, parallel_dims), hook=not parallel_dims.pp_enabled
-    )
+    backwards = gradient_accumulation_steps(job_config, parallel_dims)
+    if parallel_dims.pp_enabled:
+        par = job_config.parallelism
+        backwards *= job_config.training.local_batch_size // par.pipeline_parallel_microbatch_size
+    PARO_MODELS[model] = GradientSyncDriver(model, backwards, pipeline=parallel_dims.pp_enabled)
     logger.info(f"Applied {settings.describe()} to the model")
     return model
 

@@ -103,6 +103,12 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
             f"{g * m * par.tensor_parallel_degree * par.pipeline_parallel_degree}, but {world_size} ranks were "
             f"launched"
         )
+    schedule = par.pipeline_parallel_schedule
+    if par.pipeline_parallel_degree > 1 and ("ZeroBubble" in schedule or "DualPipe" in schedule):
+        raise ParoConfigError(
+            f"parallelism.pipeline_parallel_schedule={schedule!r} is not supported with parallelism.paro_strategy: "
+            f"it splits backward into input and weight passes; use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
+        )
     if job_config.optimizer.early_step_in_backward:
         raise ParoConfigError(
             "optimizer.early_step_in_backward=True is not supported with parallelism.paro_strategy: PaRO steps "
