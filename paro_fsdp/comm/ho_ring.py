@@ -119,6 +119,7 @@ class HORingWork(dist.Work):
     def __init__(self, finish: Callable[[], None], result: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self._finish: Callable[[], None] | None = finish
+        self._error: BaseException | None = None
         self._result = list(result)
         self._lock = threading.Lock()
 
@@ -126,7 +127,12 @@ class HORingWork(dist.Work):
         with self._lock:
             if self._finish is not None:
                 finish, self._finish = self._finish, None
-                finish()
+                try:
+                    finish()
+                except BaseException as error:
+                    self._error = error
+            if self._error is not None:
+                raise self._error
         return True
 
     def is_completed(self) -> bool:
@@ -144,8 +150,11 @@ class HORingWork(dist.Work):
 
 def _chunk_bounds(units: int, unit: int, chunks: int) -> list[tuple[int, int]]:
     """Split ``units`` blocks of ``unit`` elements into at most ``chunks`` contiguous element ranges."""
+    if units == 0:
+        return []
     chunks = max(1, min(chunks, units))
-    return [(i * units // chunks * unit, (i + 1) * units // chunks * unit) for i in range(chunks)] if units else []
+    edges = [i * units // chunks * unit for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class HORingCollectives:
