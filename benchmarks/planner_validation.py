@@ -122,18 +122,13 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def evaluate(raw: dict) -> dict:
     """Planner estimates for the measured setting, and how they compare with the measurements."""
-    from paro_fsdp.planner import Cluster, ModelSizes, TrainingSetup, plan
-    from paro_fsdp.planner.calibration import Calibration, LinkFit
+    from paro_fsdp.planner import ModelSizes, TrainingSetup, plan
+    from paro_fsdp.planner.calibration import calibration_from_dict, cluster_from_calibration
 
-    cal_data = raw["calibration"]
-    cal = Calibration(nodes=cal_data["nodes"], ranks_per_node=cal_data["ranks_per_node"],
-                      intra=LinkFit(**cal_data["intra"]), inter=LinkFit(**cal_data["inter"]))
     s = raw["settings"]
     model = ModelSizes(params=raw["model"]["params"], blocks=raw["model"]["blocks"],
                        block_params=raw["model"]["block_params"])
-    cluster = Cluster(nodes=cal.nodes, ranks_per_node=cal.ranks_per_node, intra_bw=cal.intra.bandwidth,
-                      inter_bw=cal.inter.bandwidth, intra_latency=cal.intra.latency,
-                      inter_latency=cal.inter.latency, device_memory=float(2**40))
+    cluster = cluster_from_calibration(calibration_from_dict(raw["calibration"]), device_memory=float(2**40))
     compute = statistics.median(raw["compute_times"])
     ranking = plan(model, cluster, TrainingSetup(accum=s["accum"], compute_seconds=compute), s["comm"])
     estimated = {e.strategy.code: e for e in ranking}
@@ -144,6 +139,11 @@ def evaluate(raw: dict) -> dict:
     gap = measured[choice] / measured[best] - 1
     return {"ranking": ranking, "measured": measured, "compute": compute, "rho": rho, "choice": choice,
             "best": best, "gap": gap, "model": model, "cluster": cluster}
+
+
+def _fit_text(cal: dict, kind: str, link: str) -> str:
+    fit = cal[link] if kind == "all_gather" else cal["ops"][kind][link]
+    return f"{fit['bandwidth'] / 1e6:.2f} MB/s + {fit['latency'] * 1e3:.2f} ms"
 
 
 def render(raw: dict, doc: Path) -> bool:
@@ -172,10 +172,14 @@ def render(raw: dict, doc: Path) -> bool:
         f"- Measured: {s['rounds']} rounds over all 14 strategies (rotated order each round), {s['warmup']} "
         f"warm-up + {s['steps']} timed steps per strategy per round; step time = slowest rank, median of the "
         f"{s['rounds'] * s['steps']} timed steps.",
-        f"- Calibration (`paro probe` on the same cluster, sizes {', '.join(str(int(p[0])) for p in cal['points'].get('inter', []))} "
-        f"bytes sent per rank): intra {cal['intra']['bandwidth'] / 1e6:.1f} MB/s per rank + "
-        f"{cal['intra']['latency'] * 1e6:.0f} us, inter {cal['inter']['bandwidth'] / 1e6:.2f} MB/s per rank + "
-        f"{cal['inter']['latency'] * 1e6:.0f} us.",
+        f"- Calibration: `paro probe` on the same cluster, just before training (per rank; all-gather "
+        f"rate and latency per link, other kinds' rates where measured):",
+        "",
+        "| collective | link | bytes sent per rank -> seconds (median) | fit |",
+        "| --- | --- | --- | --- |",
+        *(f"| {kind} | {link} | {', '.join(f'{b / 1e3:.0f} kB -> {t * 1e3:.1f} ms' for b, t in pts)} | "
+          f"{_fit_text(cal, kind, link)} |" for kind, links in cal["points"].items() for link, pts in links.items()),
+        "",
         f"- Compute time given to the planner: {ev['compute']:.3f} s per step (the same A micro-steps on an "
         f"unsharded local copy, all ranks at once, median).",
         "",

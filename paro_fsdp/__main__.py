@@ -196,7 +196,11 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         reduce_bytes=_pick(args.reduce_bytes, base.reduce_bytes if base else None),
         flops_per_token=base.flops_per_token if base else None,
     )
-    cluster = Cluster(device_memory=args.memory * GIB, **shape, **rates, **latency)
+    # Measured per-kind rates hold for a link only while its rate is the calibration's.
+    op_bw = {kind: {link: fit.bandwidth for link, fit in links.items() if getattr(args, f"{link}_bw") is None}
+             for kind, links in (cal.ops.items() if cal else ())}
+    cluster = Cluster(device_memory=args.memory * GIB, **shape, **rates, **latency,
+                      op_bw={kind: links for kind, links in op_bw.items() if links})
     try:
         accum = _pick(args.accum, job.accum(cluster.world) if job else None, 1)
     except ValueError as e:

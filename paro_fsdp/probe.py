@@ -1,11 +1,14 @@
-"""``paro probe``: measure each link's latency and bandwidth with short all-gathers on the 2D mesh.
+"""``paro probe``: measure each link's latency and bandwidth with short collectives on the 2D mesh.
 
-Every rank all-gathers over its intra group (all groups at once), then over its inter group (all
-columns at once), at a few sizes: the same concurrency training has, so a NIC shared by the
-ranks of a node shows up as its per-rank share. Each sample times a few all-gathers back to back,
-as training issues them (one per FSDP unit): a lone collective after an idle pause can ride a
-link's burst allowance and look faster than sustained traffic. Times are the slowest rank's, the
-median of several samples; a line ``latency + bytes_sent_per_rank / bandwidth`` is fitted per link.
+Every rank runs each collective kind training uses (all-gather, reduce-scatter, all-reduce) over
+its intra group (all groups at once), then over its inter group (all columns at once), at a few
+sizes: the same concurrency training has, so a NIC shared by the ranks of a node shows up as its
+per-rank share. Kinds are measured apart because backends do not run them at the same rate
+(gloo's reduce-scatter is an all-to-all that moves its bytes at about half the all-gather rate).
+Each sample times a few collectives back to back, as training issues them (one per FSDP unit):
+a lone collective after an idle pause can ride a link's burst allowance and look faster than
+sustained traffic. Times are the slowest rank's, the median of several samples; a line
+``latency + bytes_sent_per_rank / bandwidth`` is fitted per kind and link.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
 from paro_fsdp.comm.stats import INTER, INTRA, LINKS
 from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
+from paro_fsdp.planner.inputs import COLLECTIVE_KINDS
 
-DEFAULT_SIZES = (64 * 2**10, 512 * 2**10, 2 * 2**20)  # bytes per rank contributed to each all-gather
+DEFAULT_SIZES = (64 * 2**10, 512 * 2**10, 2 * 2**20)  # bytes per rank contributed to each collective
 BACK_TO_BACK = 4
 
 
@@ -40,28 +44,45 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return float(elapsed.item())
 
 
-def measure(groups: MeshGroups, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 5,
-            warmup: int = 1) -> dict[str, list[tuple[float, float]]]:
-    """``{link: [(bytes sent per rank, median seconds), ...]}`` for links whose groups have > 1 rank."""
-    points: dict[str, list[tuple[float, float]]] = {}
-    for link in LINKS:
-        k = groups.size(link)
-        if k == 1:
-            continue
-        points[link] = []
-        for size in sizes:
-            inp = torch.ones(max(1, size // 4), dtype=torch.float32, device=groups.device)
-            out = inp.new_empty(k * inp.numel())
-            def burst() -> None:
-                for _ in range(BACK_TO_BACK):
-                    groups.all_gather(out, inp, link)
+def _collective(groups: MeshGroups, kind: str, link: str, size: int) -> Callable[[], None]:
+    """One ``kind`` collective over ``link`` in which each rank contributes ``size`` bytes."""
+    k = groups.size(link)
+    shard = torch.ones(max(1, size // 4), dtype=torch.float32, device=groups.device)
+    full = shard.new_ones(k * shard.numel())
+    if kind == "all_gather":
+        return lambda: groups.all_gather(full, shard, link)
+    if kind == "reduce_scatter":
+        return lambda: groups.reduce_scatter(shard, full, link)
+    return lambda: groups.all_reduce(shard, link)
 
-            times = [_timed(burst, groups.device) / BACK_TO_BACK for _ in range(warmup + repeats)][warmup:]
-            points[link].append(((k - 1) * inp.numel() * inp.element_size(), statistics.median(times)))
+
+def measure(groups: MeshGroups, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 3,
+            warmup: int = 1) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``{kind: {link: [(bytes sent per rank, median seconds), ...]}}`` for links whose groups have > 1 rank.
+
+    Bytes are what the counted collectives record, the same measure the formulas use.
+    """
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {kind: {} for kind in COLLECTIVE_KINDS}
+    for kind in COLLECTIVE_KINDS:
+        for link in LINKS:
+            if groups.size(link) == 1:
+                continue
+            points[kind][link] = []
+            for size in sizes:
+                op = _collective(groups, kind, link, size)
+
+                def burst() -> None:
+                    for _ in range(BACK_TO_BACK):
+                        op()
+
+                groups.stats.reset()
+                times = [_timed(burst, groups.device) / BACK_TO_BACK for _ in range(warmup + repeats)][warmup:]
+                sent = groups.stats.get(link=link) / ((warmup + repeats) * BACK_TO_BACK)
+                points[kind][link].append((sent, statistics.median(times)))
     return points
 
 
-def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 5) -> Calibration:
+def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 3) -> Calibration:
     """Measure both links of ``mesh`` (2D, ``(dp_replicate, dp_shard)``) and fit them.
 
     A link whose groups have one rank carries no bytes in any strategy, so its rate never
@@ -69,13 +90,15 @@ def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats:
     """
     groups = MeshGroups(mesh)
     points = measure(groups, sizes, repeats)
-    if not points:
+    if not points["all_gather"]:
         raise ValueError("paro probe needs at least 2 ranks: with 1 rank there is no link to measure")
-    fits = {link: fit_link(p) for link, p in points.items()}
-    for link in LINKS:
-        fits.setdefault(link, next(iter(fits.values())))
-    return Calibration(nodes=groups.groups, ranks_per_node=groups.group_size, intra=fits[INTRA],
-                       inter=fits[INTER], backend=dist.get_default_backend_for_device(mesh.device_type),
+    fits = {kind: {link: fit_link(p) for link, p in links.items()} for kind, links in points.items()}
+    for links in fits.values():
+        for link in LINKS:
+            links.setdefault(link, next(iter(links.values())))
+    return Calibration(nodes=groups.groups, ranks_per_node=groups.group_size, intra=fits["all_gather"][INTRA],
+                       inter=fits["all_gather"][INTER], ops={k: v for k, v in fits.items() if k != "all_gather"},
+                       backend=dist.get_default_backend_for_device(mesh.device_type),
                        device_type=mesh.device_type, points=points)
 
 
@@ -86,7 +109,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
                    help="comma-separated bytes each rank contributes per all-gather; the largest should be "
                         "bandwidth-bound (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per size, median kept (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed samples per size, median kept (default 3)")
 
 
 def _parse_sizes(text: str, error: Callable[[str], None]) -> tuple[int, ...]:
@@ -120,10 +143,11 @@ def run_from_args(args: argparse.Namespace, error: Callable[[str], None]) -> int
         cal = run_probe(mesh, sizes, args.repeats)
         if dist.get_rank() == 0:
             write_calibration(cal, args.out)
-            for link in LINKS:
-                fit = getattr(cal, link)
-                print(f"{link}: {fit.bandwidth / 1e9:.4g} GB/s per rank, {fit.latency * 1e6:.1f} us per collective "
-                      f"({len(cal.points.get(link, []))} sizes)")
+            fits = {"all_gather": {INTRA: cal.intra, INTER: cal.inter}, **cal.ops}
+            for kind, links in fits.items():
+                for link, fit in links.items():
+                    print(f"{kind} {link}: {fit.bandwidth / 1e9:.4g} GB/s per rank, {fit.latency * 1e6:.1f} us "
+                          f"per collective")
             print(f"calibration for {cal.nodes} x {cal.ranks_per_node} ranks written to {args.out}")
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from paro_fsdp.planner import (
     ModelSizes,
     TrainingSetup,
     choose_strategy,
+    cluster_from_calibration,
     compute_seconds_from_flops,
     estimate,
     fit_link,
@@ -69,6 +71,23 @@ def test_ho_ring_overlaps_only_global_collectives() -> None:
     assert ni_ho.comm_seconds_by_phase["sync_g"] == pytest.approx(ni_default.comm_seconds_by_phase["sync_g"])
     ng_default, ng_ho = (estimate("NNG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm=c) for c in ("default", "ho_ring"))
     assert ng_ho.comm_seconds_by_phase["sync_g"] < ng_default.comm_seconds_by_phase["sync_g"]
+
+
+def test_per_kind_rates() -> None:
+    # Reduce-scatters at half the rate: only reduce-scatter bytes slow down.
+    slow_rs = dataclasses.replace(SMALL_CLUSTER, op_bw={"reduce_scatter": {"intra": 50.0, "inter": 5.0}})
+    for code, phase_name, extra in (("IIG", "grad_reduce", 40.0),  # 4000 intra bytes: 40 s more
+                                    ("IIG", "sync_g", 100.0),  # I->G inter reduce-scatter of 1000 B: 100 s more
+                                    ("III", "sync_g", 0.0),  # I->I is an inter all-reduce
+                                    ("IIG", "sync_p", 0.0)):  # all-gather
+        base = estimate(code, SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP).comm_seconds_by_phase[phase_name]
+        slow = estimate(code, SMALL_MODEL, slow_rs, SMALL_SETUP).comm_seconds_by_phase[phase_name]
+        assert slow - base == pytest.approx(extra)
+    # N->N's intra part is half reduce-scatter, half all-gather: 2(m-1)/m*1000*4 = 4000 B, 2000 B of it slower.
+    nnn = [estimate("NNN", SMALL_MODEL, c, SMALL_SETUP).comm_seconds_by_phase["sync_g"] for c in (SMALL_CLUSTER, slow_rs)]
+    assert nnn[1] - nnn[0] == pytest.approx(2000 / 50 - 2000 / 100)
+    with pytest.raises(ValueError, match=r"Cluster.op_bw must map a collective kind"):
+        Cluster(nodes=2, ranks_per_node=2, intra_bw=1.0, inter_bw=1.0, device_memory=1.0, op_bw={"scatter": {}})
 
 
 def test_wire_dtypes_and_compute() -> None:
@@ -197,15 +216,19 @@ def test_calibration_fit_and_file(tmp_path) -> None:
         fit_link([(1e3, 1.0), (1e6, 0.5)])
     with pytest.raises(ValueError, match=">= 2 distinct sizes"):
         fit_link([(1e3, 1.0)])
-    cal = Calibration(nodes=2, ranks_per_node=4, intra=fit, inter=LinkFit(1e-4, 1e7), backend="gloo",
-                      device_type="cpu", points={"intra": [(1e3, 0.1), (2e3, 0.2)]})
+    cal = Calibration(nodes=2, ranks_per_node=4, intra=fit, inter=LinkFit(1e-4, 1e7),
+                      ops={"reduce_scatter": {"inter": LinkFit(1e-4, 5e6)}}, backend="gloo", device_type="cpu",
+                      points={"all_gather": {"intra": [(1e3, 0.1), (2e3, 0.2)]}})
     path = tmp_path / "cal.json"
     write_calibration(cal, path)
     assert read_calibration(path) == cal
+    cluster = cluster_from_calibration(cal, device_memory=GIB)
+    assert (cluster.inter_bw, cluster.bandwidth("reduce_scatter", "inter"), cluster.bandwidth("all_reduce", "inter"),
+            cluster.inter_latency) == (1e7, 5e6, 1e7, 1e-4)
     data = json.loads(path.read_text())
     for broken, message in (
-        ({**data, "format_version": 99}, "format_version 99"),
-        ({k: v for k, v in data.items() if k != "inter"}, "missing or has a malformed field: KeyError\\('inter'\\)"),
+        ({**data, "format_version": 99}, "format_version is 99; this version reads 1"),
+        ({k: v for k, v in data.items() if k != "inter"}, "a field is missing or malformed: KeyError\\('inter'\\)"),
         ({**data, "inter": {"latency": 0.0, "bandwidth": 0.0}}, "bandwidth must be a finite number of bytes/s > 0"),
     ):
         path.write_text(json.dumps(broken))
@@ -318,7 +341,7 @@ def _probe(path: str) -> Calibration:
     from paro_fsdp.probe import run_probe
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
-    cal = run_probe(mesh, sizes=(4096, 65536, 262144), repeats=2)
+    cal = run_probe(mesh, sizes=(4096, 2**22), repeats=1)  # 4 MiB: bandwidth-bound even on loopback
     if dist.get_rank() == 0:
         write_calibration(cal, path)
     return cal
@@ -331,8 +354,12 @@ def test_probe(tmp_path) -> None:
     assert cal == cals[0]  # rank 0 wrote what it measured; every rank fits the same (MAX-reduced) times
     assert all(c.intra == cal.intra and c.inter == cal.inter for c in cals)
     assert (cal.nodes, cal.ranks_per_node, cal.backend, cal.device_type) == (2, 2, "gloo", "cpu")
+    assert set(cal.ops) == {"reduce_scatter", "all_reduce"}
     for link in ("intra", "inter"):
-        # 3 sizes, each all-gather over 2 ranks sends (2-1) x the input.
-        assert [b for b, _ in cal.points[link]] == [4096, 65536, 262144]
-        assert all(t > 0 for _, t in cal.points[link])
-        assert math.isfinite(getattr(cal, link).bandwidth) and getattr(cal, link).bandwidth > 0
+        # Over 2 ranks an all-gather or reduce-scatter sends (2-1) x the per-rank size, an all-reduce
+        # 2 (2-1) / 2 of it: the same bytes at every size.
+        for kind in ("all_gather", "reduce_scatter", "all_reduce"):
+            assert [b for b, _ in cal.points[kind][link]] == [4096, 2**22]
+            assert all(t > 0 for _, t in cal.points[kind][link])
+        fits = [getattr(cal, link), cal.ops["reduce_scatter"][link], cal.ops["all_reduce"][link]]
+        assert all(math.isfinite(f.bandwidth) and f.bandwidth > 0 for f in fits)

@@ -5,7 +5,15 @@ activations, step time from the per-phase intra / inter bytes over measured (``p
 or given link rates. ``choose_strategy`` is what ``paro_strategy = "auto"`` calls.
 """
 
-from paro_fsdp.planner.calibration import Calibration, LinkFit, fit_link, read_calibration, write_calibration
+from paro_fsdp.planner.calibration import (
+    Calibration,
+    LinkFit,
+    calibration_from_dict,
+    cluster_from_calibration,
+    fit_link,
+    read_calibration,
+    write_calibration,
+)
 from paro_fsdp.planner.cost import COMMS, MEMORY_KINDS, StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup, compute_seconds_from_flops
 from paro_fsdp.planner.rank import choose_strategy, pareto_front, plan
@@ -22,7 +30,9 @@ __all__ = [
     "StrategyEstimate",
     "TorchtitanJob",
     "TrainingSetup",
+    "calibration_from_dict",
     "choose_strategy",
+    "cluster_from_calibration",
     "compute_seconds_from_flops",
     "describe_assumptions",
     "estimate",

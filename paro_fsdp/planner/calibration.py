@@ -1,8 +1,7 @@
 """Link calibration: latency and bandwidth per link, fitted from timed collectives.
 
 ``paro probe`` writes it; ``paro plan --calibration`` and torchtitan's ``paro_strategy = "auto"``
-read it. The file is JSON so it can be checked in beside a training config and read without
-torch.
+read it. The file is JSON so it can be checked in beside a training config.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+
+from paro_fsdp.planner.inputs import Cluster
 
 FORMAT_VERSION = 1
 
@@ -53,15 +54,22 @@ def fit_link(points: list[tuple[float, float]]) -> LinkFit:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured link rates of one cluster shape (``nodes`` x ``ranks_per_node``)."""
+    """Measured link rates of one cluster shape (``nodes`` x ``ranks_per_node``).
+
+    ``intra`` / ``inter`` are the all-gather fits; ``ops`` holds the other collective kinds'
+    fits, ``{"reduce_scatter": {"inter": LinkFit, ...}, "all_reduce": {...}}``, since backends
+    do not run every kind at the same rate. ``points`` keeps the timings, ``{kind: {link: [(bytes,
+    seconds)]}}``.
+    """
 
     nodes: int
     ranks_per_node: int
     intra: LinkFit
     inter: LinkFit
+    ops: dict[str, dict[str, LinkFit]] = field(default_factory=dict)
     backend: str = ""
     device_type: str = ""
-    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # link -> (bytes, s)
+    points: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
 
 
 def write_calibration(cal: Calibration, path: str | os.PathLike) -> None:
@@ -81,29 +89,39 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
                                 f"`torchrun ... -m paro_fsdp probe --out {os.fspath(path)}`") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"calibration file {os.fspath(path)!r} is not valid JSON: {e}") from None
+    try:
+        return calibration_from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"calibration file {os.fspath(path)!r}: {e}") from None
+
+
+def calibration_from_dict(data: object) -> Calibration:
+    """The inverse of the JSON ``write_calibration`` writes."""
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         found = data.get("format_version") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"calibration file {os.fspath(path)!r} has format_version {found!r}; "
-                         f"this version reads {FORMAT_VERSION} (rerun paro probe)")
+        raise ValueError(f"format_version is {found!r}; this version reads {FORMAT_VERSION} (rerun paro probe)")
     try:
         return Calibration(
             nodes=int(data["nodes"]),
             ranks_per_node=int(data["ranks_per_node"]),
             intra=LinkFit(**data["intra"]),
             inter=LinkFit(**data["inter"]),
+            ops={kind: {link: LinkFit(**fit) for link, fit in links.items()}
+                 for kind, links in data.get("ops", {}).items()},
             backend=str(data.get("backend", "")),
             device_type=str(data.get("device_type", "")),
-            points={k: [tuple(p) for p in v] for k, v in data.get("points", {}).items()},
+            points={kind: {link: [tuple(p) for p in pts] for link, pts in links.items()}
+                    for kind, links in data.get("points", {}).items()},
         )
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"calibration file {os.fspath(path)!r} is missing or has a malformed field: {e!r}; "
-                         f"expected nodes, ranks_per_node, intra and inter ({{latency, bandwidth}})") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"a field is missing or malformed: {e!r}; expected nodes, ranks_per_node, intra and "
+                         f"inter ({{latency, bandwidth}}), optionally ops ({{kind: {{link: {{latency, bandwidth}}}}}})") \
+            from None
 
 
-def cluster_from_calibration(cal: Calibration, device_memory: float) -> "Cluster":
+def cluster_from_calibration(cal: Calibration, device_memory: float) -> Cluster:
     """The measured cluster with ``device_memory`` bytes per rank."""
-    from paro_fsdp.planner.inputs import Cluster  # noqa: PLC0415 (keeps this module torch- and planner-free)
-
     return Cluster(nodes=cal.nodes, ranks_per_node=cal.ranks_per_node, intra_bw=cal.intra.bandwidth,
                    inter_bw=cal.inter.bandwidth, device_memory=device_memory,
-                   intra_latency=cal.intra.latency, inter_latency=cal.inter.latency)
+                   intra_latency=cal.intra.latency, inter_latency=cal.inter.latency,
+                   op_bw={kind: {link: fit.bandwidth for link, fit in links.items()} for kind, links in cal.ops.items()})

@@ -3,7 +3,8 @@
 Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top of them:
 
 - each phase costs ``intra_bytes / intra_bw + inter_bytes / inter_bw`` plus a latency per
-  collective; with ``comm="ho_ring"`` a global collective (one that spans both links in a
+  collective, each link's bytes at the rate of the collective kind that moves them (all-gather,
+  reduce-scatter or all-reduce: ``Cluster.bandwidth``); with ``comm="ho_ring"`` a global collective (one that spans both links in a
   single call) overlaps its two phases and costs ``max`` of the two instead of the sum;
 - collectives are issued per FSDP unit (each transformer block, plus the root module that
   holds embeddings and output), so the latency term grows with the number of blocks and,
@@ -37,6 +38,19 @@ _SYNC_P_CALLS = {(I, N): (1, 0), (G, N): (1, 1), (G, I): (0, 1)}
 # two dependent collectives, so it stays a sum.
 _SYNC_G_GLOBAL = {(N, N), (N, G)}
 _SYNC_P_GLOBAL = {(G, N)}
+AG, RS, AR = "all_gather", "reduce_scatter", "all_reduce"
+
+
+def _kinds(phase_name: str, s: ParoStrategy) -> dict[str, dict[str, float]]:
+    """Which collective kinds move each link's bytes of a phase, as shares of those bytes."""
+    if phase_name in ("param_gather", "sync_p"):
+        return {INTRA: {AG: 1.0}, INTER: {AG: 1.0}}
+    if phase_name == "grad_reduce":
+        return {INTRA: {RS: 1.0}, INTER: {RS: 1.0}}
+    # sync_g: the slice is all-reduced across groups when O is I (or N), reduce-scattered when O is G;
+    # N->N's intra part is a reduce-scatter and an all-gather of equal size around it.
+    intra = {RS: 0.5, AG: 0.5} if (s.grad, s.optim) == (N, N) else {RS: 1.0}
+    return {INTRA: intra, INTER: {RS: 1.0} if s.optim is G else {AR: 1.0}}
 
 
 @dataclass(frozen=True)
@@ -114,8 +128,9 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     seconds: dict[str, float] = {}
     collectives = 0
     for phase_name, ((intra_calls, inter_calls), is_global, times) in _phase_calls(s, setup.accum).items():
-        intra_t = nbytes[phase_name][INTRA] / cluster.intra_bw
-        inter_t = nbytes[phase_name][INTER] / cluster.inter_bw
+        kinds = _kinds(phase_name, s)
+        intra_t, inter_t = (sum(nbytes[phase_name][link] * share / cluster.bandwidth(kind, link)
+                                for kind, share in kinds[link].items()) for link in (INTRA, INTER))
         transfer = max(intra_t, inter_t) if comm == "ho_ring" and is_global else intra_t + inter_t
         calls_intra = intra_calls * times * model.units if has_intra else 0
         calls_inter = inter_calls * times * model.units if has_inter else 0

@@ -9,7 +9,11 @@ actionable errors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from paro_fsdp.comm.stats import INTRA, LINKS
+
+COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
 def _check_positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
@@ -99,6 +103,9 @@ class Cluster:
 
     Bandwidths are what one rank can send while every rank sends at once (a node's NIC
     rate divided by its ranks when they share one NIC): the formulas count bytes per rank.
+    ``intra_bw`` / ``inter_bw`` are the all-gather rates; ``op_bw`` optionally gives other
+    collective kinds their own measured rate, ``{"reduce_scatter": {"inter": bytes/s}, ...}``
+    (gloo's reduce-scatter, for one, moves its bytes at about half its all-gather rate).
     Latencies are per collective on that link (a ring's start-up and step overheads).
     """
 
@@ -109,6 +116,7 @@ class Cluster:
     device_memory: float
     intra_latency: float = 0.0
     inter_latency: float = 0.0
+    op_bw: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("Cluster", "nodes", self.nodes)
@@ -117,6 +125,17 @@ class Cluster:
             _check_positive("Cluster", name, getattr(self, name))
         for name in ("intra_latency", "inter_latency"):
             _check_positive("Cluster", name, getattr(self, name), allow_zero=True)
+        for kind, rates in self.op_bw.items():
+            if kind not in COLLECTIVE_KINDS or not isinstance(rates, dict) or set(rates) - set(LINKS):
+                raise ValueError(f"Cluster.op_bw must map a collective kind ({', '.join(COLLECTIVE_KINDS)}) to "
+                                 f"{{link: bytes/s}} with links {', '.join(LINKS)}; got {kind!r}: {rates!r}")
+            for link, value in rates.items():
+                _check_positive("Cluster", f"op_bw[{kind!r}][{link!r}]", value)
+
+    def bandwidth(self, kind: str, link: str) -> float:
+        """Per-rank rate of collective ``kind`` on ``link`` (the all-gather rate unless measured apart)."""
+        base = self.intra_bw if link == INTRA else self.inter_bw
+        return self.op_bw.get(kind, {}).get(link, base)
 
     @property
     def world(self) -> int:

@@ -19,7 +19,9 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"cluster: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks = {cluster.world} ranks; per rank: intra "
         f"{fmt(cluster.intra_bw, DECIMAL)}/s + {fmt(cluster.intra_latency, SECONDS)} per collective, inter "
         f"{fmt(cluster.inter_bw, DECIMAL)}/s + {fmt(cluster.inter_latency, SECONDS)} per collective; "
-        f"device memory {fmt(cluster.device_memory, BINARY)}",
+        f"device memory {fmt(cluster.device_memory, BINARY)}"
+        + "".join(f"; {kind} {link} {fmt(bw, DECIMAL)}/s" for kind, links in cluster.op_bw.items()
+                  for link, bw in links.items()),
         f"training: A = {setup.accum} micro-steps per optimizer step; activations "
         f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
