@@ -50,6 +50,7 @@ class EngineState:
     units: list["Unit"] = field(default_factory=list)
     last_microstep: bool = True
     optimizer: object | None = None
+    divide_factor: float | None = None  # None: the mean over all n ranks
 
     @property
     def stats(self) -> CommStats:
@@ -166,7 +167,7 @@ class Unit:
         with phase("sync_g"):
             x = self._scatter(x, level, s.optim)
             self._complete(x, s.optim)
-        x.div_(self.state.groups.world)
+        x.div_(self.state.divide_factor or self.state.groups.world)
         if self.optim_grad is None:
             self.optim_grad = x
         else:  # several synchronized backwards before one step: gradients add up, as in DDP

@@ -33,6 +33,13 @@ class ParoModule:
         """
         paro_state(self).set_last_microstep(bool(requires_gradient_sync))
 
+    def set_gradient_divide_factor(self, factor: float) -> None:
+        """Divide summed gradients by ``factor`` instead of n (e.g. 1.0 when the loss is already
+        normalized by the global token count, as torchtitan does)."""
+        if not factor > 0:
+            raise ValueError(f"gradient divide factor must be positive, got {factor!r}")
+        paro_state(self).divide_factor = float(factor)
+
 
 def paro_state(model: nn.Module) -> EngineState:
     """The engine state of a model wrapped by :func:`paro_parallelize`."""

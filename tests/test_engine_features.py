@@ -276,6 +276,30 @@ def _ho_ring() -> dict:
     return out
 
 
+def _divide_factor() -> dict:
+    """set_gradient_divide_factor(1.0) sums gradients: a loss pre-divided by n trains like DDP."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for s in range(2):
+        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(4)) / 4).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out = {}
+    for code in ("NIG", "GGG", "NNI"):
+        model = _build(mesh, code)
+        model.set_gradient_divide_factor(1.0)
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        for s in range(2):
+            (loss_fn(model, batch(s, 0, rank)) / 4).backward()
+            opt.step()
+            opt.zero_grad()
+        full = get_model_state_dict(model, options=FULL)
+        out[code] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    return out
+
+
 def _errors() -> dict:
     """Bad input raises an exception that names the problem."""
     msgs = {}
@@ -316,6 +340,7 @@ def _all(path: str) -> dict:
         "degenerate": _degenerate(),
         "tensor_parallel": _tensor_parallel(),
         "ho_ring": _ho_ring(),
+        "divide_factor": _divide_factor(),
         "errors": _errors(),
     }
 
@@ -391,6 +416,11 @@ def test_ho_ring_engine_matches_default(results, code):
         assert run["diff"] < 1e-6, f"rank {rank}: HO-Ring parameters differ by {run['diff']}"
         assert run["same_bytes"], f"rank {rank}: HO-Ring bytes differ from the two-phase collectives"
         assert run["inter"] > 0
+
+
+def test_gradient_divide_factor(results):
+    for code, diff in results[0]["divide_factor"].items():
+        assert diff < 1e-5, f"{code}: {diff}"
 
 
 def test_bad_input_errors(results):
