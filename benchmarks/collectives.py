@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=_csv(str), default=["250mbit", "1gbit"], help="link rates (tc units)")
     p.add_argument("--reps", type=int, help="timed repetitions per case (default 3, --full 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions, also checked for correctness")
-    p.add_argument("--chunks", type=int, default=None, help="HO-Ring pipeline depth (default: its own)")
+    p.add_argument("--chunks", type=_csv(int), default=[],
+                   help="HO-Ring pipeline depths (default: its own); several give one ho_ring(c=N) row each")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per cluster run")
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="markdown file to write the results into")
     p.add_argument("--raw", type=Path, help="raw results JSON (default: the doc's path with .json)")
@@ -89,7 +90,7 @@ def _worker_args(args: argparse.Namespace, results: Path) -> list[str]:
     argv = ["-m", "benchmarks.collectives", "--worker", "--results", str(results),
             "--sizes", ",".join(map(str, args.sizes)), "--collectives", ",".join(args.collectives),
             "--impls", ",".join(args.impls), "--reps", str(args.reps), "--warmup", str(args.warmup)]
-    return argv + (["--chunks", str(args.chunks)] if args.chunks else [])
+    return argv + (["--chunks", ",".join(map(str, args.chunks))] if args.chunks else [])
 
 
 def drive(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ class _Phase:
             self.groups.all_gather(tensor, piece.clone(), INTRA)
 
 
-def _implementations(names: list[str], groups: MeshGroups, chunks: int | None) -> dict[str, object]:
+def _implementations(names: list[str], groups: MeshGroups, chunks: list[int]) -> dict[str, object]:
     impls: dict[str, object] = {}
     for name in names:
         if name == "default":
@@ -74,7 +74,11 @@ def _implementations(names: list[str], groups: MeshGroups, chunks: int | None) -
         elif name == "ho_ring":
             from paro_fsdp.comm.ho_ring import HORingCollectives
 
-            impls[name] = HORingCollectives(groups) if chunks is None else HORingCollectives(groups, chunks=chunks)
+            if len(chunks) > 1:
+                for depth in chunks:
+                    impls[f"{name}(c={depth})"] = HORingCollectives(groups, chunks=depth)
+            else:
+                impls[name] = HORingCollectives(groups, **({"chunks": chunks[0]} if chunks else {}))
         elif name in PHASES:
             impls[name] = _Phase(groups, PHASES[name])
     return impls
@@ -176,7 +180,7 @@ def run_worker(args: argparse.Namespace) -> int:
             for rep in range(args.warmup + args.reps):
                 for name in names[rep % len(names):] + names[: rep % len(names)]:
                     seconds, per_node = sample(case, impls[name])
-                    if rep < args.warmup and name not in PHASES:
+                    if rep < args.warmup and name not in PHASES:  # phases alone compute no result
                         case.check(name)
                     else:
                         samples[name].append({"seconds": seconds, "nodes": per_node})
