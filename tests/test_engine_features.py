@@ -41,6 +41,24 @@ def _build(mesh, code: str, **kwargs):
     return paro_parallelize(model, mesh, code, blocks=model.units(), **kwargs)
 
 
+def _ddp_reference(steps: int, n: int = 4, clip: float | None = None) -> dict[str, torch.Tensor]:
+    """One process, AdamW on the mean over n ranks' batches (what DDP computes)."""
+    torch.manual_seed(0)
+    ref = Net()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for s in range(steps):
+        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(n)) / n).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return ref.state_dict()
+
+
+def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    return max((got[k].float() - v.float()).abs().max().item() for k, v in want.items())
+
+
 def _train(model, opt, steps: int, start: int = 0, clip: float | None = None) -> list[float]:
     rank, norms = dist.get_rank(), []
     for s in range(start, start + steps):
@@ -56,14 +74,7 @@ def _clipping() -> dict:
     """Norm of all-ones gradients is sqrt(trainable count); clipped training matches DDP + torch clipping."""
     mesh, rank, n = _mesh(2, 2), dist.get_rank(), 4
     ones_norm, clip_diff = {}, {}
-    torch.manual_seed(0)
-    ref = Net()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for s in range(2):
-        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(n)) / n).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref = _ddp_reference(2, n, clip=0.05)
     for code in CODES:
         model = _build(mesh, code)
         opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
@@ -76,7 +87,7 @@ def _clipping() -> dict:
         opt.zero_grad()
         _train(model, opt, 2, clip=0.05)
         full = get_model_state_dict(model, options=FULL)
-        clip_diff[code] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+        clip_diff[code] = _max_diff(full, ref)
     trainable = sum(p.numel() for p in Net().parameters())
     return {"ones": ones_norm, "clip_diff": clip_diff, "trainable": trainable}
 
@@ -142,7 +153,7 @@ def _mixed_precision() -> dict:
             opt.zero_grad()
         finals[code] = get_model_state_dict(model, options=FULL)
         losses[code] = curve
-    diffs = {c: max((sd[k] - finals["NNN"][k]).abs().max().item() for k in sd) for c, sd in finals.items()}
+    diffs = {c: _max_diff(sd, finals["NNN"]) for c, sd in finals.items()}
     return {"diffs": diffs, "losses": losses}
 
 
@@ -171,13 +182,13 @@ def _checkpoint(path: str) -> dict:
         set_model_state_dict(dst, state["model"])
         set_optimizer_state_dict(dst, dst_opt, state["optim"])
         got_model, got_optim = snapshot(dst, dst_opt)
-        model_diff = max((got_model[k] - v).abs().max().item() for k, v in want_model.items())
+        model_diff = _max_diff(got_model, want_model)
         optim_diff = 0.0
         for fqn, st in want_optim["state"].items():
             for key, v in st.items():
                 optim_diff = max(optim_diff, (got_optim["state"][fqn][key].float() - v.float()).abs().max().item())
         _train(dst, dst_opt, 1, start=2)
-        next_diff = max((get_model_state_dict(dst, options=FULL)[k] - v).abs().max().item() for k, v in want_next.items())
+        next_diff = _max_diff(get_model_state_dict(dst, options=FULL), want_next)
         result[code] = (model_diff, optim_diff, next_diff)
     return result
 
@@ -197,15 +208,9 @@ def _degenerate() -> dict:
         opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
         _train(model, opt, 2)
         out[f"{shape}/{code}"] = str(paro_state(model).strategy)
-    torch.manual_seed(0)
-    ref = Net()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for s in range(2):
-        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(4)) / 4).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref = _ddp_reference(2)
     full = get_model_state_dict(model, options=FULL)
-    out["diff"] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    out["diff"] = _max_diff(full, ref)
     return out
 
 
@@ -246,7 +251,7 @@ def _tensor_parallel() -> dict:
             opt.step()
             opt.zero_grad()
         full = get_model_state_dict(model, options=FULL)
-        diff = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+        diff = _max_diff(full, ref.state_dict())
         out[code] = {"norm_diff": max(abs(a - b) for a, b in zip(norms, ref_norms)), "param_diff": diff}
     return out
 
@@ -270,7 +275,7 @@ def _ho_ring() -> dict:
             assert paro_state(model).collectives.name == comm
             runs[comm] = (get_model_state_dict(model, options=FULL), comm_stats(model).as_dict())
         (a_sd, a_bytes), (b_sd, b_bytes) = runs["default"], runs["ho_ring"]
-        out[code] = {"diff": max((a_sd[k] - b_sd[k]).abs().max().item() for k in a_sd),
+        out[code] = {"diff": _max_diff(b_sd, a_sd),
                      "same_bytes": a_bytes == b_bytes, "inter": b_bytes["param_gather"]["inter"]
                      + b_bytes["grad_reduce"]["inter"] + b_bytes["sync_g"]["inter"] + b_bytes["sync_p"]["inter"]}
     return out
@@ -279,13 +284,7 @@ def _ho_ring() -> dict:
 def _divide_factor() -> dict:
     """set_gradient_divide_factor(1.0) sums gradients: a loss pre-divided by n trains like DDP."""
     mesh, rank = _mesh(2, 2), dist.get_rank()
-    torch.manual_seed(0)
-    ref = Net()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for s in range(2):
-        (sum(loss_fn(ref, batch(s, 0, r)) for r in range(4)) / 4).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref = _ddp_reference(2)
     out = {}
     for code in ("NIG", "GGG", "NNI"):
         model = _build(mesh, code)
@@ -296,7 +295,7 @@ def _divide_factor() -> dict:
             opt.step()
             opt.zero_grad()
         full = get_model_state_dict(model, options=FULL)
-        out[code] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+        out[code] = _max_diff(full, ref)
     return out
 
 
