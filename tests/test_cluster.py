@@ -23,7 +23,7 @@ from paro_fsdp.cluster import (
     missing_requirements,
     parse_rate,
 )
-from paro_fsdp.cluster import network
+from paro_fsdp.cluster import launch, network
 from paro_fsdp.cluster.network import _node_addresses, list_namespaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +215,22 @@ def test_cleanup_removes_only_leftovers_of_dead_owners(leaves_nothing):
     finally:
         for namespace in (stale, live):
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+
+
+def test_node_environment(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 4)
+    cluster = EmulatedCluster(2, 2, "250mbit")
+    env = cluster.environment(1)
+    assert env["GLOO_SOCKET_IFNAME"] == env["PARO_CLUSTER_IFNAME"] == "eth0"
+    assert env["PARO_CLUSTER_NODE"] == "1" and env["PARO_CLUSTER_LINK_BITS"] == "250000000"
+    assert "MASTER_ADDR" not in env  # torchrun takes it from the rendezvous on node 0
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"  # node 1's own GPUs
+    assert str(REPO) in env["PYTHONPATH"].split(os.pathsep)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 2)  # fewer GPUs than ranks: leave them alone
+    assert "CUDA_VISIBLE_DEVICES" not in cluster.environment(1)
+    command = cluster.command(1, ["-m", "some.module", "--flag"])
+    assert command[:4] == ["ip", "netns", "exec", cluster.topology.nodes[1]]
+    assert command[command.index("--local-addr") + 1] == cluster.addresses[1]
+    assert command[-3:] == ["-m", "some.module", "--flag"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +113,11 @@ class EmulatedCluster:
         self.topology.destroy()
 
     def command(self, node: int, target: Sequence[str]) -> list[str]:
-        """The ``torchrun`` command line of ``node`` (c10d rendezvous on node 0's address)."""
+        """The ``torchrun`` command line of ``node`` (c10d rendezvous on node 0's address).
+
+        c10d ignores ``--node-rank``: it ranks nodes by ``--local-addr``, whose string order is
+        the node order (see ``network._node_addresses``), so node i holds ranks i*M .. i*M+M-1.
+        """
         return [
             "ip", "netns", "exec", self.topology.nodes[node],
             self.python, "-m", "torch.distributed.run",
@@ -137,6 +142,11 @@ class EmulatedCluster:
             ENV_NODE: str(node), ENV_NODES: str(self.nodes), ENV_IFNAME: NODE_IFNAME,
             ENV_RATE: str(self.topology.rate_bits),
         })
+        devices = _gpu_count()
+        if devices >= self.nodes * self.ranks_per_node and "CUDA_VISIBLE_DEVICES" not in env:
+            # Each node gets its own GPUs, so LOCAL_RANK picks a device no other node uses.
+            first = node * self.ranks_per_node
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(first, first + self.ranks_per_node))
         env.pop("MASTER_ADDR", None)  # torchrun sets it from the rendezvous
         env.pop("MASTER_PORT", None)
         # Scripts given by path run with their own folder on sys.path; make this project importable.
@@ -229,6 +239,11 @@ class EmulatedCluster:
                 p.wait(timeout=TERMINATE_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs on this machine (device files), without importing a GPU library."""
+    return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name)) if os.path.isdir("/dev") else 0
 
 
 def _signal_group(pid: int, sig: int) -> None:
