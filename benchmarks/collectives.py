@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -96,6 +97,8 @@ def _worker_args(args: argparse.Namespace, results: Path) -> list[str]:
 def drive(args: argparse.Namespace) -> int:
     from paro_fsdp.cluster import EmulatedCluster
 
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the cluster is torn down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from benchmarks.collectives_report import render
 
     runs = []
