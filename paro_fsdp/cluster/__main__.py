@@ -36,10 +36,13 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m paro_fsdp.cluster",
+        usage="%(prog)s [options] -- script.py [args] | -- -m module [args]",
         description="Run a torchrun script on K emulated nodes (network namespaces) of M ranks each, "
                     "with each node's link limited to --inter-bw.",
         epilog="example: python -m paro_fsdp.cluster --nodes 2 --ranks-per-node 4 --inter-bw 250mbit "
-               "-- benchmarks/collectives.py --worker",
+               "--timeout 600 -- train.py --steps 10. Each node's output is prefixed [node<i>]; the "
+               "script finds its node in PARO_CLUSTER_NODE and its link in PARO_CLUSTER_IFNAME "
+               "(paro_fsdp.cluster.node_counters() reads the byte counters).",
     )
     p.add_argument("--nodes", type=int, default=2, help="number of nodes (namespaces), default 2")
     p.add_argument("--ranks-per-node", type=int, default=2, help="torchrun --nproc-per-node, default 2")
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as e:
         print(f"[cluster] error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, _Stopped) as e:
-        print(f"[cluster] {'stopped by ' if isinstance(e, _Stopped) else 'error: '}{e}; cluster torn down",
-              file=sys.stderr)
-        return 128 + e.signum if isinstance(e, _Stopped) else 2
+    except ValueError as e:
+        print(f"[cluster] error: {e}", file=sys.stderr)
+        return 2
+    except _Stopped as e:
+        print(f"[cluster] stopped by {e}; cluster torn down", file=sys.stderr)
+        return 128 + e.signum
     for line in result.summary():
         print(f"[cluster] {line}", flush=True)
     if result.timed_out:
