@@ -107,6 +107,13 @@ def _run(args: list[str], stop_after: int | None = None, snapshot_at: int | None
         log(step, loss, *rest, **kw)
 
     trainer.metrics_processor.log = record
+    backend_log = trainer.metrics_processor.logger.log  # what TensorBoard / W&B receive
+
+    def record_scalars(metrics: dict[str, Any], step: int) -> None:
+        out.setdefault("scalars", {})[step] = {k: v for k, v in metrics.items() if k.startswith("paro/")}
+        backend_log(metrics, step)
+
+    trainer.metrics_processor.logger.log = record_scalars
     trainer.checkpointer.load(step=trainer.job_config.checkpoint.load_step)
     if snapshot_loaded:
         out["loaded"] = _snapshot(trainer)
@@ -161,6 +168,8 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["iig_to_ggg_diff"] = _agree(_max_difference(iig["at"], ggg["loaded"]))
     out["ggg_to_nig_diff"] = _agree(_max_difference(ggg["end"], nig["loaded"]))
     out["optim_keys"] = sum(k.startswith("optim.state.") for k in iig["at"])
+    out["iig_scalars"] = iig["scalars"][2]
+    out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
     out["qwen3_iig"] = _run(_args(root / "qwen3", 3, (2, 2), "IIG", "--model.name", "qwen3"))["losses"]
     return out
 
@@ -170,7 +179,7 @@ def _scenarios_8(root: Path) -> dict[str, Any]:
     pp = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
           "--training.global_batch_size", "8"]
     return {
-        f"{name}_{strategy or 'stock'}": _run(_args(root / f"{name}_{strategy}", 2, (2, 2), strategy, *extra))["losses"]
+        f"{name}_{(strategy or 'stock').lower()}": _run(_args(root / f"{name}_{strategy}", 2, (2, 2), strategy, *extra))["losses"]
         for name, extra in (("tp", tp), ("pp", pp))
         for strategy in (None, "IIG")
     }
@@ -246,6 +255,19 @@ def test_checkpoint_reshards_across_strategies_and_layouts(four: dict[str, Any])
     assert four["ggg_to_nig_diff"][0] == 0.0, four["ggg_to_nig_diff"]
     assert four["ggg_losses"]["3"] == pytest.approx(four["iig"]["3"], rel=LOSS_RTOL)
     assert four["nig_losses"]["4"] == pytest.approx(four["iig"]["4"], rel=LOSS_RTOL)
+
+
+def test_paro_metrics_report_the_expected_bytes_and_memory(four: dict[str, Any]) -> None:
+    # IIG on g=2 groups of m=2, fp32: per step, sync_g reduce-scatters and sync_p all-gathers
+    # across groups (g-1)/n of the model each; parameters and gradients are held at 1/m,
+    # AdamW's two moments at 1/n. FSDP pads shards, hence the small tolerance.
+    scalars, model_bytes = four["iig_scalars"], 4 * four["params"]
+    assert scalars["paro/comm_inter_bytes_per_step"] == pytest.approx(2 * model_bytes / 4, rel=0.01)
+    assert scalars["paro/comm_inter_bytes/sync_g"] == pytest.approx(model_bytes / 4, rel=0.01)
+    assert scalars["paro/comm_inter_bytes/param_gather"] == 0
+    assert scalars["paro/comm_intra_bytes/param_gather"] > 0
+    assert scalars["paro/memory_params_bytes"] == pytest.approx(model_bytes / 2, rel=0.01)
+    assert scalars["paro/memory_optim_bytes"] == pytest.approx(2 * model_bytes / 4, rel=0.01)
 
 
 def test_qwen3_trains_with_paro(four: dict[str, Any]) -> None:
