@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--comm", choices=("default", "ho_ring"), default="default")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per strategy per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per strategy per round")
-    p.add_argument("--rounds", type=int, default=2, help="passes over all 14 strategies")
-    p.add_argument("--probe-sizes", default="65536,524288,2097152", help="bytes per rank for paro probe")
+    p.add_argument("--rounds", type=int, default=3, help="passes over all 14 strategies")
+    p.add_argument("--probe-sizes", help="paro probe --sizes (default: its adaptive sizes)")
     p.add_argument("--timeout", type=float, default=3000, help="seconds allowed per cluster run")
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     p.add_argument("--raw", type=Path, help="raw results JSON (default: the doc's path with .json)")
@@ -73,8 +73,8 @@ def drive(args: argparse.Namespace) -> int:
         cal_path, results = Path(tmp) / "calibration.json", Path(tmp) / "results.json"
         load = os.getloadavg()[0]
         start = time.monotonic()
-        probe = cluster.run(["-m", "paro_fsdp", "probe", "--out", str(cal_path), "--sizes", args.probe_sizes],
-                            timeout=args.timeout)
+        sizes = ["--sizes", args.probe_sizes] if args.probe_sizes else []
+        probe = cluster.run(["-m", "paro_fsdp", "probe", "--out", str(cal_path), *sizes], timeout=args.timeout)
         if not probe.ok:
             print("\n".join(probe.summary()), file=sys.stderr)
             return 1

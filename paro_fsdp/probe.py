@@ -28,7 +28,8 @@ from paro_fsdp.comm.stats import INTER, INTRA, LINKS
 from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
 from paro_fsdp.planner.inputs import COLLECTIVE_KINDS
 
-DEFAULT_SIZES = (64 * 2**10, 512 * 2**10, 2 * 2**20)  # bytes per rank contributed to each collective
+ADAPTIVE_SIZES = tuple(64 * 2**10 * 8**i for i in range(4))  # bytes per rank: 64 KiB .. 32 MiB
+BANDWIDTH_BOUND = 4.0
 BACK_TO_BACK = 4
 
 
@@ -56,33 +57,43 @@ def _collective(groups: MeshGroups, kind: str, link: str, size: int) -> Callable
     return lambda: groups.all_reduce(shard, link)
 
 
-def measure(groups: MeshGroups, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 3,
+def _median_seconds(groups: MeshGroups, kind: str, link: str, size: int, repeats: int,
+                    warmup: int) -> tuple[float, float]:
+    """(bytes sent per rank, median seconds) of one collective, timed back to back."""
+    op = _collective(groups, kind, link, size)
+
+    def burst() -> None:
+        for _ in range(BACK_TO_BACK):
+            op()
+
+    groups.stats.reset()
+    times = [_timed(burst, groups.device) / BACK_TO_BACK for _ in range(warmup + repeats)][warmup:]
+    return groups.stats.get(link=link) / ((warmup + repeats) * BACK_TO_BACK), statistics.median(times)
+
+
+def measure(groups: MeshGroups, sizes: tuple[int, ...] | None = None, repeats: int = 3,
             warmup: int = 1) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """``{kind: {link: [(bytes sent per rank, median seconds), ...]}}`` for links whose groups have > 1 rank.
 
-    Bytes are what the counted collectives record, the same measure the formulas use.
+    Bytes are what the counted collectives record, the same measure the formulas use. Without
+    ``sizes``, sizes grow 8x from 64 KiB until a collective takes ``BANDWIDTH_BOUND`` times as
+    long as the smallest (bandwidth then dominates; fast links need larger sizes than slow
+    ones). Times are reduced to the slowest rank, so every rank stops at the same size.
     """
     points: dict[str, dict[str, list[tuple[float, float]]]] = {kind: {} for kind in COLLECTIVE_KINDS}
     for kind in COLLECTIVE_KINDS:
         for link in LINKS:
             if groups.size(link) == 1:
                 continue
-            points[kind][link] = []
-            for size in sizes:
-                op = _collective(groups, kind, link, size)
-
-                def burst() -> None:
-                    for _ in range(BACK_TO_BACK):
-                        op()
-
-                groups.stats.reset()
-                times = [_timed(burst, groups.device) / BACK_TO_BACK for _ in range(warmup + repeats)][warmup:]
-                sent = groups.stats.get(link=link) / ((warmup + repeats) * BACK_TO_BACK)
-                points[kind][link].append((sent, statistics.median(times)))
+            pts = points[kind][link] = []
+            for size in sizes or ADAPTIVE_SIZES:
+                pts.append(_median_seconds(groups, kind, link, size, repeats, warmup))
+                if sizes is None and len(pts) >= 2 and pts[-1][1] >= BANDWIDTH_BOUND * pts[0][1]:
+                    break
     return points
 
 
-def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 3) -> Calibration:
+def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: int = 3) -> Calibration:
     """Measure both links of ``mesh`` (2D, ``(dp_replicate, dp_shard)``) and fit them.
 
     A link whose groups have one rank carries no bytes in any strategy, so its rate never
@@ -106,13 +117,14 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="paro_calibration.json", help="calibration file to write (rank 0)")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per group m (default: torchrun's LOCAL_WORLD_SIZE)")
-    p.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
-                   help="comma-separated bytes each rank contributes per all-gather; the largest should be "
-                        "bandwidth-bound (default %(default)s)")
+    p.add_argument("--sizes", help="comma-separated bytes each rank contributes per collective; the largest "
+                                   "should be bandwidth-bound (default: grow 8x from 64 KiB until it is)")
     p.add_argument("--repeats", type=int, default=3, help="timed samples per size, median kept (default 3)")
 
 
-def _parse_sizes(text: str, error: Callable[[str], None]) -> tuple[int, ...]:
+def _parse_sizes(text: str | None, error: Callable[[str], None]) -> tuple[int, ...] | None:
+    if text is None:
+        return None
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:

@@ -126,7 +126,10 @@ def test_feasibility_masking_and_order() -> None:
     flags = [e.fits for e in ranking]
     assert flags == sorted(flags, reverse=True)  # every fitting strategy before every other
     fitting = [e for e in ranking if e.fits]
-    assert [e.step_seconds for e in fitting] == sorted(e.step_seconds for e in fitting)
+    # By time; equal times by memory.
+    for a, b in zip(fitting, fitting[1:]):
+        assert a.step_seconds < b.step_seconds or (a.step_seconds == pytest.approx(b.step_seconds)
+                                                   and a.total_memory <= b.total_memory)
     table = format_table(ranking).splitlines()
     assert len(table) == 15
     assert table[1].split()[0] == "1" and table[-1].split()[0] == "-" and table[-1].split()[-1] in ("no", "*")
@@ -188,14 +191,14 @@ def test_full_training_prefers_group_gradients(comm: str, params: int, nodes: in
 @pytest.mark.parametrize("fraction", [1 / 16, 3 / 1000])
 def test_peft_prefers_group_params_with_full_gradients(fraction: float) -> None:
     psi = 65_000_000_000
-    best, ranking = _paper(psi, round(psi * fraction), 16, 80, 80, "default")
-    order = [e.strategy.code for e in ranking]
-    # I parameters, unpartitioned gradients of the few trainable ones (INI and ING move the
-    # same bytes; ING's sync_p adds one inter latency per unit).
-    assert best.param.name == "I" and best.grad.name == "N"
-    assert order.index("ING") < min(order.index("IIG"), order.index("GGG"), order.index("GNG"))
-    best_ho, _ = _paper(psi, round(psi * fraction), 16, 80, 80, "ho_ring")
-    assert best_ho.code == "ING"  # HO-Ring overlaps ING's global gradient reduce-scatter
+    for comm, expected in (("default", "INI"), ("ho_ring", "ING")):
+        best, ranking = _paper(psi, round(psi * fraction), 16, 80, 80, comm)
+        order = [e.strategy.code for e in ranking]
+        # I parameters, unpartitioned gradients of the few trainable ones. INI and ING move the same
+        # bytes; ING's once-per-step parameter sync adds an inter latency per unit, unless HO-Ring
+        # overlaps its global gradient reduce-scatter.
+        assert best.code == expected
+        assert order.index("ING") < min(order.index("III"), order.index("IIG"), order.index("GGG"))
 
 
 def test_input_validation_names_the_field() -> None:

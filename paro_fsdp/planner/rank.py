@@ -8,15 +8,27 @@ from paro_fsdp.planner.units import BINARY, fmt
 from paro_fsdp.strategy import ParoStrategy
 
 
-def _order(e: StrategyEstimate) -> tuple:
-    # Among equal times, less memory is the better choice (headroom for batch or activations).
-    return (not e.fits, e.step_seconds, e.total_memory, e.strategy.code)
+TIME_TOLERANCE = 1e-6  # relative: equal up to float rounding
+
+
+def _order(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
+    """Fitting ones first, by step time; equal times (strategies that move the same bytes in
+    the same collectives, e.g. NNI and NNN) go to the one with less memory, for headroom."""
+    out: list[StrategyEstimate] = []
+    for fits in (True, False):
+        by_time = sorted((e for e in estimates if e.fits == fits), key=lambda e: (e.step_seconds, e.strategy.code))
+        while by_time:
+            limit = by_time[0].step_seconds * (1 + TIME_TOLERANCE)
+            tied = [e for e in by_time if e.step_seconds <= limit]
+            out += sorted(tied, key=lambda e: (e.total_memory, e.step_seconds, e.strategy.code))
+            by_time = by_time[len(tied):]
+    return out
 
 
 def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
          comm: str = "default") -> list[StrategyEstimate]:
     """Estimates for all 14 strategies: those that fit by step time, then those that do not."""
-    return sorted((estimate(s, model, cluster, setup, comm) for s in ParoStrategy.all_valid()), key=_order)
+    return _order([estimate(s, model, cluster, setup, comm) for s in ParoStrategy.all_valid()])
 
 
 def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),

@@ -29,7 +29,8 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         + (", except one global collective (P=G gathers, G=G reductions, N->N and N->G gradient syncs, "
            "G->N parameter syncs) costs max(intra, inter) (HO-Ring overlap)" if comm == "ho_ring" else "")
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
-        "communication is not overlapped with compute (step time is an upper bound)",
+        "communication is not overlapped with compute (step time is an upper bound); equal step times "
+        "rank by memory, less first",
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
         f"{UNITS_IN_FLIGHT} blocks in flight) + activations; fits iff <= device memory",
     ]
