@@ -8,6 +8,7 @@ collective here runs over one of those and records the bytes it sends in ``stats
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -77,44 +78,73 @@ class MeshGroups:
     def index(self, link: str) -> int:
         return self.local_index if link == INTRA else self.group_index
 
-    # Counted collectives over one link. Sizes must divide evenly; callers pad.
+    # Counted collectives over one link. Sizes must divide evenly; callers pad. The ``start_*``
+    # forms issue the collective asynchronously and return what completes it.
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str) -> None:
+    def start_all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str) -> "Pending":
         """Ring all-gather: rank order of ``link``'s group, ``output`` = k * ``input``."""
         k = self.size(link)
         if k == 1:
             output.copy_(input.reshape(-1))
-            return
+            return Pending(None)
         self.stats.add(link, (k - 1) * input.numel() * input.element_size())
-        dist.all_gather_single(output, input, group=self.group(link))
+        return Pending(dist.all_gather_single(output, input, group=self.group(link), async_op=True))
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, link: str,
-                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
-        """Reduce-scatter with ring-optimal traffic ((k-1)/k of ``input`` sent)."""
+    def start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, link: str,
+                             op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> "Pending":
+        """Reduce-scatter (SUM or AVG) with ring-optimal traffic ((k-1)/k of ``input`` sent)."""
         k = self.size(link)
         if k == 1:
             output.copy_(input.reshape(-1))
-            return
+            return Pending(None)
         self.stats.add(link, (k - 1) * output.numel() * output.element_size())
-        if self._gloo[link]:
-            # gloo's reduce_scatter_tensor is an all-reduce plus a copy (twice the bytes).
-            received = torch.empty_like(input)
-            dist.all_to_all_single(received, input.contiguous(), group=self.group(link))
+        if not self._gloo[link]:
+            return Pending(dist.reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True))
+        # gloo's reduce_scatter_tensor is an all-reduce plus a copy (twice the bytes): exchange
+        # the blocks and sum locally instead.
+        received = torch.empty_like(input)
+        work = dist.all_to_all_single(received, input.contiguous(), group=self.group(link), async_op=True)
+
+        def finish() -> None:
             torch.sum(received.view(k, -1), dim=0, out=output.view(-1))
             if op == dist.ReduceOp.AVG:
                 output.div_(k)
-        else:
-            dist.reduce_scatter_single(output, input, op=op, group=self.group(link))
 
-    def all_reduce(self, tensor: torch.Tensor, link: str,
-                   op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        return Pending(work, finish)
+
+    def start_all_reduce(self, tensor: torch.Tensor, link: str,
+                         op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> "Pending":
         """Ring all-reduce (2(k-1)/k of ``tensor`` sent)."""
         k = self.size(link)
         if k == 1:
-            return
+            return Pending(None)
         self.stats.add(link, 2 * (k - 1) * tensor.numel() * tensor.element_size() // k)
         if op == dist.ReduceOp.AVG and self._gloo[link]:
-            dist.all_reduce(tensor, group=self.group(link))
-            tensor.div_(k)
-        else:
-            dist.all_reduce(tensor, op=op, group=self.group(link))
+            return Pending(dist.all_reduce(tensor, group=self.group(link), async_op=True), lambda: tensor.div_(k))
+        return Pending(dist.all_reduce(tensor, op=op, group=self.group(link), async_op=True))
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str) -> None:
+        self.start_all_gather(output, input, link).wait()
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, link: str,
+                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        self.start_reduce_scatter(output, input, link, op).wait()
+
+    def all_reduce(self, tensor: torch.Tensor, link: str,
+                   op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        self.start_all_reduce(tensor, link, op).wait()
+
+
+class Pending:
+    """One in-flight link collective and the host-side work that completes it."""
+
+    __slots__ = ("_work", "_finish")
+
+    def __init__(self, work: dist.Work | None, finish: Callable[[], object] | None = None) -> None:
+        self._work, self._finish = work, finish
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+        if self._finish is not None:
+            self._finish()

@@ -36,55 +36,6 @@ DEFAULT_CHUNKS = 4
 DEFAULT_MIN_CHUNK_BYTES = 1 << 20
 
 
-class _Step:
-    """One in-flight link collective and the host-side work that completes it."""
-
-    __slots__ = ("_work", "_finish")
-
-    def __init__(self, work: dist.Work | None, finish: Callable[[], None] | None = None) -> None:
-        self._work, self._finish = work, finish
-
-    def wait(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-        if self._finish is not None:
-            self._finish()
-
-
-def _start_all_gather(groups: MeshGroups, link: str, output: torch.Tensor, input: torch.Tensor) -> _Step:
-    k = groups.size(link)
-    if k == 1:
-        output.copy_(input)
-        return _Step(None)
-    groups.stats.add(link, (k - 1) * input.numel() * input.element_size())
-    return _Step(dist.all_gather_single(output, input, group=groups.group(link), async_op=True))
-
-
-def _start_reduce_scatter(groups: MeshGroups, link: str, output: torch.Tensor, input: torch.Tensor) -> _Step:
-    """Sum-reduce-scatter ``input`` (k equal blocks) into ``output``, ring-optimal bytes."""
-    k = groups.size(link)
-    if k == 1:
-        output.copy_(input)
-        return _Step(None)
-    groups.stats.add(link, (k - 1) * output.numel() * output.element_size())
-    if groups._gloo[link]:
-        # gloo's reduce_scatter is an all-reduce plus a copy (twice the bytes): exchange the
-        # blocks and sum locally instead.
-        received = torch.empty_like(input)
-        work = dist.all_to_all_single(received, input, group=groups.group(link), async_op=True)
-        return _Step(work, lambda: torch.sum(received.view(k, -1), dim=0, out=output))
-    return _Step(dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM,
-                                            group=groups.group(link), async_op=True))
-
-
-def _start_all_reduce(groups: MeshGroups, link: str, tensor: torch.Tensor) -> _Step:
-    k = groups.size(link)
-    if k == 1:
-        return _Step(None)
-    groups.stats.add(link, 2 * (k - 1) * tensor.numel() * tensor.element_size() // k)
-    return _Step(dist.all_reduce(tensor, group=groups.group(link), async_op=True))
-
-
 def supports_reduction(op: ReduceOpLike, dtype: torch.dtype) -> bool:
     """Whether HO-Ring can reduce ``dtype`` with ``op`` (SUM, or AVG of floating-point data)."""
     return op == dist.ReduceOp.SUM or (op == dist.ReduceOp.AVG and (dtype.is_floating_point or dtype.is_complex))
@@ -225,12 +176,12 @@ class HORingCollectives:
             inter = []
             for a, b in bounds:
                 column = src.new_empty(g * (b - a))
-                inter.append((column, _start_all_gather(groups, INTER, column, src[a:b])))
+                inter.append((column, groups.start_all_gather(column, src[a:b], INTER)))
             intra = []
             for (a, b), (column, step) in zip(bounds, inter):
                 step.wait()
                 gathered = src.new_empty(m * g * (b - a))
-                intra.append((gathered, _start_all_gather(groups, INTRA, gathered, column)))
+                intra.append((gathered, groups.start_all_gather(gathered, column, INTRA)))
 
             def finish() -> None:
                 for (a, b), (gathered, step) in zip(bounds, intra):
@@ -260,11 +211,11 @@ class HORingCollectives:
             for a, b in bounds:
                 by_local = by_rank[:, :, a:b].transpose(0, 1).contiguous()  # (m, g, chunk)
                 column = out.new_empty(g * (b - a))
-                intra.append((column, _start_reduce_scatter(groups, INTRA, column, by_local.view(-1))))
+                intra.append((column, groups.start_reduce_scatter(column, by_local.view(-1), INTRA)))
             inter = []
             for (a, b), (column, step) in zip(bounds, intra):
                 step.wait()
-                inter.append(_start_reduce_scatter(groups, INTER, out[a:b], column))
+                inter.append(groups.start_reduce_scatter(out[a:b], column, INTER))
 
             def finish() -> None:
                 for step in inter:
@@ -295,15 +246,15 @@ class HORingCollectives:
             reduce = []
             for a, b in bounds:
                 piece = work.new_empty((b - a) // m)
-                reduce.append((piece, _start_reduce_scatter(groups, INTRA, piece, work[a:b])))
+                reduce.append((piece, groups.start_reduce_scatter(piece, work[a:b], INTRA)))
             across = []
             for piece, step in reduce:
                 step.wait()
-                across.append((piece, _start_all_reduce(groups, INTER, piece)))
+                across.append((piece, groups.start_all_reduce(piece, INTER)))
             gather = []
             for (a, b), (piece, step) in zip(bounds, across):
                 step.wait()
-                gather.append(_start_all_gather(groups, INTRA, work[a:b], piece))
+                gather.append(groups.start_all_gather(work[a:b], piece, INTRA))
 
             def finish() -> None:
                 for step in gather:
