@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec
+from torchtitan.protocols.train_spec import register_train_spec
 
 from torchtitan_patch import clip
 from torchtitan_patch.data import build_dataloader, register_dataset
@@ -33,19 +33,18 @@ from torchtitan_patch.settings import SUPPORTED_MODELS
 
 def _register_train_specs() -> None:
     for name in SUPPORTED_MODELS:
-        if name in _extra_train_specs:  # imported twice, or the user registered their own
-            continue
         stock = importlib.import_module(f"torchtitan.models.{name}").get_train_spec()
-        register_train_spec(
-            name,
-            dataclasses.replace(
-                stock,
-                parallelize_fn=paro_parallelize_fn(stock.parallelize_fn),
-                build_optimizers_fn=build_paro_optimizers,
-                build_metrics_processor_fn=build_paro_metrics_processor,
-                build_dataloader_fn=build_dataloader,
-            ),
+        spec = dataclasses.replace(
+            stock,
+            parallelize_fn=paro_parallelize_fn(stock.parallelize_fn),
+            build_optimizers_fn=build_paro_optimizers,
+            build_metrics_processor_fn=build_paro_metrics_processor,
+            build_dataloader_fn=build_dataloader,
         )
+        try:
+            register_train_spec(name, spec)
+        except ValueError:  # already registered: this package imported twice, or the user's own spec
+            pass
 
 
 register_dataset()
