@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="markdown file to write the results into")
     p.add_argument("--raw", type=Path, help="raw results JSON (default: the doc's path with .json)")
     p.add_argument("--render", action="store_true", help="only re-render the doc from the raw results")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved runs of other topology/rate pairs (re-measure some, e.g. when quieter)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--results", type=Path, help=argparse.SUPPRESS)
     return p
@@ -118,10 +120,15 @@ def drive(args: argparse.Namespace) -> int:
                              "rate_bits": cluster.topology.rate_bits, "elapsed_s": outcome.elapsed_s,
                              "load_before": load, "load_after": os.getloadavg()[0],
                              **json.loads(results.read_text())})
-    raw = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
-           "command": " ".join(["python -m benchmarks.collectives", *sys.argv[1:]]), "runs": runs}
+    command = " ".join(["python -m benchmarks.collectives", *sys.argv[1:]])
+    for run in runs:
+        run["command"], run["created"] = command, time.strftime("%Y-%m-%d %H:%M:%S")
+    if args.merge and args.raw.exists():
+        fresh = {(r["topology"], r["rate"]) for r in runs}
+        runs = [r for r in json.loads(args.raw.read_text())["runs"] if (r["topology"], r["rate"]) not in fresh] + runs
+    raw = {"cpus": os.cpu_count(), "runs": runs}
     args.raw.parent.mkdir(parents=True, exist_ok=True)
-    args.raw.write_text(json.dumps(raw, indent=1))
+    args.raw.write_text(json.dumps(raw, separators=(",", ":")))
     render(raw, args.doc)
     print(f"wrote {args.doc} and {args.raw}")
     return 0

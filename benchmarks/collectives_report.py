@@ -102,8 +102,9 @@ def _targets(raw: dict) -> list[str]:
 
 
 def generate(raw: dict) -> list[str]:
+    raw = {**raw, "runs": sorted(raw["runs"], key=lambda run: (run["nodes"], run["rate_bits"]))}
     lines = [BEGIN, "",
-             f"Measured {raw['created']} on {raw['cpus']} CPU cores with `{raw['command']}`. "
+             f"Measured on {raw['cpus']} CPU cores (commands and times per run below). "
              "Times are the slowest rank's, median and min-max over the repetitions; the implementations of "
              "a case alternate within each repetition. `link MiB/node` is what each node's interface sent "
              "(mean over nodes and repetitions; it receives the same), headers and ACKs included; "
@@ -113,8 +114,9 @@ def generate(raw: dict) -> list[str]:
              "`algbw` = S / time. Rows `inter_phase` / `intra_phase` (with `--profile`) time one link's part of "
              "the hierarchical collective alone: an overlapped implementation takes at least the longer one.", ""]
     for run in raw["runs"]:
-        lines.append(f"- {run['topology']} at {run['rate']}: {run['elapsed_s']:.0f} s, load average "
-                     f"{run['load_before']:.1f} before, {run['load_after']:.1f} after")
+        lines.append(f"- {run['topology']} at {run['rate']}: measured {run['created']} by `{run['command']}`, "
+                     f"{run['elapsed_s']:.0f} s, load average {run['load_before']:.1f} before, "
+                     f"{run['load_after']:.1f} after")
     lines += ["", *_targets(raw), ""]
     for collective in ("all_gather", "reduce_scatter", "all_reduce"):
         for run in raw["runs"]:
