@@ -10,5 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/torchrun --standalone --nproc-per-node 4 -m torchtitan_patch.train \
+# Console output of rank 0 only (torchtitan logs on every rank).
+exec .venv/bin/torchrun --standalone --nproc-per-node 4 --local-ranks-filter 0 --role rank --tee 3 \
+  -m torchtitan_patch.train \
   --job.config_file train_configs/llama3_debug_paro.toml "$@"
