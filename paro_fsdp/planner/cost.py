@@ -4,8 +4,12 @@ Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top 
 
 - each phase costs ``intra_bytes / intra_bw + inter_bytes / inter_bw`` plus a latency per
   collective, each link's bytes at the rate of the collective kind that moves them (all-gather,
-  reduce-scatter or all-reduce: ``Cluster.bandwidth``); with ``comm="ho_ring"`` a global collective (one that spans both links in a
-  single call) overlaps its two phases and costs ``max`` of the two instead of the sum;
+  reduce-scatter or all-reduce: ``Cluster.bandwidth``);
+- with ``comm="ho_ring"`` a global collective (one that spans both links in a single call) is
+  pipelined in C chunks, as ``HORingCollectives`` cuts it (up to ``DEFAULT_CHUNKS``, none
+  smaller than ``DEFAULT_MIN_CHUNK_BYTES``), and costs ``max(a, b) + min(a, b) / C`` for
+  intra and inter times a and b: the sum when the collective is too small to cut, close to
+  ``max`` when it is cut finely; each chunk pays the links' latencies;
 - collectives are issued per FSDP unit (each transformer block, plus the root module that
   holds embeddings and output), so the latency term grows with the number of blocks and,
   for per-micro-step phases, with the accumulation steps;
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
 from paro_fsdp.comm.stats import INTER, INTRA
 from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
@@ -93,6 +98,21 @@ def check_comm(comm: str) -> str:
     return comm
 
 
+def ho_ring_chunks(collective_bytes: float) -> int:
+    """Pipeline depth ``HORingCollectives`` uses for a global collective of this many bytes."""
+    return min(DEFAULT_CHUNKS, max(1, int(collective_bytes // DEFAULT_MIN_CHUNK_BYTES)))
+
+
+def _unit_collective_bytes(phase_name: str, model: ModelSizes) -> float:
+    """Full size of one unit's global collective in a phase (what HO-Ring chunks)."""
+    unit_trainable = model.unit_params * model.trainable_params / model.params
+    if phase_name == "param_gather":
+        return model.unit_params * model.wire_param_bytes
+    if phase_name == "grad_reduce":
+        return unit_trainable * model.wire_grad_bytes
+    return unit_trainable * model.master_bytes
+
+
 def _phase_calls(s: ParoStrategy, accum: int) -> dict[str, tuple[tuple[int, int], bool, int]]:
     """Per phase: (intra, inter) sub-collectives per unit, whether it is one global collective,
     and how many times per step each unit issues it."""
@@ -131,9 +151,14 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         kinds = _kinds(phase_name, s)
         intra_t, inter_t = (sum(nbytes[phase_name][link] * share / cluster.bandwidth(kind, link)
                                 for kind, share in kinds[link].items()) for link in (INTRA, INTER))
-        transfer = max(intra_t, inter_t) if comm == "ho_ring" and is_global else intra_t + inter_t
-        calls_intra = intra_calls * times * model.units if has_intra else 0
-        calls_inter = inter_calls * times * model.units if has_inter else 0
+        chunks = 1
+        if comm == "ho_ring" and is_global:
+            chunks = ho_ring_chunks(_unit_collective_bytes(phase_name, model))
+            transfer = max(intra_t, inter_t) + min(intra_t, inter_t) / chunks
+        else:
+            transfer = intra_t + inter_t
+        calls_intra = intra_calls * times * chunks * model.units if has_intra else 0
+        calls_inter = inter_calls * times * chunks * model.units if has_inter else 0
         collectives += calls_intra + calls_inter
         seconds[phase_name] = transfer + calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
 
