@@ -4,7 +4,7 @@ Parameters, gradients and optimizer states each get a partition granularity: N (
 I (inside the group of fast-linked ranks) or G (global). See ``ParoStrategy``.
 """
 
-from paro_fsdp.clip import clip_grad_norm_
+from paro_fsdp.clip import clip_grad_norm_, grad_norm
 from paro_fsdp.optimizer import ParoOptimizer
 from paro_fsdp.parallelize import paro_parallelize
 from paro_fsdp.stats import comm_stats, memory_stats
@@ -16,6 +16,7 @@ __all__ = [
     "ParoStrategy",
     "clip_grad_norm_",
     "comm_stats",
+    "grad_norm",
     "memory_stats",
     "paro_parallelize",
 ]

@@ -27,8 +27,8 @@ def _model_parallel_dims(param: torch.Tensor) -> dict[str, dist.ProcessGroup]:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip the synchronized gradients of a PaRO model; returns the total norm before clipping.
+def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
+    """The global norm of a PaRO model's synchronized gradients, the same on every rank.
 
     Every gradient element lives in exactly one optimizer slice of each group (O=I) or of the
     whole mesh (O=G), so the norm is a sum over owned slices reduced over the ranks that
@@ -39,7 +39,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
     state = paro_state(model)
     if not state.grads_ready():
-        raise RuntimeError("no synchronized gradients to clip: call clip_grad_norm_ after the last micro-batch's backward")
+        raise RuntimeError("no synchronized gradients: compute the norm after the last micro-batch's backward")
     level = state.strategy.optim
     two = norm_type == 2.0
     device = state.groups.device
@@ -68,9 +68,20 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         for group in ((dp_group,) if dp_group is not None else ()) + groups[key]:
             dist.all_reduce(value, op=op, group=group)
         total = total + value if two else torch.maximum(total, value)
-    norm = total.sqrt() if two else total
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for unit in state.units:
+    return (total.sqrt() if two else total).float()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *,
+                    total_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale a PaRO model's synchronized gradients so that their global norm is at most ``max_norm``.
+
+    Returns the norm before clipping. Pass ``total_norm`` when the norm spans more than this
+    model (e.g. all pipeline stages, combined from each stage's :func:`grad_norm`).
+    """
+    norm = grad_norm(model, norm_type) if total_norm is None else total_norm
+    coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0)
+    for unit in paro_state(model).units:
         if unit.optim_grad is not None:
             unit.optim_grad.mul_(coef.to(unit.optim_grad.dtype))
-    return norm.float()
+    return norm

@@ -55,8 +55,13 @@ class ParoOptimizer(torch.optim.Optimizer):
                 self._views[(ui, si)] = view
                 inner_groups[owner[id(sl.region.param)]]["params"].append(view)
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
+        self._ensure_inner_state()
+        # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
+        # reads to unflatten a state dict); the values live in ``inner``, sliced, and
+        # ``state_dict()`` returns them whole.
+        names = dict.fromkeys(k for st in self.inner.state.values() for k in st)
         for p in trainable:
-            self.state[p] = {}  # the real state lives in ``inner``; see state_dict()
+            self.state[p] = dict(names)
         self._engine.optimizer = self
 
     def _sync_hyperparameters(self) -> None:
@@ -132,7 +137,6 @@ class ParoOptimizer(torch.optim.Optimizer):
         return sorted(k for k, v in merged.items() if v), sorted(k for k, v in merged.items() if not v)
 
     def state_dict(self) -> dict[str, Any]:
-        self._ensure_inner_state()
         tensor_keys, scalar_keys = self._state_keys()
         index = {id(p): i for i, p in enumerate(p for grp in self.param_groups for p in grp["params"])}
         scalars = next(iter(self.inner.state.values()), {})
@@ -159,7 +163,6 @@ class ParoOptimizer(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._ensure_inner_state()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)

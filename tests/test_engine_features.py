@@ -187,6 +187,14 @@ def _checkpoint(path: str) -> dict:
         for fqn, st in want_optim["state"].items():
             for key, v in st.items():
                 optim_diff = max(optim_diff, (got_optim["state"][fqn][key].float() - v.float()).abs().max().item())
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        fresh_model = _build(_mesh(*shape), code)
+        fresh = ParoOptimizer(fresh_model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        set_optimizer_state_dict(fresh_model, fresh, get_optimizer_state_dict(dst, dst_opt, options=flat), options=flat)
+        _, fresh_optim = snapshot(fresh_model, fresh)
+        for fqn, st in got_optim["state"].items():
+            for key, v in st.items():
+                optim_diff = max(optim_diff, (fresh_optim["state"][fqn][key].float() - v.float()).abs().max().item())
         _train(dst, dst_opt, 1, start=2)
         next_diff = _max_diff(get_model_state_dict(dst, options=FULL), want_next)
         result[code] = (model_diff, optim_diff, next_diff)

@@ -34,30 +34,18 @@ def _owners(parameters: list[torch.Tensor]) -> list[nn.Module]:
 def paro_clip_grad_norm_(
     models: list[nn.Module], max_norm: float, norm_type: float = 2.0, pp_mesh: DeviceMesh | None = None
 ) -> torch.Tensor:
-    """Clip the gradients of ``models`` (this rank's pipeline stages) by their joint global norm.
-
-    One model without PP is PaRO's own clip. Otherwise each model's norm is measured first
-    (``max_norm=inf`` leaves gradients alone), the norms are combined over models and PP
-    stages, and each model is clipped with ``max_norm * own_norm / total``, which applies the
-    joint coefficient ``max_norm / total``.
-    """
-    if len(models) == 1 and pp_mesh is None:
-        return paro_fsdp.clip_grad_norm_(models[0], max_norm, norm_type)
-    norms = [paro_fsdp.clip_grad_norm_(m, math.inf, norm_type).double() for m in models]
+    """Clip the gradients of ``models`` (this rank's pipeline stages) by their joint global norm."""
+    norms = torch.stack([paro_fsdp.grad_norm(m, norm_type).double() for m in models])
     if math.isinf(norm_type):
-        total = torch.stack(norms).max()
-        op = dist.ReduceOp.MAX
+        total, op = norms.max(), dist.ReduceOp.MAX
     else:
-        total = torch.stack(norms).pow(norm_type).sum()
-        op = dist.ReduceOp.SUM
+        total, op = norms.pow(norm_type).sum(), dist.ReduceOp.SUM
     if pp_mesh is not None:
         dist.all_reduce(total, op=op, group=pp_mesh.get_group())
     if not math.isinf(norm_type):
         total = total.pow(1.0 / norm_type)
-    if total > max_norm:
-        for model, norm in zip(models, norms):
-            if norm > 0:
-                paro_fsdp.clip_grad_norm_(model, float(max_norm * norm / total), norm_type)
+    for model in models:
+        paro_fsdp.clip_grad_norm_(model, max_norm, norm_type, total_norm=total)
     return total.float()
 
 

@@ -30,20 +30,6 @@ class ParoOptimizersContainer(OptimizersContainer):
         params = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
         self._post_init(params, optimizer_kwargs)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch's set_optimizer_state_dict unflattens "state.<fqn>.<name>" entries only for the
-        # names present in optimizer.state[param]; ParoOptimizer keeps its state in an inner
-        # optimizer, so list the saved names there for the duration of the load.
-        names = {key.rsplit(".", 1)[1] for key in state_dict if key.startswith("state.")}
-        params = [(opt, p) for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
-        for opt, param in params:
-            opt.state[param] = dict.fromkeys(names)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for opt, param in params:
-                opt.state[param] = {}
-
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
         # A step starts here: the micro-batch count of the gradient-sync driver restarts.
         for model in self.model_parts:

@@ -72,29 +72,6 @@ class GradientSyncDriver:
         self.micro_batch = 0
 
 
-class SumReduction:
-    """Turns PaRO's gradient mean over the n data-parallel ranks into torchtitan's sum.
-
-    torchtitan divides each rank's loss sum by the global token count and wants gradients
-    summed over ranks (it sets FSDP's divide factor to 1). PaRO averages over the n ranks,
-    so the gradient entering the model part that computes the logits (the last PP stage,
-    or the whole model) is multiplied by n: every parameter gradient upstream carries the
-    factor once, and PaRO's division by n cancels it (exactly, for n a power of two).
-    """
-
-    def __init__(self, model: nn.Module, world: int) -> None:
-        self.world = world
-        if getattr(model, "output", None) is not None:
-            model.register_forward_hook(self._after_forward)
-
-    def _scale(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.world
-
-    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(self._scale)
-
-
 def gradient_accumulation_steps(job_config: Any, parallel_dims: ParallelDims) -> int:
     """The trainer's micro-batches per step (the formula of ``torchtitan.train.Trainer``)."""
     batch_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard
@@ -159,7 +136,8 @@ def apply_paro(model: nn.Module, settings: ParoSettings, parallel_dims: Parallel
             job_config.parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
         ),
     )
-    SumReduction(model, settings.groups * settings.group_size)
+    # torchtitan divides each rank's loss by the global token count and sums gradients over ranks.
+    model.set_gradient_divide_factor(1.0)
     backwards = gradient_accumulation_steps(job_config, parallel_dims)
     if parallel_dims.pp_enabled:
         par = job_config.parallelism
