@@ -15,6 +15,7 @@ These choices make the hierarchical reductions land each rank's chunks contiguou
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,9 @@ class RowLayout:
     def compact_numel(self, level: Granularity) -> int:
         return len(self.owned_chunks(level)) * self.chunk
 
+    @functools.cache
     def slices(self, level: Granularity) -> list[Slice]:
-        """Intersections of owned chunks with parameters, in compact-buffer order."""
+        """Intersections of owned chunks with parameters, in compact-buffer order (fixed per level)."""
         out = []
         for c, chunk in enumerate(self.owned_chunks(level)):
             lo, hi = chunk * self.chunk, (chunk + 1) * self.chunk

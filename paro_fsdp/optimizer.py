@@ -43,17 +43,18 @@ class ParoOptimizer(torch.optim.Optimizer):
         for p in trainable:
             if id(p) not in owner:
                 raise ValueError("every trainable parameter must be in one of param_groups")
-        # (unit, O-level slices) in a fixed order: every rank iterates units identically.
-        self._unit_slices: list[tuple[Unit, list[Slice]]] = [
-            (u, u.layout.slices(self._engine.strategy.optim)) for u in self._engine.units if u.layout.regions
-        ]
-        self._views: dict[tuple[int, int], torch.Tensor] = {}
+        # (unit, O-level slices, the inner optimizer's view of each slice), in a fixed order:
+        # every rank iterates units identically.
+        self._units: list[tuple[Unit, list[Slice], list[torch.Tensor]]] = []
         inner_groups = [{**{k: v for k, v in grp.items() if k != "params"}, "params": []} for grp in self.param_groups]
-        for ui, (_, slices) in enumerate(self._unit_slices):
-            for si, sl in enumerate(slices):
-                view = sl.param_view()
-                self._views[(ui, si)] = view
+        for unit in self._engine.units:
+            if not unit.layout.regions:
+                continue
+            slices = unit.layout.slices(self._engine.strategy.optim)
+            views = [sl.param_view() for sl in slices]
+            for sl, view in zip(slices, views):
                 inner_groups[owner[id(sl.region.param)]]["params"].append(view)
+            self._units.append((unit, slices, views))
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
         self._ensure_inner_state()
         # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
@@ -78,13 +79,13 @@ class ParoOptimizer(torch.optim.Optimizer):
                 "no synchronized gradients to step on: run backward with model.set_requires_gradient_sync(True) "
                 "on the last micro-batch (the default) before optimizer.step()"
             )
-        for ui, (unit, slices) in enumerate(self._unit_slices):
-            for si, sl in enumerate(slices):
-                self._views[(ui, si)].grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
+        for unit, slices, views in self._units:
+            for sl, view in zip(slices, views):
+                view.grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
         self._sync_hyperparameters()
         self.inner.step()
-        for unit, slices in self._unit_slices:
-            unit.sync_params(self._compact(unit, slices, [sl.param_view() for sl in slices]))
+        for unit, slices, views in self._units:
+            unit.sync_params(self._compact(unit, slices, views))
         return None
 
     def _compact(self, unit: Unit, slices: list[Slice], values: list[torch.Tensor]) -> torch.Tensor:
@@ -99,16 +100,19 @@ class ParoOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for unit in self._engine.units:
             unit.zero_grad()
-        for view in self._views.values():
+        for view in self._all_views():
             view.grad = None
+
+    def _all_views(self) -> list[torch.Tensor]:
+        return [v for _, _, views in self._units for v in views]
 
     # Checkpointing: states are exchanged at the parameters' sharding (a DTensor like the parameter).
 
     def _ensure_inner_state(self) -> None:
         """Create the inner optimizer's state (zeros) the way a first step would, without changing parameters."""
-        if self.inner.state or not self._views:
+        if self.inner.state or not self._all_views():
             return
-        for view in self._views.values():
+        for view in self._all_views():
             view.grad = torch.zeros_like(view)
         self._sync_hyperparameters()
         saved = [grp["lr"] for grp in self.inner.param_groups]
@@ -122,7 +126,7 @@ class ParoOptimizer(torch.optim.Optimizer):
                 st["step"].zero_()
             elif "step" in st:
                 st["step"] = 0
-        for view in self._views.values():
+        for view in self._all_views():
             view.grad = None
 
     def _state_keys(self) -> tuple[list[str], list[str]]:
@@ -142,9 +146,9 @@ class ParoOptimizer(torch.optim.Optimizer):
         scalars = next(iter(self.inner.state.values()), {})
         state: dict[int, dict[str, Any]] = {}
         level = self._engine.strategy.optim
-        for ui, (unit, slices) in enumerate(self._unit_slices):
+        for unit, slices, views in self._units:
             for key in tensor_keys:
-                values = [self.inner.state[self._views[(ui, si)]][key] for si in range(len(slices))]
+                values = [self.inner.state[view][key] for view in views]
                 compact = self._compact(unit, slices, values)
                 row = unit._gather(compact, level, self._engine.strategy.param)
                 for region in unit.layout.regions:
@@ -177,12 +181,12 @@ class ParoOptimizer(torch.optim.Optimizer):
             for p, key in zip(grp["params"], saved["params"]):
                 if key in state_dict["state"]:
                     by_param[id(p)] = state_dict["state"][key]
-        for ui, (unit, slices) in enumerate(self._unit_slices):
-            for si, sl in enumerate(slices):
+        for _, slices, views in self._units:
+            for sl, view in zip(slices, views):
                 saved = by_param.get(id(sl.region.param))
                 if saved is None:
                     raise ValueError("optimizer state is missing a trainable parameter; was it saved from this model?")
-                inner = self.inner.state[self._views[(ui, si)]]
+                inner = self.inner.state[view]
                 for key, value in saved.items():
                     if torch.is_tensor(value) and value.dim() > 0:
                         flat = _local(value).reshape(-1)
