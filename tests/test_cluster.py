@@ -44,6 +44,7 @@ ALL_GATHER = textwrap.dedent(f"""
     out = torch.empty(world * x.numel())
     dist.barrier()
     before = node_counters()
+    dist.barrier()  # nobody sends before every rank has read its counters
     dist.all_gather_single(out, x)
     dist.barrier()
     sent = (node_counters() - before).tx
