@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,9 @@ import torch.nn as nn
 
 from torchtitan.config import ConfigManager
 
+from paro_fsdp.planner import Calibration, Cluster, LinkFit, plan as plan_all
+from paro_fsdp.strategy import ParoStrategy
+from torchtitan_patch.auto import device_memory_bytes, plan, plan_inputs
 from torchtitan_patch.cpu import CpuDeviceModule
 from torchtitan_patch.data import ReshardGuardDataLoader, load_local_text
 from torchtitan_patch.parallelize import GradientSyncDriver
@@ -67,11 +70,80 @@ def test_shard_degree_minus_one_takes_the_leftover_ranks() -> None:
     assert (settings.groups, settings.group_size) == (2, 4)
 
 
-def test_auto_strategy_gives_a_clear_error() -> None:
-    planner = importlib.util.find_spec("paro_fsdp.planner") is not None
-    expected = "not wired into the torchtitan integration" if planner else "not available yet"
+def test_auto_strategy_is_accepted_with_its_fields() -> None:
+    settings = paro_settings(
+        _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_calibration", "cal.json",
+                "--parallelism.paro_device_memory_gib", "12.5"), 4)
+    assert settings is not None and settings.auto and settings.strategy is None
+    assert (settings.calibration, settings.device_memory_gib, settings.comm) == ("cal.json", 12.5, "ho_ring")
+    assert "PaRO auto (ho_ring)" in settings.describe()
+    chosen = settings.with_strategy(ParoStrategy.parse("NIG"))
+    assert "PaRO NIG (chosen by paro_strategy='auto') (ho_ring)" in chosen.describe()
+    defaults = paro_settings(_config("--parallelism.paro_strategy", "AUTO"), 4)
+    assert (defaults.calibration, defaults.device_memory_gib) == ("", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "expected"),
+    [
+        (("--parallelism.paro_device_memory_gib", "-1"), 4, r"paro_device_memory_gib=-1.0 is invalid.*> 0, or 0"),
+        (("--parallelism.paro_device_memory_gib", "inf"), 4, r"paro_device_memory_gib=inf is invalid"),
+        (("--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data_parallel_shard_degree", "1"), 1,
+         r"'auto' needs at least 2 data-parallel ranks.*'NNN'"),
+    ],
+)
+def test_invalid_auto_fields_name_field_value_and_what_is_valid(
+    overrides: tuple[str, ...], world: int, expected: str
+) -> None:
     with pytest.raises(ParoConfigError, match=expected):
-        paro_settings(_config("--parallelism.paro_strategy", "auto"), 4)
+        paro_settings(_config("--parallelism.paro_strategy", "auto", *overrides), world)
+
+
+def _meta_debug_model() -> nn.Module:
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    import torchtitan_patch  # noqa: F401  (registers the specs)
+
+    spec = get_train_spec("llama3")
+    with torch.device("meta"):
+        return spec.model_cls(spec.model_args["debugmodel"])
+
+
+def _calibration(nodes: int, ranks: int, inter_bw: float) -> Calibration:
+    return Calibration(nodes=nodes, ranks_per_node=ranks, intra=LinkFit(1e-5, 1e10), inter=LinkFit(1e-4, inter_bw))
+
+
+def test_auto_plans_the_real_model_and_picks_what_fits() -> None:
+    job = _config("--parallelism.paro_strategy", "auto")
+    settings, model = paro_settings(job, 4), _meta_debug_model()
+    sizes, setup = plan_inputs(model, job, backwards_per_step=2)
+    assert sizes.params == sum(p.numel() for p in model.parameters()) and sizes.blocks == len(model.layers)
+    # The debug TOML trains in fp32 on the wire; AdamW keeps two fp32 moments.
+    assert (sizes.wire_param_bytes, sizes.wire_grad_bytes, sizes.optim_bytes, setup.accum) == (4, 4, 8, 2)
+    assert setup.activation_bytes > 0
+    # Ample memory and a slow inter link: the model is replicated per group and only the
+    # once-per-step syncs cross it, so the pick keeps P and G inside the group.
+    best, lines = plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=2**34)
+    assert best.param.name in "NI" and best.grad.name in "NI"
+    assert lines[0].startswith("# model: Psi = ") and any(line.split()[:2] == ["1", best.code] for line in lines)
+    # A budget below full replication but above the smallest strategy's memory rules out P=N.
+    cluster = Cluster(nodes=2, ranks_per_node=2, intra_bw=1e10, inter_bw=1e7, device_memory=2**34)
+    smallest = min(e.total_memory for e in plan_all(sizes, cluster, setup))
+    tight, _ = plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=smallest * 1.05)
+    assert tight.param.name != "N"
+    with pytest.raises(ParoConfigError, match=r"paro_strategy='auto': no PaRO strategy fits in"):
+        plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=smallest * 0.5)
+    with pytest.raises(ParoConfigError, match=r"measured on 2 group\(s\) x 4 rank\(s\).*mesh is 2 x 2"):
+        plan(model, settings, job, 2, _calibration(2, 4, 1e7), device_memory=2**34)
+
+
+def test_auto_device_memory_is_the_field_or_the_host_share_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = paro_settings(_config("--parallelism.paro_strategy", "auto", "--parallelism.paro_device_memory_gib",
+                                     "3"), 4)
+    assert device_memory_bytes(settings, "cpu") == 3 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert device_memory_bytes(paro_settings(_config("--parallelism.paro_strategy", "auto"), 4), "cpu") == host / 4
 
 
 def test_local_text_reads_txt_jsonl_and_folders(tmp_path: Path) -> None:

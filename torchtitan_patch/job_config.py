@@ -13,15 +13,30 @@ class Parallelism:
     paro_strategy: str | None = None
     """
     PaRO strategy replacing torchtitan's FSDP/HSDP/DDP wrapping: a three-letter code of N/I/G
-    for parameters, gradients and optimizer states (e.g. "IIG", "NIG", "GGG") or an alias
-    (ddp, zero1, zero2, zero3, fsdp, mics, hsdp). Unset: stock torchtitan data parallelism.
-    Groups are data_parallel_replicate_degree, ranks per group data_parallel_shard_degree.
+    for parameters, gradients and optimizer states (e.g. "IIG", "NIG", "GGG"), an alias
+    (ddp, zero1, zero2, zero3, fsdp, mics, hsdp), or "auto": the planner ranks all strategies
+    for this model on the measured links at start-up and the fastest that fits is trained.
+    Unset: stock torchtitan data parallelism. Groups are data_parallel_replicate_degree, ranks
+    per group data_parallel_shard_degree.
     """
 
     paro_comm: str = "default"
     """
     Global collectives for P=G / G=G / O=G traffic: "default" (intra and inter phases one after
     the other) or "ho_ring" (hierarchical overlapping rings: the phases overlap in chunks).
+    """
+
+    paro_calibration: str = ""
+    """
+    With paro_strategy = "auto": a link calibration written by `paro probe` (JSON) for this
+    job's groups x ranks per group. Empty: every rank probes the links at start-up, and rank 0
+    writes the result to <dump_folder>/paro_calibration.json for the next run to reuse.
+    """
+
+    paro_device_memory_gib: float = 0
+    """
+    With paro_strategy = "auto": memory per rank in GiB that a strategy must fit in. 0: the
+    accelerator's total memory; on CPU, the host's memory divided by its ranks (with a warning).
     """
 
 

@@ -4,8 +4,9 @@ torchtitan's model ``parallelize_fn`` applies tensor parallelism, activation che
 and compile, then wraps data parallelism. :func:`paro_parallelize_fn` runs that same
 function with the data-parallel degrees hidden (so it stops before the FSDP/HSDP/DDP
 step), then hands the model to :func:`paro_fsdp.paro_parallelize` on the
-``(dp_replicate, dp_shard)`` mesh. Pipeline parallelism calls the hook once per stage.
-With ``paro_strategy`` unset, the stock function runs untouched.
+``(dp_replicate, dp_shard)`` mesh. With ``paro_strategy = "auto"`` the planner chooses the
+strategy in between (:mod:`torchtitan_patch.auto`). Pipeline parallelism calls the hook once
+per stage. With ``paro_strategy`` unset, the stock function runs untouched.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from paro_fsdp import paro_parallelize
+from paro_fsdp.strategy import ParoStrategy
+from torchtitan_patch.auto import choose_auto_strategy
 from torchtitan_patch.settings import ParoSettings, paro_settings
 
 # Models this process wrapped with PaRO, and what drives their gradient sync; the optimizer
 # builder, the gradient clipping and the metrics look them up here.
 PARO_MODELS: "weakref.WeakKeyDictionary[nn.Module, GradientSyncDriver]" = weakref.WeakKeyDictionary()
+
+# "auto": the strategy chosen for a trainer, by id of its ParallelDims (unhashable), with a
+# reference that proves the id is still that object. Pipeline stages after the first reuse it.
+_AUTO_CHOICES: "dict[int, tuple[weakref.ref[ParallelDims], ParoStrategy]]" = {}
 
 
 class GradientSyncDriver:
@@ -80,6 +87,14 @@ def gradient_accumulation_steps(job_config: Any, parallel_dims: ParallelDims) ->
     return 1 if global_batch < 0 else max(1, global_batch // (local * batch_degree))
 
 
+def backwards_per_step(job_config: Any, parallel_dims: ParallelDims) -> int:
+    """Backward passes of a model part per optimizer step: micro-batches, times pipeline micro-batches."""
+    backwards = gradient_accumulation_steps(job_config, parallel_dims)
+    if parallel_dims.pp_enabled:
+        backwards *= job_config.training.local_batch_size // job_config.parallelism.pipeline_parallel_microbatch_size
+    return backwards
+
+
 def paro_mesh(parallel_dims: ParallelDims) -> DeviceMesh:
     """The ``(dp_replicate, dp_shard)`` mesh of this rank, on the same root mesh as TP's.
 
@@ -119,12 +134,29 @@ def _reshard_after_forward(policy: str, pp_enabled: bool) -> bool:
     return policy == "always" or (policy == "default" and not pp_enabled)
 
 
-def apply_paro(model: nn.Module, settings: ParoSettings, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-    """Wrap a model that torchtitan has already TP/AC/compile-transformed with PaRO."""
+def auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,
+                  job_config: Any) -> ParoStrategy:
+    """The strategy "auto" chose for this trainer, choosing it (collectively) on the first call.
+
+    Under pipeline parallelism the first call is every rank's first stage, so rank 0 plans
+    with the sizes of its first stage.
+    """
+    key = id(parallel_dims)
+    cached = _AUTO_CHOICES.get(key)
+    if cached is not None and cached[0]() is parallel_dims:
+        return cached[1]
+    strategy = choose_auto_strategy(model, settings, mesh, job_config, backwards_per_step(job_config, parallel_dims))
+    _AUTO_CHOICES[key] = (weakref.ref(parallel_dims, lambda _: _AUTO_CHOICES.pop(key, None)), strategy)
+    return strategy
+
+
+def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,
+               job_config: Any) -> nn.Module:
+    """Wrap a model that torchtitan has already TP/AC/compile-transformed with PaRO on ``mesh``."""
     training = job_config.training
     model = paro_parallelize(
         model,
-        paro_mesh(parallel_dims),
+        mesh,
         strategy=settings.strategy,
         blocks=_blocks(model),
         comm=settings.comm,
@@ -138,11 +170,9 @@ def apply_paro(model: nn.Module, settings: ParoSettings, parallel_dims: Parallel
     )
     # torchtitan divides each rank's loss by the global token count and sums gradients over ranks.
     model.set_gradient_divide_factor(1.0)
-    backwards = gradient_accumulation_steps(job_config, parallel_dims)
-    if parallel_dims.pp_enabled:
-        par = job_config.parallelism
-        backwards *= job_config.training.local_batch_size // par.pipeline_parallel_microbatch_size
-    PARO_MODELS[model] = GradientSyncDriver(model, backwards, pipeline=parallel_dims.pp_enabled)
+    PARO_MODELS[model] = GradientSyncDriver(
+        model, backwards_per_step(job_config, parallel_dims), pipeline=parallel_dims.pp_enabled
+    )
     logger.info(f"Applied {settings.describe()} to the model")
     return model
 
@@ -158,7 +188,10 @@ def paro_parallelize_fn(stock: Callable[..., nn.Module]) -> Callable[..., nn.Mod
         without_dp = copy.copy(parallel_dims)  # shares the built meshes (TP, PP, ...)
         without_dp.dp_replicate = without_dp.dp_shard = 1
         model = stock(model, without_dp, job_config)
-        return apply_paro(model, settings, parallel_dims, job_config)
+        mesh = paro_mesh(parallel_dims)
+        if settings.auto:
+            settings = settings.with_strategy(auto_strategy(model, settings, mesh, parallel_dims, job_config))
+        return apply_paro(model, settings, mesh, parallel_dims, job_config)
 
     return parallelize
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from paro_fsdp.strategy import ParoStrategy
@@ -18,33 +18,59 @@ class ParoConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ParoSettings:
-    """The validated PaRO settings of a job: strategy and collectives on a g x m data-parallel mesh."""
+    """The validated PaRO settings of a job: strategy and collectives on a g x m data-parallel mesh.
 
-    strategy: ParoStrategy
+    With ``paro_strategy = "auto"``, ``auto`` is true and ``strategy`` is ``None`` until the
+    planner has chosen one (:func:`torchtitan_patch.auto.choose_auto_strategy`); then
+    :meth:`with_strategy` gives the settings the model is wrapped with.
+    """
+
+    strategy: ParoStrategy | None
     comm: str
     groups: int  # data_parallel_replicate_degree: g
     group_size: int  # data_parallel_shard_degree: m
+    auto: bool = False
+    calibration: str = ""  # "auto": a `paro probe` file; empty: probe at start-up
+    device_memory_gib: float = 0.0  # "auto": memory per rank; 0: ask the device
+
+    def with_strategy(self, strategy: ParoStrategy) -> ParoSettings:
+        return replace(self, strategy=strategy)
 
     def describe(self) -> str:
-        return f"PaRO {self.strategy} ({self.comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
+        if self.strategy is None:
+            name = "auto"
+        else:
+            name = f"{self.strategy}" + (" (chosen by paro_strategy='auto')" if self.auto else "")
+        return f"PaRO {name} ({self.comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
-def _strategy(value: Any) -> ParoStrategy:
+def _strategy(value: Any) -> ParoStrategy | None:
+    """The parsed strategy, or ``None`` for "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
-        if importlib.util.find_spec("paro_fsdp.planner") is None:
-            raise ParoConfigError(
-                "parallelism.paro_strategy='auto' is not available yet in this installation (the strategy "
-                "planner, paro_fsdp.planner, is missing); set a strategy code such as 'IIG' or 'NIG', or an "
-                "alias (ddp, zero1, zero2, zero3, fsdp, mics, hsdp)"
-            )
-        raise ParoConfigError(
-            "parallelism.paro_strategy='auto' is not wired into the torchtitan integration yet; run the "
-            "planner (paro_fsdp.planner) to pick a strategy and set its code, e.g. paro_strategy = 'IIG'"
-        )
+        return None
     try:
         return ParoStrategy.parse(value)
     except (ValueError, TypeError) as e:
-        raise ParoConfigError(f"parallelism.paro_strategy={value!r} is invalid: {e}") from None
+        raise ParoConfigError(
+            f"parallelism.paro_strategy={value!r} is invalid: {e}; or set 'auto' to let the planner choose"
+        ) from None
+
+
+def _auto_fields(par: Any) -> tuple[str, float]:
+    """``paro_calibration`` and ``paro_device_memory_gib``, checked."""
+    calibration = getattr(par, "paro_calibration", "")
+    if not isinstance(calibration, str):
+        raise ParoConfigError(
+            f"parallelism.paro_calibration={calibration!r} is invalid; it is the path of a `paro probe` JSON "
+            f"file, or empty to probe the links at start-up"
+        )
+    memory = getattr(par, "paro_device_memory_gib", 0.0)
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not math.isfinite(memory) or memory < 0:
+        raise ParoConfigError(
+            f"parallelism.paro_device_memory_gib={memory!r} is invalid; it is the memory per rank in GiB, a "
+            f"finite number > 0, or 0 to ask the device"
+        )
+    return calibration.strip(), float(memory)
 
 
 def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
@@ -59,6 +85,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     if value is None or (isinstance(value, str) and value.strip() in ("", "none", "None")):
         return None
     strategy = _strategy(value)
+    calibration, device_memory_gib = _auto_fields(par)
     comm = getattr(par, "paro_comm", "default")
     if comm not in COMMS:
         raise ParoConfigError(f"parallelism.paro_comm={comm!r} is invalid; valid values: {', '.join(COMMS)}")
@@ -118,4 +145,11 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
         raise ParoConfigError("fault_tolerance.enable=True is not supported with parallelism.paro_strategy")
     if job_config.training.enable_cpu_offload:
         raise ParoConfigError("training.enable_cpu_offload=True is not supported with parallelism.paro_strategy")
-    return ParoSettings(strategy, comm, g, m)
+    if strategy is None and g * m == 1:
+        raise ParoConfigError(
+            "parallelism.paro_strategy='auto' needs at least 2 data-parallel ranks to choose between strategies; "
+            "with data_parallel_replicate_degree (1) x data_parallel_shard_degree (1) they all keep a full copy "
+            "and send nothing: set a strategy code such as 'NNN'"
+        )
+    return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
+                        device_memory_gib=device_memory_gib)

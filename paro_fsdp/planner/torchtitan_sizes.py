@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from paro_fsdp.planner.inputs import ModelSizes
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -22,27 +23,34 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ACT_BYTES_PER_TOKEN_PER_DIM = 34 / 2
 
 
+def _local_numel(param: "torch.Tensor") -> int:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 (the planner imports torch only for models)
+
+    return param.to_local().numel() if isinstance(param, DTensor) else param.numel()
+
+
 def sizes_from_model(model: "nn.Module", flops_per_token: float | None = None, param_bytes: int = 4,
                      grad_bytes: int = 4, optim_bytes: int = 8, gather_bytes: int | None = None,
                      reduce_bytes: int | None = None) -> ModelSizes:
     """Sizes of a (possibly meta-device) torchtitan-style model with ``model.layers`` blocks.
 
     Trainable parameters are those with ``requires_grad``; each block is one FSDP unit and the
-    largest one sizes the transient buffers.
+    largest one sizes the transient buffers. A tensor-parallel DTensor counts its local shard:
+    that is what each rank holds and data-parallel sharding divides further.
     """
     params = list(model.parameters())  # shared (tied) parameters appear once
     layers = getattr(model, "layers", None)
     if layers is None or len(layers) == 0:
         raise ValueError(f"{type(model).__name__} has no `layers` blocks: the planner needs one FSDP unit per block")
     blocks = list(layers.values()) if hasattr(layers, "values") else list(layers)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    trainable = sum(_local_numel(p) for p in params if p.requires_grad)
     if trainable == 0:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=False everywhere)")
     return ModelSizes(
-        params=sum(p.numel() for p in params),
+        params=sum(_local_numel(p) for p in params),
         trainable=trainable,
         blocks=len(blocks),
-        block_params=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        block_params=max(sum(_local_numel(p) for p in b.parameters()) for b in blocks),
         param_bytes=param_bytes, grad_bytes=grad_bytes, optim_bytes=optim_bytes,
         gather_bytes=gather_bytes, reduce_bytes=reduce_bytes,
         flops_per_token=flops_per_token,

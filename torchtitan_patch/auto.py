@@ -1,0 +1,148 @@
+"""``paro_strategy = "auto"``: rank the strategies for the model being trained and train the best that fits.
+
+The parallelize hook calls :func:`choose_auto_strategy` after torchtitan's TP / AC / compile
+and before PaRO wraps the model, so the planner (:mod:`paro_fsdp.planner`) sees the real
+model: its parameters (a TP shard counts locally), its blocks, the job's mixed-precision
+dtypes on the wire, the micro-batches per step and a rough activation estimate. Compute time
+is not modelled: strategies are ranked by communication, against the links of a ``paro probe``
+file (``parallelism.paro_calibration``) or of a probe that every rank runs now on the
+``(dp_replicate, dp_shard)`` mesh. Rank 0 plans and logs the assumptions and the ranking; its
+choice, or its error, is broadcast, so every rank wraps the model alike (or fails alike).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.tools.logging import logger
+
+from paro_fsdp.planner import (
+    Calibration,
+    ModelSizes,
+    TorchtitanJob,
+    TrainingSetup,
+    choose_strategy,
+    cluster_from_calibration,
+    describe_assumptions,
+    format_table,
+    read_calibration,
+    sizes_from_model,
+    write_calibration,
+)
+from paro_fsdp.probe import run_probe
+from paro_fsdp.strategy import ParoStrategy
+from torchtitan_patch.settings import ParoConfigError, ParoSettings
+
+CALIBRATION_FILE = "paro_calibration.json"  # written under job.dump_folder after a start-up probe
+ADAM_STATES = 2  # moments per parameter of Adam / AdamW, the optimizers PaRO's container builds
+_GIB = 2**30
+
+
+def device_memory_bytes(settings: ParoSettings, device_type: str) -> float:
+    """Memory per rank a strategy must fit in: ``paro_device_memory_gib``, else the device's total.
+
+    CPU ranks share the host: each gets the host's memory divided by the ranks on it, with a
+    warning, since other processes and the OS use some of it.
+    """
+    if settings.device_memory_gib > 0:
+        return settings.device_memory_gib * _GIB
+    if device_type == "cpu":
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        logger.warning(
+            f"PaRO auto: parallelism.paro_device_memory_gib is 0 on CPU; planning with the host's "
+            f"{host / _GIB:.1f} GiB shared by {ranks} rank(s), {host / ranks / _GIB:.1f} GiB each "
+            f"(set parallelism.paro_device_memory_gib to plan for another budget)"
+        )
+        return host / ranks
+    module = torch.get_device_module(device_type)
+    return float(module.get_device_properties(module.current_device()).total_memory)
+
+
+def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> tuple[ModelSizes, TrainingSetup]:
+    """The planner's model sizes and training setup for ``model`` as this job trains it."""
+    training = job_config.training
+    stored = next(model.parameters()).element_size()
+    gather = TORCH_DTYPE_MAP[training.mixed_precision_param].itemsize
+    sizes = sizes_from_model(
+        model, param_bytes=stored, grad_bytes=stored, optim_bytes=ADAM_STATES * stored,
+        gather_bytes=gather, reduce_bytes=TORCH_DTYPE_MAP[training.mixed_precision_reduce].itemsize,
+    )
+    job = TorchtitanJob(
+        name=job_config.model.name, flavor=job_config.model.flavor, model=sizes, dim=model.model_args.dim,
+        seq_len=training.seq_len, local_batch_size=training.local_batch_size,
+        global_batch_size=training.global_batch_size, activation_checkpoint=job_config.activation_checkpoint.mode,
+        activation_dtype_bytes=gather,
+    )
+    return sizes, TrainingSetup(accum=backwards_per_step, activation_bytes=job.activation_bytes())
+
+
+def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_per_step: int,
+         calibration: Calibration, device_memory: float) -> tuple[ParoStrategy, list[str]]:
+    """The fastest strategy that fits, and the lines to log: assumptions (``#``), then the ranking."""
+    if (calibration.nodes, calibration.ranks_per_node) != (settings.groups, settings.group_size):
+        raise ParoConfigError(
+            f"parallelism.paro_calibration={settings.calibration!r} was measured on {calibration.nodes} group(s) x "
+            f"{calibration.ranks_per_node} rank(s), but this job's PaRO mesh is {settings.groups} x "
+            f"{settings.group_size} (data_parallel_replicate_degree x data_parallel_shard_degree); link rates "
+            f"depend on how many ranks share them: probe this layout (leave paro_calibration empty) or point it "
+            f"at a matching file"
+        )
+    sizes, setup = plan_inputs(model, job_config, backwards_per_step)
+    cluster = cluster_from_calibration(calibration, device_memory)
+    try:
+        best, ranking = choose_strategy(sizes, cluster, setup, comm=settings.comm)
+    except ValueError as e:
+        raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
+    lines = [f"# {line}" for line in describe_assumptions(sizes, cluster, setup, settings.comm)]
+    return best, [*lines, *format_table(ranking).splitlines()]
+
+
+def _calibration_on_rank0(settings: ParoSettings, probed: Calibration | None, job_config: Any) -> Calibration:
+    if probed is None:
+        try:
+            calibration = read_calibration(settings.calibration)
+        except (OSError, ValueError) as e:
+            raise ParoConfigError(f"parallelism.paro_calibration: {e}") from None
+        logger.info(f"PaRO auto: link rates from {settings.calibration}")
+        return calibration
+    folder = job_config.job.dump_folder
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CALIBRATION_FILE)
+    write_calibration(probed, path)
+    logger.info(f"PaRO auto: links probed; calibration written to {path} "
+                f"(reuse it with --parallelism.paro_calibration {path})")
+    return probed
+
+
+def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, job_config: Any,
+                         backwards_per_step: int) -> ParoStrategy:
+    """The strategy every rank trains with; collective: every rank calls it at the same point.
+
+    Probes the links of ``mesh`` first (every rank) unless ``settings.calibration`` names a file,
+    which only rank 0 reads. Raises :class:`ParoConfigError` on every rank when rank 0 cannot plan
+    (a bad calibration file, an unwritable dump folder, no strategy that fits).
+    """
+    probed = None if settings.calibration else run_probe(mesh)
+    decision: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            calibration = _calibration_on_rank0(settings, probed, job_config)
+            device_memory = device_memory_bytes(settings, mesh.device_type)
+            strategy, lines = plan(model, settings, job_config, backwards_per_step, calibration, device_memory)
+            logger.info("PaRO auto: strategies ranked for this model\n" + "\n".join(lines))
+            logger.info(f"PaRO auto: chose {strategy}, the fastest estimate that fits in memory")
+            decision[0] = ("chosen", strategy.code)
+        except (ParoConfigError, OSError, ValueError) as e:  # ValueError: the planner's input checks
+            decision[0] = ("error", str(e))
+    dist.broadcast_object_list(decision, src=0)
+    outcome, value = decision[0]
+    if outcome == "error":
+        raise ParoConfigError(value)
+    return ParoStrategy.parse(value)
