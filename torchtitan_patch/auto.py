@@ -121,6 +121,18 @@ def _calibration_on_rank0(settings: ParoSettings, probed: Calibration | None, jo
     return probed
 
 
+def _probe(mesh: DeviceMesh) -> Calibration:
+    """The start-up probe; its fits come from times reduced over all ranks, so all ranks agree or all raise."""
+    try:
+        return run_probe(mesh)
+    except ValueError as e:
+        raise ParoConfigError(
+            f"parallelism.paro_strategy='auto': the start-up probe of the links failed ({e}); run "
+            f"`torchrun ... -m paro_fsdp probe --sizes ...` on this layout and set parallelism.paro_calibration "
+            f"to the file it writes"
+        ) from None
+
+
 def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, job_config: Any,
                          backwards_per_step: int) -> ParoStrategy:
     """The strategy every rank trains with; collective: every rank calls it at the same point.
@@ -129,7 +141,7 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
     which only rank 0 reads. Raises :class:`ParoConfigError` on every rank when rank 0 cannot plan
     (a bad calibration file, an unwritable dump folder, no strategy that fits).
     """
-    probed = None if settings.calibration else run_probe(mesh)
+    probed = None if settings.calibration else _probe(mesh)
     decision: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
