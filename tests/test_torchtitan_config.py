@@ -146,6 +146,34 @@ def test_auto_device_memory_is_the_field_or_the_host_share_on_cpu(monkeypatch: p
     assert device_memory_bytes(paro_settings(_config("--parallelism.paro_strategy", "auto"), 4), "cpu") == host / 4
 
 
+def test_auto_chooses_once_per_trainer_and_every_pipeline_stage_reuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchtitan.distributed import ParallelDims
+
+    import torchtitan_patch.parallelize as hook
+
+    calls: list[int] = []
+
+    def choose(model: nn.Module, settings: Any, mesh: Any, job_config: Any, backwards: int) -> ParoStrategy:
+        calls.append(backwards)
+        return ParoStrategy.parse("NIG" if len(calls) == 1 else "IIG")
+
+    monkeypatch.setattr(hook, "choose_auto_strategy", choose)
+    job = _config("--parallelism.paro_strategy", "auto", "--training.local_batch_size", "2",
+                  "--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "1")
+    settings = paro_settings(job, 8)
+
+    def dims() -> ParallelDims:
+        return ParallelDims(dp_replicate=2, dp_shard=2, cp=1, tp=1, pp=2, ep=1, etp=1, world_size=8)
+
+    trainer = dims()
+    stages = [hook.auto_strategy(nn.Linear(2, 2), settings, None, trainer, job) for _ in range(2)]
+    assert [s.code for s in stages] == ["NIG", "NIG"]
+    # 16 global / (2 local x 4 DP ranks) = 2 micro-batches, each 2 pipeline micro-batches.
+    assert calls == [4]
+    assert hook.auto_strategy(nn.Linear(2, 2), settings, None, dims(), job).code == "IIG"  # another trainer
+    assert len(calls) == 2
+
+
 def test_local_text_reads_txt_jsonl_and_folders(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "third doc"}) + "\n")
