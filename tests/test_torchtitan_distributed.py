@@ -7,7 +7,8 @@ steps), and the last rank writes what it measured to a JSON file the tests read:
 - 4 ranks: stock HSDP vs PaRO IIG/HO-Ring on 2x2 (loss curves), an interrupted and resumed
   IIG run vs an uninterrupted one, and a checkpoint chain IIG 2x2 -> GGG 1x4 -> NIG 2x2
   (parameters and optimizer state after each load equal those saved; training continues on
-  the uninterrupted run's losses); qwen3 with PaRO vs stock;
+  the uninterrupted run's losses); qwen3 with PaRO vs stock; ``paro_strategy = "auto"``
+  (links probed at start-up, the ranking logged, the chosen strategy trained);
 - 8 ranks: TP=2 and PP=2, each with PaRO IIG 2x2 vs torchtitan's stock HSDP 2x2.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import subprocess
@@ -171,7 +173,43 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["iig_scalars"] = iig["scalars"][2]
     out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
     out["qwen3_iig"] = _run(_args(root / "qwen3", 3, (2, 2), "IIG", "--model.name", "qwen3"))["losses"]
+    out["auto"] = _auto(root / "auto")
     return out
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _auto(dump: Path) -> dict[str, Any]:
+    """``paro_strategy = "auto"``: every rank probes, rank 0 plans and logs, all train its choice.
+
+    The probe stops at its third size (links here are the host's memory: the sizes that make
+    them bandwidth-bound would only make the test slow). Returns the losses, every
+    rank's PaRO log messages and whether rank 0 wrote the calibration for the next run.
+    """
+    import torch.distributed as dist
+
+    import paro_fsdp.probe
+
+    messages, sizes = _Messages(), paro_fsdp.probe.ADAPTIVE_SIZES
+    logging.getLogger().addHandler(messages)
+    paro_fsdp.probe.ADAPTIVE_SIZES = sizes[:3]
+    try:
+        losses = _run(_args(dump, 2, (2, 2), "auto"))["losses"]
+    finally:
+        paro_fsdp.probe.ADAPTIVE_SIZES = sizes
+        logging.getLogger().removeHandler(messages)
+    logs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, [m for m in messages.messages if "PaRO" in m])
+    written: list[Any] = [(dump / "paro_calibration.json").is_file()]
+    dist.broadcast_object_list(written, src=0)
+    return {"losses": losses, "logs": logs, "calibration_written": written[0]}
 
 
 def _scenarios_8(root: Path) -> dict[str, Any]:
@@ -276,6 +314,26 @@ def test_qwen3_trains_with_paro(four: dict[str, Any]) -> None:
     losses = _curve(four["qwen3_iig"])
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_auto_strategy_plans_logs_the_ranking_and_trains_the_choice(four: dict[str, Any]) -> None:
+    auto, rank0 = four["auto"], four["auto"]["logs"][0]
+    chosen = [m for m in rank0 if m.startswith("PaRO auto: chose ")]
+    assert len(chosen) == 1, rank0
+    code = chosen[0].split()[3].rstrip(",")
+    table = next(m for m in rank0 if m.startswith("PaRO auto: strategies ranked")).splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("rank  strategy"))
+    assert any(line.startswith("# model: Psi = ") for line in table[:header])
+    rows = [line.split() for line in table[header + 1:]]
+    assert len(rows) == 14 and rows[0][:2] == ["1", code], table
+    for rank_logs in auto["logs"]:  # every rank wraps the model with rank 0's choice
+        assert f"Applied PaRO {code} (chosen by paro_strategy='auto') (ho_ring) on 2 group(s) x 2 rank(s) to the model" \
+            in rank_logs, rank_logs
+    assert auto["calibration_written"]
+    # Not compared with stock HSDP: a P=N choice initializes full tensors, not shards, so its
+    # step-1 weights (and losses) differ on CPU. It must train.
+    losses = _curve(auto["losses"])
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0] - 0.5, losses
 
 
 def test_tensor_parallel_composes_with_paro(eight: dict[str, Any]) -> None:
