@@ -91,10 +91,11 @@ class Unit:
         self.grad_accum: torch.Tensor | None = None  # fp32, at granularity max(P, G)
         self.optim_grad: torch.Tensor | None = None  # fp32, averaged, at granularity O
         self.partial_intra: torch.Tensor | None = None  # GIG only: intra-reduced sums
+        if group is not None:  # frozen units are gathered too: hierarchically, and counted
+            module.set_custom_all_gather(_UnitAllGather(self))
         if regions:
             module.set_force_sum_reduction_for_comms(True)  # the engine divides once, by n
             module.set_all_reduce_hook(self.on_reduced)
-            module.set_custom_all_gather(_UnitAllGather(self))
             module.set_custom_reduce_scatter(_UnitReduceScatter(self))
             for region in regions:
                 region.param.register_post_accumulate_grad_hook(_drop_grad)

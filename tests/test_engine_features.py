@@ -108,8 +108,7 @@ def _frozen() -> dict:
     for code in CODES:
         torch.manual_seed(0)
         model = Net(dim=16, depth=2, in_features=16, out_features=16)
-        # Frozen parameters inside units that still run backward (a unit that is entirely
-        # frozen and needs no input gradient is gathered once per micro-step, not twice).
+        # Frozen parameters beside trainable ones in a unit.
         model.layers[0].norm.requires_grad_(False)
         model.head.bias.requires_grad_(False)
         psi = sum(p.numel() for p in model.parameters())
@@ -131,6 +130,18 @@ def _frozen() -> dict:
             "optim_expected": 8 * psi_t * ParoStrategy.parse(code).optim.fraction(2, 4),
         }
         opt.zero_grad()
+        # A unit that is entirely frozen: still gathered in forward and backward, through the
+        # engine's counted (hierarchical for P=G) all-gather.
+        torch.manual_seed(0)
+        model = Net(dim=16, depth=2, in_features=16, out_features=16)
+        model.inp.requires_grad_(False)
+        psi_t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = paro_parallelize(model, mesh, code, blocks=model.units())
+        opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+        model(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        out[code]["frozen_unit_gather"] = comm_stats(model).as_dict()["param_gather"]
+        out[code]["frozen_unit_expected"] = comm_bytes(code, Topology(2, 2), psi, psi_t)["param_gather"]
     return out
 
 
@@ -378,6 +389,8 @@ def test_frozen_parameters(results, code):
         for ph, links in run["expected"].items():
             for link, value in links.items():
                 assert run["bytes"][ph][link] == pytest.approx(value, abs=0.5), f"rank {rank} {code} {ph}/{link}"
+        for link, value in run["frozen_unit_expected"].items():
+            assert run["frozen_unit_gather"][link] == pytest.approx(value, abs=0.5), f"rank {rank} {code} {link}"
 
 
 def test_mixed_precision_strategies_agree(results):
