@@ -125,7 +125,7 @@ class Unit:
         elif level is I:
             self.state.groups.all_reduce(x, INTER)
 
-    def _gather(self, x: torch.Tensor, src: Granularity, dst: Granularity) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, src: Granularity, dst: Granularity) -> torch.Tensor:
         """All-gather from granularity ``src`` to the coarser ``dst``."""
         if dst == src:
             return x
@@ -183,7 +183,7 @@ class Unit:
         """Write the O-granularity parameter slices (``compact``) back to every P copy."""
         s = self.state.strategy
         with phase("sync_p"):
-            row = self._gather(compact, s.optim, s.param)
+            row = self.gather(compact, s.optim, s.param)
         self.write_row(row)
 
     def write_row(self, row: torch.Tensor) -> None:

@@ -150,7 +150,7 @@ class ParoOptimizer(torch.optim.Optimizer):
             for key in tensor_keys:
                 values = [self.inner.state[view][key] for view in views]
                 compact = self._compact(unit, slices, values)
-                row = unit._gather(compact, level, self._engine.strategy.param)
+                row = unit.gather(compact, level, self._engine.strategy.param)
                 for region in unit.layout.regions:
                     local = row[region.offset : region.offset + region.numel].view(_local(region.param).shape)
                     entry = state.setdefault(index[id(region.param)], {})
