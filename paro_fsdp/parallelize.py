@@ -10,13 +10,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, validate_mesh
-from paro_fsdp.comm.hierarchical import HierarchicalCollectives
-from paro_fsdp.engine import Collectives, EngineState, Unit
+from paro_fsdp.comm.registry import DEFAULT, check_comm, make_collectives
+from paro_fsdp.engine import EngineState, Unit
 from paro_fsdp.strategy import Granularity, ParoStrategy
 
 logger = logging.getLogger("paro_fsdp")
 
-COMMS = ("default", "ho_ring")
 _STATE_ATTR = "_paro_state"
 _SINGLE_RANK_MESHES: dict[DeviceMesh, DeviceMesh] = {}
 
@@ -52,16 +51,6 @@ def paro_state(model: nn.Module) -> EngineState:
     return state
 
 
-def _make_collectives(comm: str, groups: MeshGroups) -> Collectives:
-    if comm == "default":
-        return HierarchicalCollectives(groups)
-    if comm == "ho_ring":
-        from paro_fsdp.comm.ho_ring import HORingCollectives
-
-        return HORingCollectives(groups)
-    raise ValueError(f"comm={comm!r} is not supported; valid values: {', '.join(COMMS)}")
-
-
 def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
     """The mesh FSDP2 shards parameters over for granularity ``level``."""
     mesh = groups.mesh
@@ -83,7 +72,7 @@ def paro_parallelize(
     strategy: str | ParoStrategy,
     *,
     blocks: Sequence[nn.Module] | None = None,
-    comm: str = "default",
+    comm: str = DEFAULT,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
@@ -91,10 +80,27 @@ def paro_parallelize(
 
     Each of ``blocks`` becomes one FSDP2 unit (gathered, reduced and synchronized together),
     then the root takes the remaining parameters, as torchtitan wraps transformer blocks.
-    Returns ``model`` itself, whose class gains ``set_requires_gradient_sync``.
 
-    ``comm`` selects the global collectives: ``"default"`` (the backend's, in two phases) or
-    ``"ho_ring"`` (hierarchical overlapping rings). ``mp_policy`` is FSDP2's mixed precision.
+    Args:
+        model: a freshly built module, not yet wrapped by ``fully_shard``; its parameters may
+            be tensor-parallel DTensors on the same root mesh.
+        mesh: a 2D mesh named (dp_replicate, dp_shard).
+        strategy: a :class:`ParoStrategy` or its code / alias (``"IIG"``, ``"zero3"``).
+        blocks: submodules of ``model`` to wrap as their own units, in execution order.
+        comm: the global collectives, one of
+            :data:`~paro_fsdp.comm.registry.COMM_NAMES`: ``"default"`` (the backend's, in two
+            phases) or ``"ho_ring"`` (hierarchical overlapping rings).
+        mp_policy: FSDP2's mixed precision policy.
+        reshard_after_forward: passed to ``fully_shard``.
+
+    Returns:
+        ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
+        ``set_gradient_divide_factor`` (:class:`ParoModule`).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model is already parallelized, the mesh, strategy or ``comm`` is
+            invalid, or a block is not a submodule of ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -105,8 +111,7 @@ def paro_parallelize(
         )
     mesh = validate_mesh(mesh)
     requested = ParoStrategy.parse(strategy)
-    if comm not in COMMS:
-        raise ValueError(f"comm={comm!r} is not supported; valid values: {', '.join(COMMS)}")
+    check_comm(comm)
     g, m = mesh.size(0), mesh.size(1)
     effective = requested.effective_on(g, m)
     if effective != requested:
@@ -120,7 +125,7 @@ def paro_parallelize(
             raise ValueError(f"blocks[{i}] ({type(block).__name__}) is not a submodule of the model")
 
     groups = MeshGroups(mesh)
-    state = EngineState(effective, requested, groups, _make_collectives(comm, groups))
+    state = EngineState(effective, requested, groups, make_collectives(comm, groups))
     fsdp_mesh = _param_mesh(groups, effective.param)
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:

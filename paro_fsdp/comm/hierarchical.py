@@ -11,13 +11,14 @@ import torch
 import torch.distributed as dist
 
 from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.names import DEFAULT
 from paro_fsdp.comm.stats import INTER, INTRA
 
 
 class HierarchicalCollectives:
     """Flat all-gather / reduce-scatter / all-reduce as an inter phase and an intra phase."""
 
-    name = "default"
+    name = DEFAULT
 
     def __init__(self, groups: MeshGroups) -> None:
         self.groups = groups

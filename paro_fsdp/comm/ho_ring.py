@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.names import HO_RING
 from paro_fsdp.comm.stats import INTER, INTRA
 
 ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
@@ -119,7 +120,7 @@ class HORingCollectives:
     :class:`~paro_fsdp.comm.hierarchical.HierarchicalCollectives`, plus ``async_op``.
     """
 
-    name = "ho_ring"
+    name = HO_RING
 
     def __init__(self, groups: MeshGroups, chunks: int = DEFAULT_CHUNKS,
                  min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES) -> None:

@@ -1,0 +1,73 @@
+"""The global collectives a user can select by name, and what each name builds.
+
+Everything that accepts ``comm=`` (``paro_parallelize``, the planner, ``paro plan``, torchtitan's
+``parallelism.paro_comm``, the benchmarks) validates and resolves it here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.hierarchical import HierarchicalCollectives
+from paro_fsdp.comm.ho_ring import HORingCollectives
+from paro_fsdp.comm.names import DEFAULT, HO_RING
+
+__all__ = ["COMM_NAMES", "DEFAULT", "HO_RING", "Collectives", "check_comm", "make_collectives"]
+
+
+class Collectives(Protocol):
+    """Global collectives over the 2D mesh with flat (group-major) semantics."""
+
+    groups: MeshGroups
+    name: str
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
+                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
+
+
+_CLASSES: dict[str, type] = {DEFAULT: HierarchicalCollectives, HO_RING: HORingCollectives}
+
+COMM_NAMES: tuple[str, ...] = tuple(_CLASSES)
+"""The valid ``comm`` values, the default first."""
+
+
+def check_comm(name: str, field: str = "comm") -> str:
+    """Validate a collectives name.
+
+    Args:
+        name: the value to check.
+        field: how the caller's user spells the setting (``"comm"``,
+            ``"parallelism.paro_comm"``), so that the error points at what to change.
+
+    Returns:
+        ``name``, unchanged.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`COMM_NAMES`; the message names ``field``,
+            the value and the valid names.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"{field}={name!r} is invalid; valid values: {', '.join(COMM_NAMES)}")
+    return name
+
+
+def make_collectives(name: str, groups: MeshGroups) -> Collectives:
+    """Build the global collectives called ``name`` over ``groups``' mesh.
+
+    Args:
+        name: one of :data:`COMM_NAMES`.
+        groups: the process groups of the (dp_replicate, dp_shard) mesh the collectives span.
+
+    Returns:
+        The collectives object, with its default settings (e.g. HO-Ring's pipeline depth).
+
+    Raises:
+        ValueError: ``name`` is not a valid collectives name (see :func:`check_comm`).
+    """
+    return _CLASSES[check_comm(name)](groups)
