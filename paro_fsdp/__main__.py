@@ -13,6 +13,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_comm
+
 GIB = 2**30
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -127,9 +129,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                     help="sustained TFLOP/s per rank: compute time = FLOPs per token x tokens / this")
     tr.add_argument("--tokens", type=positive_int, help="tokens per rank per micro-step, for --device-tflops "
                     "(default: --config's local_batch_size x seq_len)")
-    tr.add_argument("--comm", choices=("default", "ho_ring"),
-                    help="global collectives: two phases in sequence (default) or overlapped (ho_ring); "
-                         "default: --config's parallelism.paro_comm, else default")
+    tr.add_argument("--comm", choices=COMM_NAMES,
+                    help=f"global collectives: two phases in sequence ({DEFAULT}) or overlapped ({HO_RING}); "
+                         f"default: --config's parallelism.paro_comm, else {DEFAULT}")
 
     p.add_argument("--plot", metavar="FILE.png", help="plot memory per rank against step time (needs matplotlib)")
 
@@ -217,9 +219,11 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         if tokens is None:
             error("--device-tflops needs --tokens (tokens per rank per micro-step) or --config")
         compute = compute_seconds_from_flops(model, tokens, accum, args.device_tflops * 1e12)
-    args.comm = _pick(args.comm, job.comm if job else None, "default")
-    if args.comm not in ("default", "ho_ring"):
-        error(f"--config: parallelism.paro_comm = {args.comm!r}; expected default or ho_ring")
+    args.comm = _pick(args.comm, job.comm if job else None, DEFAULT)
+    try:
+        check_comm(args.comm, field="parallelism.paro_comm")
+    except ValueError as e:
+        error(f"--config: {e}")
     return model, cluster, TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute), job
 
 

@@ -5,6 +5,7 @@ activations, step time from the per-phase intra / inter bytes over measured (``p
 or given link rates. ``choose_strategy`` is what ``paro_strategy = "auto"`` calls.
 """
 
+from paro_fsdp.comm.registry import COMM_NAMES
 from paro_fsdp.planner.calibration import (
     Calibration,
     LinkFit,
@@ -14,14 +15,14 @@ from paro_fsdp.planner.calibration import (
     read_calibration,
     write_calibration,
 )
-from paro_fsdp.planner.cost import COMMS, MEMORY_KINDS, StrategyEstimate, estimate
+from paro_fsdp.planner.cost import MEMORY_KINDS, StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup, compute_seconds_from_flops
 from paro_fsdp.planner.rank import choose_strategy, pareto_front, plan
 from paro_fsdp.planner.report import describe_assumptions, format_table, plot_pareto
 from paro_fsdp.planner.torchtitan_sizes import TorchtitanJob, read_torchtitan_job, sizes_from_model
 
 __all__ = [
-    "COMMS",
+    "COMM_NAMES",
     "MEMORY_KINDS",
     "Calibration",
     "Cluster",

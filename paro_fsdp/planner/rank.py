@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from paro_fsdp.comm.registry import DEFAULT
 from paro_fsdp.planner.cost import StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.units import BINARY, fmt
@@ -26,13 +27,13 @@ def _order(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
 
 
 def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-         comm: str = "default") -> list[StrategyEstimate]:
+         comm: str = DEFAULT) -> list[StrategyEstimate]:
     """Estimates for all 14 strategies: those that fit by step time, then those that do not."""
     return _order([estimate(s, model, cluster, setup, comm) for s in ParoStrategy.all_valid()])
 
 
 def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-                    comm: str = "default") -> tuple[ParoStrategy, list[StrategyEstimate]]:
+                    comm: str = DEFAULT) -> tuple[ParoStrategy, list[StrategyEstimate]]:
     """The fastest strategy that fits in device memory, and the full ranking (``plan``'s order).
 
     Raises ``ValueError`` naming the least memory any strategy needs when none fits.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
+from paro_fsdp.comm.registry import HO_RING
 from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import pareto_front
@@ -30,7 +31,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         + (", except one global collective (P=G gathers, G=G reductions, N->N and N->G gradient syncs, "
            f"G->N parameter syncs), pipelined in C chunks of >= {DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB "
            f"(C <= {DEFAULT_CHUNKS}), costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
-           if comm == "ho_ring" else "")
+           if comm == HO_RING else "")
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
         "rank by memory, less first",
