@@ -1,18 +1,17 @@
-"""PARO.md's communication and memory formulas, per rank, for one optimizer step.
+"""PARO.md's communication and memory costs, per rank, for one optimizer step.
 
-Everything here is arithmetic on sizes: the engine's tests compare measured bytes and memory
-against it, and the planner builds its time model on it.
+Everything here is arithmetic on sizes. Bytes are summed over the transition table
+(:mod:`paro_fsdp.transitions`) that the engine runs; the planner builds its time model on
+them. The tests check the engine against PARO.md's formulas written out independently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paro_fsdp.comm.stats import INTER, INTRA, LINKS
-from paro_fsdp.strategy import Granularity, ParoStrategy
-
-N, I, G = Granularity.N, Granularity.I, Granularity.G
-TRAINING_PHASES = ("param_gather", "grad_reduce", "sync_g", "sync_p")
+from paro_fsdp.strategy import ParoStrategy
+from paro_fsdp.transitions import PHASES as TRAINING_PHASES
+from paro_fsdp.transitions import phase_plan
 
 
 @dataclass(frozen=True)
@@ -33,62 +32,22 @@ class Topology:
         return self.groups * self.group_size
 
 
-def _link(intra: float = 0.0, inter: float = 0.0) -> dict[str, float]:
-    return {INTRA: intra, INTER: inter}
-
-
-def _gather(level: Granularity, topo: Topology) -> dict[str, float]:
-    """Per-rank share sent by an all-gather (or reduce-scatter) over ``level``'s ranks."""
-    g, m, n = topo.groups, topo.group_size, topo.world
-    if level is N:
-        return _link()
-    if level is I:
-        return _link(intra=(m - 1) / m)
-    return _link(intra=(m - 1) / m, inter=(g - 1) / n)
-
-
-def _sync_g(src: Granularity, dst: Granularity, topo: Topology) -> dict[str, float]:
-    g, m, n = topo.groups, topo.group_size, topo.world
-    table = {
-        (N, N): _link(2 * (m - 1) / m, 2 * (g - 1) / n),
-        (N, I): _link((m - 1) / m, 2 * (g - 1) / n),
-        (N, G): _link((m - 1) / m, (g - 1) / n),
-        (I, I): _link(0.0, 2 * (g - 1) / n),
-        (I, G): _link(0.0, (g - 1) / n),
-        (G, G): _link(),
-    }
-    return table[(src, dst)]
-
-
-def _sync_p(src: Granularity, dst: Granularity, topo: Topology) -> dict[str, float]:
-    g, m, n = topo.groups, topo.group_size, topo.world
-    table = {
-        (I, N): _link((m - 1) / m, 0.0),
-        (G, N): _link((m - 1) / m, (g - 1) / n),
-        (G, I): _link(0.0, (g - 1) / n),
-    }
-    return table.get((src, dst), _link())
-
-
 def comm_elements(strategy: ParoStrategy | str, topo: Topology, params: float,
                   trainable: float | None = None, accum: int = 1) -> dict[str, dict[str, float]]:
     """Elements each rank sends per optimizer step, ``{phase: {"intra": x, "inter": y}}``.
 
-    ``params`` is Psi, ``trainable`` Psi' (default Psi), ``accum`` the micro-steps A.
-    Parameters are gathered twice per micro-step (forward, and backward after resharding).
+    ``params`` is Psi, ``trainable`` Psi' (default Psi), ``accum`` the micro-steps A. The
+    collectives are those of :func:`paro_fsdp.transitions.phase_plan`.
     """
     s = ParoStrategy.parse(strategy)
     psi_t = params if trainable is None else trainable
     if accum < 1:
         raise ValueError(f"accum must be >= 1, got {accum}")
-    gather, reduce_ = _gather(s.param, topo), _gather(s.grad, topo)
-    sync_g, sync_p = _sync_g(s.grad, s.optim, topo), _sync_p(s.optim, s.param, topo)
-    return {
-        "param_gather": {l: 2 * accum * params * gather[l] for l in LINKS},
-        "grad_reduce": {l: accum * psi_t * reduce_[l] for l in LINKS},
-        "sync_g": {l: psi_t * sync_g[l] for l in LINKS},
-        "sync_p": {l: psi_t * sync_p[l] for l in LINKS},
-    }
+    out = {}
+    for name, plan in phase_plan(s).items():
+        size = plan.times(accum) * (psi_t if plan.trainable_only else params)
+        out[name] = {link: size * share for link, share in plan.sent(topo.groups, topo.group_size).items()}
+    return out
 
 
 def comm_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,

@@ -14,7 +14,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from dist_utils import run_distributed
 from models import Net, batch, loss_fn
 from paro_fsdp import ParoOptimizer, ParoStrategy, comm_stats, memory_stats, paro_parallelize
-from paro_fsdp.formulas import TRAINING_PHASES, Topology, comm_bytes, memory_bytes
+from paro_fsdp.formulas import Topology, memory_bytes
+from paro_oracle import TRAINING_PHASES, comm_bytes
 
 CODES = [str(s) for s in ParoStrategy.all_valid()]
 STEPS, ACCUM = 3, 2

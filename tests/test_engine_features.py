@@ -24,7 +24,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from dist_utils import run_distributed
 from models import Net, batch, loss_fn
 from paro_fsdp import ParoOptimizer, ParoStrategy, clip_grad_norm_, comm_stats, memory_stats, paro_parallelize
-from paro_fsdp.formulas import Topology, comm_bytes
+from paro_fsdp.formulas import Topology
+from paro_oracle import comm_bytes
 from paro_fsdp.parallelize import paro_state
 
 CODES = [str(s) for s in ParoStrategy.all_valid()]

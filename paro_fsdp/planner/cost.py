@@ -28,34 +28,21 @@ from paro_fsdp.comm.stats import INTER, INTRA
 from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.strategy import Granularity, ParoStrategy
+from paro_fsdp.transitions import PhasePlan, phase_plan
 
 N, I, G = Granularity.N, Granularity.I, Granularity.G
 UNITS_IN_FLIGHT = 2
 MEMORY_KINDS = ("params", "grads", "optim", "buffers", "activations")
 
-# Sub-collectives (intra, inter) one FSDP unit issues per phase. A gather/reduce over I is one
-# intra collective, over G a hierarchical pair. The once-per-step syncs follow PARO.md's steps.
-_GATHER_CALLS = {N: (0, 0), I: (1, 0), G: (1, 1)}
-_SYNC_G_CALLS = {(N, N): (2, 1), (N, I): (1, 1), (N, G): (1, 1), (I, I): (0, 1), (I, G): (0, 1), (G, G): (0, 0)}
-_SYNC_P_CALLS = {(I, N): (1, 0), (G, N): (1, 1), (G, I): (0, 1)}
-# Phases done as one global collective (HO-Ring overlaps its intra and inter parts). The
-# N->I gradient sync is an intra reduce-scatter feeding an inter all-reduce of its slice:
-# two dependent collectives, so it stays a sum.
-_SYNC_G_GLOBAL = {(N, N), (N, G)}
-_SYNC_P_GLOBAL = {(G, N)}
-AG, RS, AR = "all_gather", "reduce_scatter", "all_reduce"
 
-
-def _kinds(phase_name: str, s: ParoStrategy) -> dict[str, dict[str, float]]:
+def _kinds(plan: PhasePlan, groups: int, group_size: int) -> dict[str, dict[str, float]]:
     """Which collective kinds move each link's bytes of a phase, as shares of those bytes."""
-    if phase_name in ("param_gather", "sync_p"):
-        return {INTRA: {AG: 1.0}, INTER: {AG: 1.0}}
-    if phase_name == "grad_reduce":
-        return {INTRA: {RS: 1.0}, INTER: {RS: 1.0}}
-    # sync_g: the slice is all-reduced across groups when O is I (or N), reduce-scattered when O is G;
-    # N->N's intra part is a reduce-scatter and an all-gather of equal size around it.
-    intra = {RS: 0.5, AG: 0.5} if (s.grad, s.optim) == (N, N) else {RS: 1.0}
-    return {INTRA: intra, INTER: {RS: 1.0} if s.optim is G else {AR: 1.0}}
+    sent: dict[str, dict[str, float]] = {INTRA: {}, INTER: {}}
+    for step in plan.steps:
+        kinds = sent[step.link]
+        kinds[step.kind] = kinds.get(step.kind, 0.0) + step.share(groups, group_size)
+    return {link: {k: v / total for k, v in kinds.items()} if (total := sum(kinds.values())) else {}
+            for link, kinds in sent.items()}
 
 
 @dataclass(frozen=True)
@@ -107,17 +94,6 @@ def _unit_collective_bytes(phase_name: str, model: ModelSizes) -> float:
     return unit_trainable * model.master_bytes
 
 
-def _phase_calls(s: ParoStrategy, accum: int) -> dict[str, tuple[tuple[int, int], bool, int]]:
-    """Per phase: (intra, inter) sub-collectives per unit, whether it is one global collective,
-    and how many times per step each unit issues it."""
-    return {
-        "param_gather": (_GATHER_CALLS[s.param], s.param is G, 2 * accum),  # forward and backward
-        "grad_reduce": (_GATHER_CALLS[s.grad], s.grad is G, accum),
-        "sync_g": (_SYNC_G_CALLS[(s.grad, s.optim)], (s.grad, s.optim) in _SYNC_G_GLOBAL, 1),
-        "sync_p": (_SYNC_P_CALLS.get((s.optim, s.param), (0, 0)), (s.optim, s.param) in _SYNC_P_GLOBAL, 1),
-    }
-
-
 def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
              setup: TrainingSetup = TrainingSetup(), comm: str = "default") -> StrategyEstimate:
     """Memory per rank and step time of ``strategy`` (see the module docstring for the model)."""
@@ -141,10 +117,12 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     has_intra, has_inter = cluster.ranks_per_node > 1, cluster.nodes > 1
     seconds: dict[str, float] = {}
     collectives = 0
-    for phase_name, ((intra_calls, inter_calls), is_global, times) in _phase_calls(s, setup.accum).items():
-        kinds = _kinds(phase_name, s)
+    for phase_name, plan in phase_plan(s).items():
+        kinds = _kinds(plan, cluster.nodes, cluster.ranks_per_node)
         intra_t, inter_t = (sum(nbytes[phase_name][link] * share / cluster.bandwidth(kind, link)
                                 for kind, share in kinds[link].items()) for link in (INTRA, INTER))
+        intra_calls, inter_calls = (sum(st.link == link for st in plan.steps) for link in (INTRA, INTER))
+        times, is_global = plan.times(setup.accum), plan.is_global
         chunks = 1
         if comm == HO_RING and is_global:
             chunks = ho_ring_chunks(_unit_collective_bytes(phase_name, model))
