@@ -7,6 +7,8 @@ validated when the model is parallelized, by :func:`torchtitan_patch.settings.pa
 
 from dataclasses import dataclass, field
 
+from paro_fsdp.comm.registry import DEFAULT
+
 
 @dataclass
 class Parallelism:
@@ -20,7 +22,7 @@ class Parallelism:
     per group data_parallel_shard_degree.
     """
 
-    paro_comm: str = "default"
+    paro_comm: str = DEFAULT
     """
     Global collectives for P=G / G=G / O=G traffic: "default" (intra and inter phases one after
     the other) or "ho_ring" (hierarchical overlapping rings: the phases overlap in chunks).

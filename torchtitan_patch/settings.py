@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from paro_fsdp.comm.registry import DEFAULT, check_comm
 from paro_fsdp.strategy import ParoStrategy
 
-COMMS = ("default", "ho_ring")
 SUPPORTED_MODELS = ("llama3", "qwen3")
 
 
@@ -86,9 +86,11 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
         return None
     strategy = _strategy(value)
     calibration, device_memory_gib = _auto_fields(par)
-    comm = getattr(par, "paro_comm", "default")
-    if comm not in COMMS:
-        raise ParoConfigError(f"parallelism.paro_comm={comm!r} is invalid; valid values: {', '.join(COMMS)}")
+    comm = getattr(par, "paro_comm", DEFAULT)
+    try:
+        check_comm(comm, field="parallelism.paro_comm")
+    except ValueError as e:
+        raise ParoConfigError(str(e)) from None
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
         raise ParoConfigError(
