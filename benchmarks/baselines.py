@@ -10,15 +10,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from benchmarks.collectives_report import BACKEND_FLAT, FLAT_RING
+
 
 class BackendCollectives:
-    """The process group's default collectives over the flattened (world) group.
+    """The process group's own collectives over the flattened (world) group.
 
     On gloo, ``reduce_scatter_single`` is an all-reduce plus a local copy; it is measured as the
     backend provides it.
     """
 
-    name = "default"
+    name = BACKEND_FLAT
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         dist.all_gather_single(output, input)
@@ -39,7 +41,7 @@ class FlatRingCollectives:
     links idle. This is the "traditional ring" HO-Ring is measured against.
     """
 
-    name = "flat_ring"
+    name = FLAT_RING
 
     def __init__(self) -> None:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()

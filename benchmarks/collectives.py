@@ -1,7 +1,7 @@
 """Global all-gather / reduce-scatter / all-reduce on the emulated two-level cluster.
 
 Compares, side by side in one run (interleaved repetitions, so machine noise hits all alike):
-``default`` (the backend's collective over the flattened group), ``flat_ring`` (send/recv ring
+``backend_flat`` (the backend's own collective over the flattened group), ``flat_ring`` (send/recv ring
 in group-major order), ``hierarchical`` (inter then intra phase, no overlap) and ``ho_ring``
 (HO-Ring, overlapped phases). Inter-node bytes come from the nodes' interface counters.
 
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.collectives_report import IMPLS, PROFILE_IMPLS
+
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce")
-IMPLS = ("default", "flat_ring", "hierarchical", "ho_ring")
-PROFILE_IMPLS = ("inter_phase", "intra_phase")
 QUICK_SIZES_MIB = (1, 16, 64)
 FULL_SIZES_MIB = (1, 4, 16, 64, 256)
 DEFAULT_DOC = REPO / "docs" / "collectives-benchmark.md"

@@ -20,9 +20,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from benchmarks.baselines import BackendCollectives, FlatRingCollectives
+from benchmarks.collectives_report import BACKEND_FLAT, FLAT_RING, HIERARCHICAL
 from paro_fsdp.cluster import node_counters
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
 from paro_fsdp.comm.hierarchical import HierarchicalCollectives
+from paro_fsdp.comm.ho_ring import HORingCollectives
+from paro_fsdp.comm.registry import HO_RING
 from paro_fsdp.comm.stats import INTER, INTRA
 
 MIB = 1 << 20
@@ -65,15 +68,13 @@ class _Phase:
 def _implementations(names: list[str], groups: MeshGroups, chunks: list[int]) -> dict[str, object]:
     impls: dict[str, object] = {}
     for name in names:
-        if name == "default":
+        if name == BACKEND_FLAT:
             impls[name] = BackendCollectives()
-        elif name == "flat_ring":
+        elif name == FLAT_RING:
             impls[name] = FlatRingCollectives()
-        elif name == "hierarchical":
+        elif name == HIERARCHICAL:
             impls[name] = HierarchicalCollectives(groups)
-        elif name == "ho_ring":
-            from paro_fsdp.comm.ho_ring import HORingCollectives
-
+        elif name == HO_RING:
             if len(chunks) > 1:
                 for depth in chunks:
                     impls[f"{name}(c={depth})"] = HORingCollectives(groups, chunks=depth)

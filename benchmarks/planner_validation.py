@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO / "docs" / "planner-validation.md"
 TARGET_SPEARMAN = 0.9
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=6, help="blocks (FSDP units besides the root)")
     p.add_argument("--batch", type=int, default=8, help="rows per micro-batch per rank")
     p.add_argument("--accum", type=int, default=4, help="micro-steps per optimizer step A")
-    p.add_argument("--comm", choices=("default", "ho_ring"), default="default")
+    p.add_argument("--comm", choices=COMM_NAMES, default=DEFAULT)
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per strategy per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per strategy per round")
     p.add_argument("--rounds", type=int, default=3, help="passes over all 14 strategies")
@@ -233,7 +235,7 @@ def render(raw: dict, doc: Path) -> bool:
         "NNI, IIG before III), while measured it was slower; a run of this benchmark (comm=default) with that "
         "calibration gave Spearman 0.875 and chose NNG, 47% slower than the measured best.",
     ]
-    if s["comm"] == "ho_ring":
+    if s["comm"] == HO_RING:
         from paro_fsdp.comm.ho_ring import DEFAULT_MIN_CHUNK_BYTES
         from paro_fsdp.planner.cost import ho_ring_chunks
 
