@@ -18,7 +18,7 @@ from paro_fsdp.strategy import ParoStrategy
 from torchtitan_patch.auto import device_memory_bytes, plan, plan_inputs
 from torchtitan_patch.cpu import CpuDeviceModule
 from torchtitan_patch.data import ReshardGuardDataLoader, load_local_text
-from torchtitan_patch.parallelize import GradientSyncDriver
+from torchtitan_patch.models import GradientSyncDriver
 from torchtitan_patch.settings import ParoConfigError, paro_settings
 
 CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "llama3_debug_paro.toml"
@@ -149,7 +149,7 @@ def test_auto_device_memory_is_the_field_or_the_host_share_on_cpu(monkeypatch: p
 def test_auto_chooses_once_per_trainer_and_every_pipeline_stage_reuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from torchtitan.distributed import ParallelDims
 
-    import torchtitan_patch.parallelize as hook
+    import torchtitan_patch.auto as hook
 
     calls: list[int] = []
 

@@ -1,7 +1,8 @@
 """``paro_strategy = "auto"``: rank the strategies for the model being trained and train the best that fits.
 
-The parallelize hook calls :func:`choose_auto_strategy` after torchtitan's TP / AC / compile
-and before PaRO wraps the model, so the planner (:mod:`paro_fsdp.planner`) sees the real
+The parallelize hook calls :func:`auto_strategy` after torchtitan's TP / AC / compile and
+before PaRO wraps the model (once per trainer: pipeline stages after the first reuse the
+choice), so the planner (:mod:`paro_fsdp.planner`) sees the real
 model: its parameters (a TP shard counts locally), its blocks, the job's mixed-precision
 dtypes on the wire, the micro-batches per step and a rough activation estimate. Compute time
 is not modelled: strategies are ranked by communication, against the links of a ``paro probe``
@@ -13,6 +14,7 @@ choice, or its error, is broadcast, so every rank wraps the model alike (or fail
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from paro_fsdp.planner import (
@@ -37,11 +40,16 @@ from paro_fsdp.planner import (
 )
 from paro_fsdp.probe import run_probe
 from paro_fsdp.strategy import ParoStrategy
+from torchtitan_patch.models import backwards_per_step as _backwards_per_step
 from torchtitan_patch.settings import ParoConfigError, ParoSettings
 
 CALIBRATION_FILE = "paro_calibration.json"  # written under job.dump_folder after a start-up probe
 ADAM_STATES = 2  # moments per parameter of Adam / AdamW, the optimizers PaRO's container builds
 _GIB = 2**30
+
+# The strategy chosen for a trainer, by id of its ParallelDims (unhashable), with a reference
+# that proves the id is still that object.
+_AUTO_CHOICES: "dict[int, tuple[weakref.ref[ParallelDims], ParoStrategy]]" = {}
 
 
 def device_memory_bytes(settings: ParoSettings, device_type: str) -> float:
@@ -158,3 +166,32 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
     if outcome == "error":
         raise ParoConfigError(value)
     return ParoStrategy.parse(value)
+
+
+def auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,
+                  job_config: Any) -> ParoStrategy:
+    """The strategy "auto" chose for this trainer, choosing it (collectively) on the first call.
+
+    Under pipeline parallelism the first call is every rank's first stage, so rank 0 plans
+    with the sizes of its first stage.
+
+    Args:
+        model: the model (stage) about to be wrapped, after TP / AC / compile.
+        settings: the job's PaRO settings, with ``auto`` set.
+        mesh: the ``(dp_replicate, dp_shard)`` mesh the start-up probe runs on.
+        parallel_dims: the trainer's parallel dimensions; the choice is cached per object.
+        job_config: torchtitan's job config.
+
+    Returns:
+        The chosen strategy, the same for every stage of one trainer.
+
+    Raises:
+        ParoConfigError: on every rank, when rank 0 cannot plan (see :func:`choose_auto_strategy`).
+    """
+    key = id(parallel_dims)
+    cached = _AUTO_CHOICES.get(key)
+    if cached is not None and cached[0]() is parallel_dims:
+        return cached[1]
+    strategy = choose_auto_strategy(model, settings, mesh, job_config, _backwards_per_step(job_config, parallel_dims))
+    _AUTO_CHOICES[key] = (weakref.ref(parallel_dims, lambda _: _AUTO_CHOICES.pop(key, None)), strategy)
+    return strategy

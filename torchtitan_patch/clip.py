@@ -19,7 +19,7 @@ import torchtitan.distributed.utils as dist_utils
 from torch.distributed.device_mesh import DeviceMesh
 
 import paro_fsdp
-from torchtitan_patch.parallelize import PARO_MODELS
+from torchtitan_patch.models import PARO_MODELS
 
 _stock_clip_grad_norm_ = dist_utils.clip_grad_norm_
 

@@ -18,7 +18,7 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
 from paro_fsdp import comm_stats, memory_stats
-from torchtitan_patch.parallelize import paro_models
+from torchtitan_patch.models import paro_models
 
 _MIB = 1024 * 1024
 

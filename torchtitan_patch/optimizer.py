@@ -11,7 +11,7 @@ from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
 from paro_fsdp import ParoOptimizer
-from torchtitan_patch.parallelize import PARO_MODELS, paro_models
+from torchtitan_patch.models import PARO_MODELS, paro_models
 
 _OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}  # torchtitan's choices
 
