@@ -10,7 +10,9 @@ trainer, before it looks up the model's train spec. Importing it:
   torchtitan's original, so the run is stock torchtitan;
 - registers the ``local_text`` dataset (offline text files; see :mod:`torchtitan_patch.data`);
 - routes the trainer's gradient clipping through :mod:`torchtitan_patch.clip`, the one
-  torchtitan function replaced in place (the trainer calls it by module attribute).
+  torchtitan function replaced in place (the trainer calls it by module attribute);
+- scopes the default process group's store to the torchrun attempt, so a job restarted by
+  ``torchrun --max-restarts`` starts again (see :mod:`torchtitan_patch.elastic`).
 
 ``[job] custom_config_module = "torchtitan_patch.job_config"`` adds the PaRO fields.
 ``python -m torchtitan_patch.train`` is ``torchtitan.train`` plus CPU mode.
@@ -23,7 +25,7 @@ import importlib
 
 from torchtitan.protocols.train_spec import register_train_spec
 
-from torchtitan_patch import clip
+from torchtitan_patch import clip, elastic
 from torchtitan_patch.data import build_dataloader, register_dataset
 from torchtitan_patch.metrics import build_paro_metrics_processor
 from torchtitan_patch.optimizer import build_paro_optimizers
@@ -50,3 +52,4 @@ def _register_train_specs() -> None:
 register_dataset()
 _register_train_specs()
 clip.install()
+elastic.install()

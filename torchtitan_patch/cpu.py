@@ -99,8 +99,15 @@ def _gloo_safe(parallelize_fn: Callable[..., nn.Module]) -> Callable[..., nn.Mod
     return wrapped
 
 
+_enabled = False
+
+
 def enable_cpu_mode() -> None:
-    """Apply the shims above; call before torchtitan's trainer is constructed."""
+    """Apply the shims above; call before torchtitan's trainer is constructed. Idempotent."""
+    global _enabled
+    if _enabled:
+        return
+    _enabled = True
     import torchtitan.components.metrics  # noqa: F401  (modules that copy device_* at import)
     import torchtitan.distributed.parallel_dims  # noqa: F401
     import torchtitan.distributed.utils  # noqa: F401

@@ -1,0 +1,116 @@
+"""A job restarted by torchrun after a rank is killed resumes from its last complete checkpoint.
+
+Two CPU launches of ``torchrun --max-restarts 2 ... tests/fault_worker.py`` (the trainer of
+``python -m torchtitan_patch.train`` with a fault injected by test code), PaRO IIG on 2x2,
+7 steps, a checkpoint every 3 steps:
+
+- reference: no fault;
+- faulted: rank 1 is SIGKILLed after step 4 (step 3's checkpoint is the last complete one);
+  in the restarted job rank 2 is SIGKILLed while step 6's checkpoint is being written (its
+  shard files are on disk, the checkpoint's ``.metadata`` is not); the third attempt runs to
+  the end.
+
+Both restarts must start (the agent's store keeps the previous attempt's keys: see
+``torchtitan_patch.elastic``), both must resume from step 3 (the interrupted step-6 save is
+never taken as the latest), and every loss after the resume must equal the uninterrupted
+run's at the same step (same data order: the dataloader state is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "train_configs" / "llama3_debug_paro.toml"
+WORKER = Path(__file__).resolve().parent / "fault_worker.py"
+STEPS, INTERVAL = 7, 3
+
+
+def train_args(dump: Path, steps: int, strategy: str = "IIG", interval: int = INTERVAL) -> list[str]:
+    return [
+        "--job.config_file", str(CONFIG),
+        "--job.dump_folder", str(dump),
+        "--training.steps", str(steps),
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "1",
+        "--training.global_batch_size", "8",  # 2 micro-batches per step on 4 ranks
+        "--lr_scheduler.warmup_steps", "1",
+        "--metrics.no-enable-tensorboard",
+        "--activation_checkpoint.mode", "none",
+        "--parallelism.paro_strategy", strategy,
+        "--checkpoint.enable",
+        "--checkpoint.interval", str(interval),
+    ]
+
+
+def launch(dump: Path, args: list[str], fault: str = "", max_restarts: int = 2,
+           timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """One torchrun of 4 ranks; returns the process and the worker's event records."""
+    dump.mkdir(parents=True, exist_ok=True)
+    record = dump / "events.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "--max-restarts", str(max_restarts), str(WORKER), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PARO_FAULT": fault, "PARO_FAULT_RECORD": str(record)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    return proc, events
+
+
+def losses(events: list[dict[str, Any]], attempt: int | None = None) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events
+            if e["event"] == "step" and (attempt is None or e["attempt"] == attempt)}
+
+
+def _check(proc: subprocess.CompletedProcess[str]) -> None:
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("recovery")
+    reference, ref_events = launch(root / "reference", train_args(root / "reference", STEPS), max_restarts=0)
+    _check(reference)
+    faulted, events = launch(root / "faulted", train_args(root / "faulted", STEPS),
+                             fault="after_step:4:1:0,checkpoint:6:2:1")
+    _check(faulted)
+    return {"reference": losses(ref_events), "events": events, "folder": root / "faulted" / "checkpoint"}
+
+
+def test_killed_rank_restarts_and_resumes_from_the_last_complete_checkpoint(runs: dict[str, Any]) -> None:
+    events = runs["events"]
+    kills = [(e["attempt"], e["rank"], e["point"], e["step"]) for e in events if e["event"] == "kill"]
+    assert kills == [(0, 1, "after_step", 4), (1, 2, "checkpoint", 6)], kills
+    loads = [(e["attempt"], e["loaded"], e["step"]) for e in events if e["event"] == "loaded"]
+    # Attempt 2 skips step 6's interrupted save (shard files, no .metadata) and takes step 3.
+    assert loads == [(0, False, None), (1, True, 3), (2, True, 3)], loads
+    assert sorted(losses(events, attempt=2)) == list(range(4, STEPS + 1))
+    # The retried save of step 6 completed this time.
+    assert (runs["folder"] / "step-6" / ".metadata").is_file()
+
+
+def test_resumed_losses_equal_an_uninterrupted_run(runs: dict[str, Any]) -> None:
+    reference, events = runs["reference"], runs["events"]
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    for attempt in (0, 1, 2):
+        for step, loss in losses(events, attempt).items():
+            assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), (attempt, step, loss, reference[step])
+
+
+def test_attempt_prefix_scopes_the_agent_store_by_run_attempt_and_world() -> None:
+    from torchtitan_patch.elastic import attempt_prefix
+
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "job",
+           "TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "4"}
+    assert attempt_prefix(env) == "torchelastic/job/attempt_2/world_4/"
+    assert attempt_prefix({**env, "TORCHELASTIC_RESTART_COUNT": "3"}) != attempt_prefix(env)
+    # Not under a shared agent store (plain env://, or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): untouched.
+    assert attempt_prefix({**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert attempt_prefix({}) is None

@@ -1,0 +1,112 @@
+"""Process-group start-up that survives torchrun restarts (``--max-restarts``).
+
+Under torchrun's c10d rendezvous (``--standalone`` included) the workers' default process
+group is bootstrapped from the elastic agent's own TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``).
+torch 2.13 connects the workers to that store with no per-attempt key prefix (its
+``_create_c10d_store`` assumes a new store server for every retry), but the agent creates the
+server once, at its first rendezvous, and keeps it for every restart. So after a worker dies
+and torchrun restarts the group, the new workers find the previous attempt's keys still in
+the store: gloo's per-rank listening addresses (``default_pg/0//cpu/rank_<r>``), NCCL's unique
+id, store barriers. A new rank reads a dead worker's address before its new peer has written
+its own, and start-up fails in ``init_process_group`` with ``Gloo connectFullMesh failed ...
+Connection refused`` (the job exits without ever using the restart). Stock torchtitan fails
+the same way; it is not specific to any data-parallel strategy.
+
+:func:`install` wraps torchtitan's ``init_distributed`` so that, when the agent's store is
+shared, the default process group is created on a store scoped to this attempt:
+``PrefixStore("torchelastic/<run id>/attempt_<TORCHELASTIC_RESTART_COUNT>/world_<WORLD_SIZE>/", agent store)``.
+Every process group torchtitan and PaRO create later derives its keys from the default
+group's store, so they are scoped too. Every worker of one attempt gets the same restart
+count from its agent. What this cannot see: an elastic job whose membership changes without
+a failure keeps its restart count; the world size in the prefix covers a changed number of
+workers, and for anything else run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which
+gives every rendezvous round a fresh store (hosted by rank 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+
+def attempt_prefix(env: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """The key prefix for this attempt's process groups, or None outside a shared agent store."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    world = env.get("WORLD_SIZE", "1")
+    return f"torchelastic/{run_id}/attempt_{attempt}/world_{world}/"
+
+
+def attempt_store(timeout: timedelta) -> dist.Store | None:
+    """A client of the agent's store scoped to this attempt; None when not under a shared agent store."""
+    prefix = attempt_prefix()
+    if prefix is None:
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(prefix, store)
+
+
+@contextlib.contextmanager
+def _attempt_scoped_init() -> Iterator[None]:
+    """While active, ``torch.distributed.init_process_group`` with env:// uses :func:`attempt_store`."""
+    init_process_group = dist.init_process_group
+
+    signature = inspect.signature(init_process_group)
+
+    @functools.wraps(init_process_group)
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind_partial(*args, **kwargs).arguments
+        if given.get("store") is not None or given.get("init_method") not in (None, "env://"):
+            return init_process_group(*args, **kwargs)
+        store = attempt_store(given.get("timeout") or timedelta(minutes=10))
+        if store is None:
+            return init_process_group(*args, **kwargs)
+        given.pop("init_method", None)
+        given["store"] = store
+        if given.get("rank", -1) == -1:
+            given["rank"] = int(os.environ["RANK"])
+        if given.get("world_size", -1) == -1:
+            given["world_size"] = int(os.environ["WORLD_SIZE"])
+        return init_process_group(**given)
+
+    dist.init_process_group = scoped
+    try:
+        yield
+    finally:
+        dist.init_process_group = init_process_group
+
+
+def restart_safe(init_distributed: Callable[..., int]) -> Callable[..., int]:
+    """Wrap torchtitan's ``init_distributed`` so its default process group is scoped to this attempt."""
+    if getattr(init_distributed, "_restart_safe", False):
+        return init_distributed
+
+    @functools.wraps(init_distributed)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        with _attempt_scoped_init():
+            return init_distributed(*args, **kwargs)
+
+    wrapped._restart_safe = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def install() -> None:
+    """Make torchtitan's process-group start-up restart-safe (the trainer calls it by module attribute)."""
+    import torchtitan.distributed.utils as dist_utils
+
+    dist_utils.init_distributed = restart_safe(dist_utils.init_distributed)
