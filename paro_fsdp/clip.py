@@ -83,5 +83,5 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
     coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0)
     for unit in paro_state(model).units:
         if unit.optim_grad is not None:
-            unit.optim_grad.mul_(coef.to(unit.optim_grad.dtype))
+            unit.optim_grad.mul_(coef.to(unit.optim_grad))  # a given total_norm may live on another device
     return norm

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from paro_fsdp.comm.device import all_gather_object
 from paro_fsdp.engine import EngineState, Unit
 from paro_fsdp.layout import Slice
 from paro_fsdp.parallelize import paro_state
@@ -135,8 +135,7 @@ class ParoOptimizer(torch.optim.Optimizer):
         for st in self.inner.state.values():
             for k, v in st.items():
                 mine[k] = torch.is_tensor(v) and v.dim() > 0
-        everyone: list[dict[str, bool]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(everyone, mine)
+        everyone: list[dict[str, bool]] = all_gather_object(mine)  # on the default group's device (NCCL: this GPU)
         merged = {k: v for d in everyone for k, v in d.items()}
         return sorted(k for k, v in merged.items() if v), sorted(k for k, v in merged.items() if not v)
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from paro_fsdp.comm.device import barrier, collective_device
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
 from paro_fsdp.comm.stats import INTER, INTRA, LINKS
 from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
@@ -34,14 +35,19 @@ BACK_TO_BACK = 4
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds ``fn`` takes on the slowest rank, all ranks starting together."""
-    dist.barrier()
+    """Seconds ``fn`` takes on the slowest rank, all ranks starting together.
+
+    The barrier and the reduction of the times run on the default group (every rank probes
+    at once, so every rank stops at the same size), with tensors on that group's device: an
+    NCCL-only job, as torchtitan launches one, has no CPU backend.
+    """
+    barrier()
     start = time.perf_counter()
     fn()
     if device.type != "cpu":
         torch.accelerator.synchronize()
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # tiny, uncounted, on the default group (CPU-capable)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # tiny, uncounted
     return float(elapsed.item())
 
 
@@ -143,6 +149,9 @@ def run_from_args(args: argparse.Namespace, error: Callable[[str], None]) -> int
         error("run under torchrun (or python -m paro_fsdp.cluster): e.g. "
               "torchrun --nnodes 2 --nproc-per-node 8 ... -m paro_fsdp probe --out paro_calibration.json")
     world = int(os.environ["WORLD_SIZE"])
+    if world < 2:
+        error("paro probe needs at least 2 ranks (with 1 there is no link to measure): launch it with "
+              "torchrun --nproc-per-node >= 2, or across nodes")
     m = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if m < 1 or world % m:
         error(f"--ranks-per-node: {m} does not divide the {world} ranks into equal groups")
