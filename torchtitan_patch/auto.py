@@ -25,6 +25,7 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
+from paro_fsdp.comm.device import broadcast_object
 from paro_fsdp.planner import (
     Calibration,
     ModelSizes,
@@ -161,8 +162,7 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
             decision[0] = ("chosen", strategy.code)
         except (ParoConfigError, OSError, ValueError) as e:  # ValueError: the planner's input checks
             decision[0] = ("error", str(e))
-    dist.broadcast_object_list(decision, src=0)
-    outcome, value = decision[0]
+    outcome, value = broadcast_object(decision[0], src=0)  # on the default group's device (NCCL: this GPU)
     if outcome == "error":
         raise ParoConfigError(value)
     return ParoStrategy.parse(value)
