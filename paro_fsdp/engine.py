@@ -1,42 +1,31 @@
-"""The sharding engine: how gradients and parameters move between granularities.
+"""The sharding engine: each unit's gradient and parameter state, moved by the transition table.
 
 FSDP2 owns the parameters at granularity P (``fully_shard`` over a 1-rank mesh for N, the
-``dp_shard`` mesh for I, the flattened mesh for G) and gathers them every micro-step. Every
-gradient FSDP2 reduces passes through :meth:`Unit.on_reduced` (its all-reduce hook, with
-FSDP's own division disabled). There the engine reduces it further to G (once per
-micro-step), accumulates it in fp32, and after the last micro-step reduces it to the
-optimizer's granularity O (``sync_g``, overlapped with the rest of backward). After the
-optimizer step, :meth:`Unit.sync_params` brings the updated O slices back to P (``sync_p``).
+``dp_shard`` mesh for I, the flattened mesh for G) and gathers them every micro-step; its
+gathers, reductions and gradients reach the engine through :mod:`paro_fsdp.fsdp_seam`. The
+engine reduces each gradient to G every micro-step (``grad_reduce``), accumulates it there in
+fp32, and after the last micro-step reduces it to the optimizer's granularity O and completes
+the sum (``sync_g``). After the optimizer step, :meth:`Unit.sync_params` brings the updated O
+slices back to P (``sync_p``). Which collectives each move runs is
+:mod:`paro_fsdp.transitions`' table; :func:`run` executes an entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
+from paro_fsdp import fsdp_seam
 from paro_fsdp.comm.groups import MeshGroups
-from paro_fsdp.comm.stats import INTER, INTRA, CommStats, phase
+from paro_fsdp.comm.registry import Collectives
+from paro_fsdp.comm.stats import INTRA, CommStats, phase
 from paro_fsdp.layout import ParamRegion, RowLayout
 from paro_fsdp.strategy import Granularity, ParoStrategy
+from paro_fsdp.transitions import ALL_GATHER, ALL_REDUCE, COMPLETE, GATHER, REDUCE, Transition, complete, gather, reduce
 
 N, I, G = Granularity.N, Granularity.I, Granularity.G
-
-
-class Collectives(Protocol):
-    """Global collectives over the 2D mesh with flat (group-major) semantics."""
-
-    groups: MeshGroups
-    name: str
-
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
-                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
-    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
 
 
 @dataclass
@@ -64,12 +53,56 @@ class EngineState:
         """
         self.last_microstep = last
         for unit in self.units:
-            FSDPModule.set_requires_gradient_sync(
-                unit.module, last or self.strategy.grad is not N, recurse=False
-            )
+            fsdp_seam.set_fsdp_gradient_sync(unit.module, last or self.strategy.grad is not N)
 
     def grads_ready(self) -> bool:
         return all(u.optim_grad is not None for u in self.units if u.layout.regions)
+
+
+def run(t: Transition, x: torch.Tensor, state: EngineState, *, columns: bool,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run transition ``t`` on ``x`` and return the result (``out`` when given; ``x`` itself for
+    ``complete``, which works in place).
+
+    ``columns``: the N-level data is n chunks in flat-rank order (the engine's rows of P=N units,
+    FSDP's buffers at P=G), so a rank's I-level share is its column of chunks ``j*m + local``;
+    otherwise (FSDP's buffers at P=I) it is the rank's contiguous 1/m block.
+    """
+    if t.direction == COMPLETE:
+        if t.steps:
+            if t.is_global:
+                state.collectives.all_reduce(x)
+            else:
+                (step,) = t.steps
+                state.groups.all_reduce(x, step.link)
+        return x
+    if out is None:
+        if not t.steps:
+            return x
+        fraction = t.dst.fraction(state.groups.group_size, state.groups.world) / \
+            t.src.fraction(state.groups.group_size, state.groups.world)
+        out = x.new_empty(round(x.numel() * fraction))
+    if not t.steps:
+        if out.data_ptr() != x.data_ptr():
+            out.copy_(x.view(out.shape))
+    elif t.is_global:
+        if t.direction == REDUCE:
+            state.collectives.reduce_scatter(out, x)
+        else:
+            state.collectives.all_gather(out, x)
+    else:
+        (step,) = t.steps
+        groups, g, m = state.groups, state.groups.groups, state.groups.group_size
+        if step.link == INTRA and columns:
+            if step.kind == ALL_GATHER:
+                groups.start_all_gather_columns(out.view(g, m, -1), x.reshape(-1)).wait()
+            else:
+                groups.start_reduce_scatter_columns(out, x.view(g, m, -1)).wait()
+        elif step.kind == ALL_GATHER:
+            groups.all_gather(out, x, step.link)
+        else:
+            groups.reduce_scatter(out, x, step.link)
+    return out
 
 
 class Unit:
@@ -78,196 +111,105 @@ class Unit:
     def __init__(self, module: FSDPModule, state: EngineState) -> None:
         self.module = module
         self.state = state
-        s = state.strategy
-        group = module._get_fsdp_state()._fsdp_param_group
+        params = fsdp_seam.sharded_params(module)
         regions, offset = [], 0
-        for fsdp_param in group.fsdp_params if group is not None else []:
-            if not fsdp_param.sharded_param.requires_grad:
-                continue
-            local = fsdp_param.sharded_param._local_tensor
-            regions.append(ParamRegion(fsdp_param.sharded_param, offset, local.numel()))
-            offset += fsdp_param.padded_sharded_param_size.numel()
-        self.layout = RowLayout(regions, offset, s.param, state.groups)
-        self.grad_accum: torch.Tensor | None = None  # fp32, at granularity max(P, G)
-        self.optim_grad: torch.Tensor | None = None  # fp32, averaged, at granularity O
-        self.partial_intra: torch.Tensor | None = None  # GIG only: intra-reduced sums
-        if group is not None:  # frozen units are gathered too: hierarchically, and counted
-            module.set_custom_all_gather(_UnitAllGather(self))
-        if regions:
-            module.set_force_sum_reduction_for_comms(True)  # the engine divides once, by n
-            module.set_all_reduce_hook(self.on_reduced)
-            module.set_custom_reduce_scatter(_UnitReduceScatter(self))
-            for region in regions:
-                region.param.register_post_accumulate_grad_hook(_drop_grad)
+        for p in params or []:
+            if p.param.requires_grad:
+                regions.append(ParamRegion(p.param, offset, p.param._local_tensor.numel()))
+                offset += p.padded_numel
+        self.layout = RowLayout(regions, offset, state.strategy.param, state.groups)
+        self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
+        self.optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
+        if params is not None:
+            fsdp_seam.attach(self)
 
-    # Reductions between granularities. Data is the compact buffer of the owned chunks.
-
-    def _scatter(self, x: torch.Tensor, src: Granularity, dst: Granularity) -> torch.Tensor:
-        """Reduce-scatter from granularity ``src`` to the finer ``dst``."""
-        if dst == src:
-            return x
-        groups, chunk = self.state.groups, self.layout.chunk
-        out = x.new_empty(self.layout.compact_numel(dst))
-        if src is N and dst is I:
-            g, m = groups.groups, groups.group_size
-            by_local = x.view(g, m, chunk).transpose(0, 1).contiguous()
-            groups.reduce_scatter(out, by_local.view(-1), INTRA)
-        elif src is N:
-            self.state.collectives.reduce_scatter(out, x)
-        else:
-            groups.reduce_scatter(out, x, INTER)
-        return out
-
-    def _complete(self, x: torch.Tensor, level: Granularity) -> None:
-        """Sum over the ranks that hold copies of the same chunks at ``level``."""
-        if level is N:
-            self.state.collectives.all_reduce(x)
-        elif level is I:
-            self.state.groups.all_reduce(x, INTER)
-
-    def gather(self, x: torch.Tensor, src: Granularity, dst: Granularity) -> torch.Tensor:
-        """All-gather from granularity ``src`` to the coarser ``dst``."""
-        if dst == src:
-            return x
-        groups, chunk = self.state.groups, self.layout.chunk
-        out = x.new_empty(self.layout.compact_numel(dst))
-        if src is I:  # I -> N with P=N: columns of all local ranks, back to rank order
-            g, m = groups.groups, groups.group_size
-            by_local = x.new_empty(m * g * chunk)
-            groups.all_gather(by_local, x, INTRA)
-            out.view(g, m, chunk).copy_(by_local.view(m, g, chunk).transpose(0, 1))
-        elif dst is N:
-            self.state.collectives.all_gather(out, x)
-        else:
-            groups.all_gather(out, x, INTER)
-        return out
-
-    # Gradient path.
-
-    def fsdp_reduce_phase(self) -> str:
-        """FSDP's own reduction is once per step (sync_g) when the strategy keeps full gradients."""
-        s = self.state.strategy
-        return "sync_g" if s.grad < s.param else "grad_reduce"
-
-    def on_reduced(self, reduce_output: torch.Tensor) -> None:
-        """FSDP2's hook: ``reduce_output`` is this rank's row, summed over P's ranks."""
-        s, last = self.state.strategy, self.state.last_microstep
-        if s.grad < s.param and not last:
-            return  # accumulation happens upstream of this hook (FSDP or the GIG reduce-scatter)
-        x = self.layout.pad(reduce_output)
-        level = max(s.param, s.grad)
-        with phase("grad_reduce"):
-            x = self._scatter(x, s.param, level)
-        if self.grad_accum is None:
-            self.grad_accum = x.float() if x.dtype != torch.float32 else x.clone()
-        else:
-            self.grad_accum += x
-        if not last:
-            return
-        x, self.grad_accum = self.grad_accum, None
-        with phase("sync_g"):
-            x = self._scatter(x, level, s.optim)
-            self._complete(x, s.optim)
-        x.div_(self.state.divide_factor or self.state.groups.world)
-        if self.optim_grad is None:
-            self.optim_grad = x
-        else:  # several synchronized backwards before one step: gradients add up, as in DDP
-            self.optim_grad += x
-
-    def zero_grad(self) -> None:
-        self.grad_accum = self.optim_grad = self.partial_intra = None
+    def _run(self, t: Transition, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``run`` on this unit's own rows (chunked n ways for P=N, so I-level shares are columns)."""
+        return run(t, x, self.state, columns=True, out=out)
 
     # Parameter path.
+
+    def gather_params(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """FSDP2's all-gather: this rank's P shard (aliasing its slice of ``output``) to the full unit."""
+        with phase("param_gather"):
+            run(gather(self.state.strategy.param, N), input, self.state,
+                columns=self.state.strategy.param is G, out=output)
+
+    def gather(self, x: torch.Tensor, src: Granularity, dst: Granularity) -> torch.Tensor:
+        """All-gather this unit's compact buffer at ``src`` to the coarser ``dst``."""
+        return self._run(gather(src, dst), x)
 
     def sync_params(self, compact: torch.Tensor) -> None:
         """Write the O-granularity parameter slices (``compact``) back to every P copy."""
         s = self.state.strategy
         with phase("sync_p"):
             row = self.gather(compact, s.optim, s.param)
-        self.write_row(row)
-
-    def write_row(self, row: torch.Tensor) -> None:
         for region in self.layout.regions:
             region.local_flat().copy_(row[region.offset : region.offset + region.numel])
 
+    # Gradient path: N --grad_reduce--> G (accumulated) --sync_g--> O. FSDP2 produces P; where
+    # P is finer than G (G < P), the first part of sync_g runs inside FSDP2's reduce-scatter.
+
+    def reduce_to_params(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """FSDP2's reduce-scatter: ``input`` is this rank's full unit gradient, ``output`` its P row."""
+        s, last = self.state.strategy, self.state.last_microstep
+        columns = s.param is G
+        if s.param <= s.grad:
+            with phase("grad_reduce"):
+                run(reduce(N, s.param), input, self.state, columns=columns, out=output)
+            return
+        # G coarser than P: with G=N FSDP2 itself accumulates and calls this once per step; with
+        # G=I (GIG) the unit accumulates at G and reduces on to P after the last micro-step.
+        x = input.view(-1)
+        if s.grad is not N:
+            with phase("grad_reduce"):
+                self._accumulate(run(reduce(N, s.grad), x, self.state, columns=columns), owned=True)
+            if not last:
+                output.zero_()  # ignored: the hook acts after the last micro-step only
+                return
+            x, self.grad_accum = self.grad_accum, None
+        with phase("sync_g"):
+            run(reduce(s.grad, s.param), x, self.state, columns=columns, out=output)
+
+    def on_reduced(self, reduce_output: torch.Tensor) -> None:
+        """FSDP2's all-reduce hook: ``reduce_output`` is this rank's P row, summed over P's ranks."""
+        s, last = self.state.strategy, self.state.last_microstep
+        if s.param <= s.grad:
+            row = self.layout.pad(reduce_output)
+            with phase("grad_reduce"):
+                x = self._run(reduce(s.param, s.grad), row)
+            self._accumulate(x, owned=x is not reduce_output)
+            if not last:
+                return
+            x, self.grad_accum = self.grad_accum, None
+        elif not last:
+            return
+        else:
+            x = self.layout.pad(reduce_output).float()
+            x = x.clone() if x is reduce_output else x
+        with phase("sync_g"):
+            x = self._run(reduce(max(s.param, s.grad), s.optim), x)
+            self._run(complete(s.optim), x)
+        x.div_(self.state.divide_factor or self.state.groups.world)
+        if self.optim_grad is None:
+            self.optim_grad = x
+        else:  # several synchronized backwards before one step: gradients add up, as in DDP
+            self.optim_grad += x
+
+    def _accumulate(self, x: torch.Tensor, *, owned: bool) -> None:
+        """Add ``x`` to the fp32 sum at G (``owned``: ``x`` is a buffer of the engine's, not FSDP2's)."""
+        if self.grad_accum is not None:
+            self.grad_accum += x
+        elif x.dtype != torch.float32:
+            self.grad_accum = x.float()
+        else:
+            self.grad_accum = x if owned else x.clone()
+
+    def zero_grad(self) -> None:
+        self.grad_accum = self.optim_grad = None
+
     def grad_bytes(self) -> int:
         """Bytes of gradient state this unit keeps between micro-steps."""
-        held = [t for t in (self.grad_accum, self.partial_intra, self.optim_grad) if t is not None]
-        fsdp = self.module._get_fsdp_state()._fsdp_param_group
-        for p in fsdp.fsdp_params if fsdp is not None else []:
-            if p.unsharded_accumulated_grad is not None:
-                held.append(p.unsharded_accumulated_grad)
-            elif p.sharded_param.requires_grad and getattr(p, "_unsharded_param", None) is not None \
-                    and p._unsharded_param.grad is not None:
-                held.append(p._unsharded_param.grad)
+        held = [t for t in (self.grad_accum, self.optim_grad) if t is not None]
+        held += fsdp_seam.fsdp_held_gradients(self.module)
         return sum(t.numel() * t.element_size() for t in held)
-
-
-def _drop_grad(param: torch.Tensor) -> None:
-    """The engine keeps gradients in its own buffers; FSDP's per-parameter copy is dropped."""
-    param.grad = None
-
-
-class _UnitAllGather(AllGather):
-    """FSDP2 parameter all-gather at P: intra-group for I, hierarchical global for G."""
-
-    def __init__(self, unit: Unit) -> None:
-        self.unit = unit
-
-    def allocate(self, size, *, dtype, device):  # noqa: ANN001 - FSDP2's Comm signature
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor, input_tensor, group, async_op=False):  # noqa: ANN001
-        state = self.unit.state
-        with phase("param_gather"):
-            if state.strategy.param is G:
-                state.collectives.all_gather(output_tensor, input_tensor)
-            else:  # I (N runs on a 1-rank group, where this is a local copy)
-                if group.size() > 1:
-                    state.groups.all_gather(output_tensor, input_tensor, INTRA)
-        return None
-
-
-class _UnitReduceScatter(ReduceScatter):
-    """FSDP2 gradient reduce-scatter at P, byte-optimal on every backend.
-
-    For GIG (P=G, G=I) it keeps intra-group sums between micro-steps and crosses groups only
-    after the last one, writing zeros (ignored by the hook) before that.
-    """
-
-    def __init__(self, unit: Unit) -> None:
-        self.unit = unit
-
-    def allocate(self, size, *, dtype, device):  # noqa: ANN001
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # noqa: ANN001
-        unit, state = self.unit, self.unit.state
-        if op != dist.ReduceOp.SUM:
-            raise RuntimeError(f"PaRO units reduce with SUM and divide once; FSDP asked for {op}")
-        s, groups = state.strategy, state.groups
-        if s.param is I:
-            with phase(unit.fsdp_reduce_phase()):
-                groups.reduce_scatter(output_tensor, input_tensor, INTRA)
-        elif s.grad is not I:
-            with phase(unit.fsdp_reduce_phase()):
-                state.collectives.reduce_scatter(output_tensor, input_tensor)
-        else:
-            g, m, chunk = groups.groups, groups.group_size, output_tensor.numel()
-            by_local = input_tensor.view(g, m, chunk).transpose(0, 1).contiguous()
-            column = input_tensor.new_empty(g * chunk)
-            with phase("grad_reduce"):
-                groups.reduce_scatter(column, by_local.view(-1), INTRA)
-            if unit.partial_intra is None:
-                unit.partial_intra = column.float()
-            else:
-                unit.partial_intra += column
-            if not state.last_microstep:
-                output_tensor.zero_()
-                return None
-            column, unit.partial_intra = unit.partial_intra, None
-            reduced = column.new_empty(chunk)
-            with phase("sync_g"):
-                groups.reduce_scatter(reduced, column, INTER)
-            output_tensor.copy_(reduced)
-        return None

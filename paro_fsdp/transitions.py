@@ -36,14 +36,12 @@ class LinkStep:
 
     ``extent`` is the granularity whose per-rank share is the collective's full size: a ring
     reduce-scatter or all-gather of S over k ranks sends (k-1)/k*S per rank, an all-reduce
-    twice that. ``columns`` marks the intra step between N and I, which exchanges each rank's
-    column (chunks ``j*m + local`` for every group j) rather than a contiguous block.
+    twice that.
     """
 
     kind: str
     link: str
     extent: Granularity
-    columns: bool = False
 
     def share(self, groups: int, group_size: int) -> float:
         """Fraction of the whole state this rank sends in this step."""
@@ -83,14 +81,14 @@ def _t(direction: str, src: Granularity, dst: Granularity, *steps: LinkStep) -> 
 # reduce-scatter, an inter all-reduce of the 1/m piece and an intra all-gather.
 _TABLE: dict[tuple[str, Granularity, Granularity], Transition] = {
     t[:3]: _t(*t) for t in [
-        (REDUCE, N, I, LinkStep(REDUCE_SCATTER, INTRA, N, columns=True)),
+        (REDUCE, N, I, LinkStep(REDUCE_SCATTER, INTRA, N)),
         (REDUCE, N, G, LinkStep(REDUCE_SCATTER, INTRA, N), LinkStep(REDUCE_SCATTER, INTER, I)),
         (REDUCE, I, G, LinkStep(REDUCE_SCATTER, INTER, I)),
         (COMPLETE, N, N, LinkStep(REDUCE_SCATTER, INTRA, N), LinkStep(ALL_REDUCE, INTER, I),
          LinkStep(ALL_GATHER, INTRA, N)),
         (COMPLETE, I, I, LinkStep(ALL_REDUCE, INTER, I)),
         (COMPLETE, G, G),
-        (GATHER, I, N, LinkStep(ALL_GATHER, INTRA, N, columns=True)),
+        (GATHER, I, N, LinkStep(ALL_GATHER, INTRA, N)),
         (GATHER, G, N, LinkStep(ALL_GATHER, INTER, I), LinkStep(ALL_GATHER, INTRA, N)),
         (GATHER, G, I, LinkStep(ALL_GATHER, INTER, I)),
     ]

@@ -26,17 +26,21 @@ from paro_fsdp.comm.groups import MeshGroups
 from paro_fsdp.comm.ho_ring import HORingCollectives, collectives_for
 
 
-class _CollectivesComm:
-    """Shared part: plain allocation, group validation, whether the collectives can run async."""
+class FSDPComm:
+    """Base of every custom FSDP2 comm in the library: FSDP allocates its buffers through it."""
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _CollectivesComm(FSDPComm):
+    """Shared part: group validation, whether the collectives can run async."""
 
     def __init__(self, collectives: Any) -> None:
         self.collectives = collectives
         self._async = "async_op" in inspect.signature(collectives.all_gather).parameters
         self._checked: set[int] = set()
-
-    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def _check(self, group: dist.ProcessGroup) -> None:
         if id(group) in self._checked:

@@ -123,6 +123,29 @@ class MeshGroups:
             return Pending(dist.all_reduce(tensor, group=self.group(link), async_op=True), lambda: tensor.div_(k))
         return Pending(dist.all_reduce(tensor, op=op, group=self.group(link), async_op=True))
 
+    # Columns: in a buffer of n blocks in flat-rank order, viewed (g, m, S), this rank's column
+    # is ``[:, local_index]``, the blocks of every group's rank with its local index. The intra
+    # collectives between a full buffer and columns permute blocks here and nowhere else.
+
+    def start_reduce_scatter_columns(self, output: torch.Tensor, blocks: torch.Tensor) -> "Pending":
+        """Intra-group reduce-scatter of ``blocks`` (g, m, S), possibly a strided view, into this
+        rank's column: ``output`` (g*S) = sum over the group's ranks of ``blocks[:, local_index]``."""
+        by_local = blocks.transpose(0, 1).contiguous()  # (m, g, S): block l goes to local rank l
+        return self.start_reduce_scatter(output, by_local.view(-1), INTRA)
+
+    def start_all_gather_columns(self, output: torch.Tensor, column: torch.Tensor) -> "Pending":
+        """Intra-group all-gather of every rank's ``column`` (g*S) into ``output`` (g, m, S),
+        possibly a strided view, so that ``output[:, l]`` is local rank l's column."""
+        g, m, s = output.shape
+        gathered = column.new_empty(m * g * s)
+        pending = self.start_all_gather(gathered, column, INTRA)
+
+        def finish() -> None:
+            pending.wait()
+            output.copy_(gathered.view(m, g, s).transpose(0, 1))
+
+        return Pending(None, finish)
+
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str) -> None:
         self.start_all_gather(output, input, link).wait()
 

@@ -28,19 +28,16 @@ class HierarchicalCollectives:
         g, m = self.groups.groups, self.groups.group_size
         s = input.numel()
         column = input.new_empty(g * s)
-        self.groups.all_gather(column, input.reshape(-1), INTER)  # (g, S): my column
-        gathered = input.new_empty(m * g * s)
-        self.groups.all_gather(gathered, column, INTRA)  # (m, g, S)
-        output.view(g, m, s).copy_(gathered.view(m, g, s).transpose(0, 1))
+        self.groups.all_gather(column, input.reshape(-1), INTER)
+        self.groups.start_all_gather_columns(output.view(g, m, s), column).wait()
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
                        op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         """``output`` = reduction over ranks of ``input[r*S:(r+1)*S]``, r this flat rank."""
         g, m = self.groups.groups, self.groups.group_size
         s = output.numel()
-        by_local = input.view(g, m, s).transpose(0, 1).contiguous()  # (m, g, S)
         column = input.new_empty(g * s)
-        self.groups.reduce_scatter(column, by_local.view(-1), INTRA)
+        self.groups.start_reduce_scatter_columns(column, input.view(g, m, s)).wait()
         self.groups.reduce_scatter(output.view(-1), column, INTER)
         if op == dist.ReduceOp.AVG:
             output.div_(g * m)

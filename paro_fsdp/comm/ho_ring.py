@@ -184,13 +184,11 @@ class HORingCollectives:
             intra = []
             for (a, b), (column, step) in zip(bounds, inter):
                 step.wait()
-                gathered = src.new_empty(m * g * (b - a))
-                intra.append((gathered, groups.start_all_gather(gathered, column, INTRA)))
+                intra.append(groups.start_all_gather_columns(out[:, :, a:b], column))
 
             def finish() -> None:
-                for (a, b), (gathered, step) in zip(bounds, intra):
+                for step in intra:
                     step.wait()
-                    out[:, :, a:b].copy_(gathered.view(m, g, b - a).transpose(0, 1))
             return finish
 
         return self._run(issue, async_op, [output])
@@ -213,9 +211,8 @@ class HORingCollectives:
             bounds = self._bounds(s, 1, input.numel() * input.element_size())
             intra = []
             for a, b in bounds:
-                by_local = by_rank[:, :, a:b].transpose(0, 1).contiguous()  # (m, g, chunk)
                 column = out.new_empty(g * (b - a))
-                intra.append((column, groups.start_reduce_scatter(column, by_local.view(-1), INTRA)))
+                intra.append((column, groups.start_reduce_scatter_columns(column, by_rank[:, :, a:b])))
             inter = []
             for (a, b), (column, step) in zip(bounds, intra):
                 step.wait()

@@ -1,0 +1,109 @@
+"""Everything the engine needs from FSDP2's internals, and nothing else.
+
+FSDP2 owns each unit's parameters at granularity P. The engine plugs into it at four points,
+all set up here: a custom all-gather (P's parameter gather), a custom reduce-scatter (the
+gradient reduction to P), the all-reduce hook (where each reduced row is handed over) and a
+post-accumulate-grad hook that drops FSDP's per-parameter gradients (the engine's buffers hold
+them). Reading FSDP's parameter group is also only done here, so a change in FSDP2's private
+layout is mended in this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+from paro_fsdp.comm.fsdp import FSDPComm
+from paro_fsdp.comm.streams import keep_for_current_stream
+
+if TYPE_CHECKING:
+    from paro_fsdp.engine import Unit
+
+
+@dataclass(frozen=True)
+class ShardedParam:
+    """One parameter as FSDP2 holds it on this rank: its sharded DTensor and padded size."""
+
+    param: torch.nn.Parameter
+    padded_numel: int
+
+
+def sharded_params(module: FSDPModule) -> list[ShardedParam] | None:
+    """The parameters FSDP2 manages in ``module``'s own unit, in its row order (``None``: no unit)."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    if group is None:
+        return None
+    return [ShardedParam(p.sharded_param, p.padded_sharded_param_size.numel()) for p in group.fsdp_params]
+
+
+def fsdp_held_gradients(module: FSDPModule) -> list[torch.Tensor]:
+    """Gradients FSDP2 itself keeps for ``module`` between micro-steps (its deferred, unsharded ones)."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    held = []
+    for p in group.fsdp_params if group is not None else []:
+        if p.unsharded_accumulated_grad is not None:
+            held.append(p.unsharded_accumulated_grad)
+        elif p.sharded_param.requires_grad and getattr(p, "_unsharded_param", None) is not None \
+                and p._unsharded_param.grad is not None:
+            held.append(p._unsharded_param.grad)
+    return held
+
+
+def set_fsdp_gradient_sync(module: FSDPModule, sync: bool) -> None:
+    """Whether FSDP2 reduces ``module``'s gradients in the next backward (else it accumulates them)."""
+    FSDPModule.set_requires_gradient_sync(module, sync, recurse=False)
+
+
+def attach(unit: "Unit") -> None:
+    """Route ``unit``'s FSDP2 gathers, reductions and gradients through the engine."""
+    module = unit.module
+    module.set_custom_all_gather(_UnitAllGather(unit))  # frozen-only units are gathered (and counted) too
+    if not unit.layout.regions:
+        return
+    module.set_force_sum_reduction_for_comms(True)  # the engine divides once, by n
+    module.set_custom_reduce_scatter(_UnitReduceScatter(unit))
+
+    def on_reduced(reduce_output: torch.Tensor) -> None:
+        # FSDP2 keeps its reduce-scatter output alive only through the sharded gradients, which
+        # the engine drops: record that the engine's work on this stream still reads it.
+        keep_for_current_stream(reduce_output)
+        unit.on_reduced(reduce_output)
+
+    module.set_all_reduce_hook(on_reduced)
+    for region in unit.layout.regions:
+        region.param.register_post_accumulate_grad_hook(_drop_grad)
+
+
+def _drop_grad(param: torch.Tensor) -> None:
+    param.grad = None
+
+
+class _UnitAllGather(FSDPComm, AllGather):
+    """FSDP2's parameter all-gather at P, run by the engine (counted, hierarchical for P=G)."""
+
+    def __init__(self, unit: "Unit") -> None:
+        self.unit = unit
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
+                 group: dist.ProcessGroup, async_op: bool = False) -> None:
+        self.unit.gather_params(output_tensor, input_tensor)
+        return None
+
+
+class _UnitReduceScatter(FSDPComm, ReduceScatter):
+    """FSDP2's gradient reduce-scatter to P, run by the engine (byte-optimal on every backend)."""
+
+    def __init__(self, unit: "Unit") -> None:
+        self.unit = unit
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: dist.ReduceOp | dist.ReduceOp.RedOpType, async_op: bool = False) -> None:
+        if op != dist.ReduceOp.SUM:
+            raise RuntimeError(f"PaRO units reduce with SUM and divide once; FSDP asked for {op}")
+        self.unit.reduce_to_params(output_tensor, input_tensor)
+        return None
