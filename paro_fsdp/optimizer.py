@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
-from paro_fsdp.comm.device import all_gather_object
-from paro_fsdp.engine import EngineState, Unit
-from paro_fsdp.layout import Slice
+from paro_fsdp import optimizer_state
+from paro_fsdp.engine import EngineState
+from paro_fsdp.optimizer_state import UnitSlices, compact_slices, ensure_inner_state
 from paro_fsdp.parallelize import paro_state
 
 
@@ -45,7 +44,7 @@ class ParoOptimizer(torch.optim.Optimizer):
                 raise ValueError("every trainable parameter must be in one of param_groups")
         # (unit, O-level slices, the inner optimizer's view of each slice), in a fixed order:
         # every rank iterates units identically.
-        self._units: list[tuple[Unit, list[Slice], list[torch.Tensor]]] = []
+        self._units: list[UnitSlices] = []
         inner_groups = [{**{k: v for k, v in grp.items() if k != "params"}, "params": []} for grp in self.param_groups]
         for unit in self._engine.units:
             if not unit.layout.regions:
@@ -56,7 +55,7 @@ class ParoOptimizer(torch.optim.Optimizer):
                 inner_groups[owner[id(sl.region.param)]]["params"].append(view)
             self._units.append((unit, slices, views))
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
-        self._ensure_inner_state()
+        ensure_inner_state(self.inner, self._all_views())
         # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
         # reads to unflatten a state dict); the values live in ``inner``, sliced, and
         # ``state_dict()`` returns them whole.
@@ -85,17 +84,8 @@ class ParoOptimizer(torch.optim.Optimizer):
         self._sync_hyperparameters()
         self.inner.step()
         for unit, slices, views in self._units:
-            unit.sync_params(self._compact(unit, slices, views))
+            unit.sync_params(compact_slices(unit, slices, views, self._engine.strategy.optim))
         return None
-
-    def _compact(self, unit: Unit, slices: list[Slice], values: list[torch.Tensor]) -> torch.Tensor:
-        """Pack per-slice tensors into the unit's O-level compact buffer (gaps are zeros)."""
-        level = self._engine.strategy.optim
-        ref = values[0] if values else unit.layout.regions[0].param
-        out = torch.zeros(unit.layout.compact_numel(level), dtype=ref.dtype, device=ref.device)
-        for sl, v in zip(slices, values):
-            out[sl.compact_start : sl.compact_start + sl.numel].copy_(v)
-        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for unit in self._engine.units:
@@ -106,103 +96,20 @@ class ParoOptimizer(torch.optim.Optimizer):
     def _all_views(self) -> list[torch.Tensor]:
         return [v for _, _, views in self._units for v in views]
 
-    # Checkpointing: states are exchanged at the parameters' sharding (a DTensor like the parameter).
-
-    def _ensure_inner_state(self) -> None:
-        """Create the inner optimizer's state (zeros) the way a first step would, without changing parameters."""
-        if self.inner.state or not self._all_views():
-            return
-        for view in self._all_views():
-            view.grad = torch.zeros_like(view)
-        self._sync_hyperparameters()
-        saved = [grp["lr"] for grp in self.inner.param_groups]
-        for grp in self.inner.param_groups:
-            grp["lr"] = 0.0
-        self.inner.step()
-        for grp, lr in zip(self.inner.param_groups, saved):
-            grp["lr"] = lr
-        for st in self.inner.state.values():
-            if "step" in st and torch.is_tensor(st["step"]):
-                st["step"].zero_()
-            elif "step" in st:
-                st["step"] = 0
-        for view in self._all_views():
-            view.grad = None
-
-    def _state_keys(self) -> tuple[list[str], list[str]]:
-        """(per-element keys, scalar keys) of the inner state, agreed on by all ranks."""
-        mine: dict[str, bool] = {}
-        for st in self.inner.state.values():
-            for k, v in st.items():
-                mine[k] = torch.is_tensor(v) and v.dim() > 0
-        everyone: list[dict[str, bool]] = all_gather_object(mine)  # on the default group's device (NCCL: this GPU)
-        merged = {k: v for d in everyone for k, v in d.items()}
-        return sorted(k for k, v in merged.items() if v), sorted(k for k, v in merged.items() if not v)
-
     def state_dict(self) -> dict[str, Any]:
-        tensor_keys, scalar_keys = self._state_keys()
-        index = {id(p): i for i, p in enumerate(p for grp in self.param_groups for p in grp["params"])}
-        scalars = next(iter(self.inner.state.values()), {})
-        state: dict[int, dict[str, Any]] = {}
-        level = self._engine.strategy.optim
-        for unit, slices, views in self._units:
-            for key in tensor_keys:
-                values = [self.inner.state[view][key] for view in views]
-                compact = self._compact(unit, slices, values)
-                row = unit.gather(compact, level, self._engine.strategy.param)
-                for region in unit.layout.regions:
-                    local = row[region.offset : region.offset + region.numel].view(_local(region.param).shape)
-                    entry = state.setdefault(index[id(region.param)], {})
-                    entry[key] = _like_param(local.clone(), region.param)
-            for region in unit.layout.regions:
-                entry = state.setdefault(index[id(region.param)], {})
-                for key in scalar_keys:
-                    value = scalars.get(key)
-                    entry[key] = value.clone() if torch.is_tensor(value) else value
-        groups = []
-        for grp in self.param_groups:
-            groups.append({**{k: v for k, v in grp.items() if k != "params"},
-                           "params": [index[id(p)] for p in grp["params"]]})
-        return {"state": state, "param_groups": groups}
+        """Every state gathered to its parameter's sharding (collective: every rank calls it).
+
+        Returns:
+            ``torch.optim.Optimizer``'s layout; per-element states are DTensors placed like
+            their parameters, so ``torch.distributed.checkpoint`` reshards them on load.
+        """
+        return optimizer_state.gather_state_dict(self.param_groups, self.inner, self._units, self._engine.strategy)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
-        ):
-            raise ValueError(
-                "optimizer state does not match this optimizer's param groups (saved sizes "
-                f"{[len(s['params']) for s in saved_groups]}, current {[len(g['params']) for g in self.param_groups]})"
-            )
-        by_param = {}
-        for grp, saved in zip(self.param_groups, saved_groups):
-            grp.update({k: v for k, v in saved.items() if k != "params"})
-            for p, key in zip(grp["params"], saved["params"]):
-                if key in state_dict["state"]:
-                    by_param[id(p)] = state_dict["state"][key]
-        for _, slices, views in self._units:
-            for sl, view in zip(slices, views):
-                saved = by_param.get(id(sl.region.param))
-                if saved is None:
-                    raise ValueError("optimizer state is missing a trainable parameter; was it saved from this model?")
-                inner = self.inner.state[view]
-                for key, value in saved.items():
-                    if torch.is_tensor(value) and value.dim() > 0:
-                        flat = _local(value).reshape(-1)
-                        inner[key].copy_(flat[sl.param_start : sl.param_start + sl.numel])
-                    elif torch.is_tensor(value) and torch.is_tensor(inner.get(key)):
-                        inner[key].copy_(_local(value))
-                    else:
-                        inner[key] = value
+        """Load a state dict saved by :meth:`state_dict`, under any strategy and mesh.
+
+        Raises:
+            ValueError: it does not match this optimizer's param groups or parameters.
+        """
+        optimizer_state.load_state_dict(self.param_groups, self.inner, self._units, state_dict)
         self._sync_hyperparameters()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.size(), stride=param.stride())
-    return local
