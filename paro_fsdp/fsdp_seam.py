@@ -33,9 +33,13 @@ class ShardedParam:
     padded_numel: int
 
 
+def _param_group(module: FSDPModule):  # noqa: ANN202 - FSDP2's private FSDPParamGroup
+    return module._get_fsdp_state()._fsdp_param_group
+
+
 def sharded_params(module: FSDPModule) -> list[ShardedParam] | None:
     """The parameters FSDP2 manages in ``module``'s own unit, in its row order (``None``: no unit)."""
-    group = module._get_fsdp_state()._fsdp_param_group
+    group = _param_group(module)
     if group is None:
         return None
     return [ShardedParam(p.sharded_param, p.padded_sharded_param_size.numel()) for p in group.fsdp_params]
@@ -43,7 +47,7 @@ def sharded_params(module: FSDPModule) -> list[ShardedParam] | None:
 
 def fsdp_held_gradients(module: FSDPModule) -> list[torch.Tensor]:
     """Gradients FSDP2 itself keeps for ``module`` between micro-steps (its deferred, unsharded ones)."""
-    group = module._get_fsdp_state()._fsdp_param_group
+    group = _param_group(module)
     held = []
     for p in group.fsdp_params if group is not None else []:
         if p.unsharded_accumulated_grad is not None:
