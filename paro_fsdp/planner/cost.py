@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
-from paro_fsdp.comm.registry import HO_RING, check_comm
+from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm
 from paro_fsdp.comm.stats import INTER, INTRA
 from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
@@ -95,7 +95,7 @@ def _unit_collective_bytes(phase_name: str, model: ModelSizes) -> float:
 
 
 def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
-             setup: TrainingSetup = TrainingSetup(), comm: str = "default") -> StrategyEstimate:
+             setup: TrainingSetup = TrainingSetup(), comm: str = DEFAULT) -> StrategyEstimate:
     """Memory per rank and step time of ``strategy`` (see the module docstring for the model)."""
     s = ParoStrategy.parse(strategy)
     check_comm(comm)
