@@ -12,7 +12,9 @@ trainer, before it looks up the model's train spec. Importing it:
 - routes the trainer's gradient clipping through :mod:`torchtitan_patch.clip`, the one
   torchtitan function replaced in place (the trainer calls it by module attribute);
 - scopes the default process group's store to the torchrun attempt, so a job restarted by
-  ``torchrun --max-restarts`` starts again (see :mod:`torchtitan_patch.elastic`).
+  ``torchrun --max-restarts`` starts again (see :mod:`torchtitan_patch.elastic`);
+- checks checkpoints: a checksum manifest after each save, and before each load the files,
+  the model and the data-parallel degree they fit (see :mod:`torchtitan_patch.checkpoint`).
 
 ``[job] custom_config_module = "torchtitan_patch.job_config"`` adds the PaRO fields.
 ``python -m torchtitan_patch.train`` is ``torchtitan.train`` plus CPU mode.
@@ -25,7 +27,7 @@ import importlib
 
 from torchtitan.protocols.train_spec import register_train_spec
 
-from torchtitan_patch import clip, elastic
+from torchtitan_patch import checkpoint, clip, elastic
 from torchtitan_patch.data import build_dataloader, register_dataset
 from torchtitan_patch.metrics import build_paro_metrics_processor
 from torchtitan_patch.optimizer import build_paro_optimizers
@@ -53,3 +55,4 @@ register_dataset()
 _register_train_specs()
 clip.install()
 elastic.install()
+checkpoint.install()

@@ -43,5 +43,18 @@ class Parallelism:
 
 
 @dataclass
+class Checkpoint:
+    paro_checksums: bool = True
+    """
+    After every synchronous checkpoint save, record each file's size and CRC-32 in the step
+    folder's paro_manifest.json (each rank checksums the files it wrote), and verify them
+    before loading it: a corrupted or truncated file stops the load with an error naming it.
+    False: no manifest; loads still check that every file the checkpoint's index refers to is
+    present and long enough (torchtitan_patch.checkpoint).
+    """
+
+
+@dataclass
 class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
