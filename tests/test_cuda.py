@@ -315,6 +315,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """Per strategy: the clipped-by-nothing global norm and every full parameter after one SGD step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from paro_fsdp import ParoOptimizer, clip_grad_norm_, paro_parallelize
 
     mesh, rank = _mesh(device, g, m), dist.get_rank()
@@ -329,7 +331,8 @@ def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...])
         norm = clip_grad_norm_(model, float("inf"))  # coefficient 1: returns the norm, gradients unchanged
         opt.step()
         opt.state_dict()  # the optimizer's state keys cross ranks as an object collective
-        out[f"{code}/{comm}"] = (norm.detach().cpu(), {k: _full(p) for k, p in model.named_parameters()})
+        params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # after sync_p
+        out[f"{code}/{comm}"] = (norm.detach().cpu(), {k: _full(p) for k, p in params.items()})
     return out
 
 
