@@ -330,9 +330,10 @@ def test_auto_strategy_plans_logs_the_ranking_and_trains_the_choice(four: dict[s
         assert f"Applied PaRO {code} (chosen by paro_strategy='auto') (ho_ring) on 2 group(s) x 2 rank(s) to the model" \
             in rank_logs, rank_logs
     assert auto["calibration_written"]
-    # Not compared with stock HSDP: a P=N choice initializes full tensors, not shards, so its
-    # step-1 weights (and losses) differ on CPU. It must train.
+    # Whatever it chose, it starts from stock HSDP's weights (torchtitan_patch.init) on the same
+    # data, so step 1 agrees; then it must train.
     losses = _curve(auto["losses"])
+    assert losses[0] == pytest.approx(_curve(four["stock"])[0], rel=LOSS_RTOL)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0] - 0.5, losses
 
 

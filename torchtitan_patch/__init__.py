@@ -7,7 +7,8 @@ trainer, before it looks up the model's train spec. Importing it:
   user specs take precedence over built-in ones). They are torchtitan's own specs with a
   PaRO-aware ``parallelize_fn``, optimizer builder, metrics processor and a dataloader that
   refuses to reshard its state; with ``parallelism.paro_strategy`` unset each delegates to
-  torchtitan's original, so the run is stock torchtitan;
+  torchtitan's original, so the run is stock torchtitan. Either way the model parts it returns
+  start from the unsharded model's weights, whatever the layout (:mod:`torchtitan_patch.init`);
 - registers the ``local_text`` dataset (offline text files; see :mod:`torchtitan_patch.data`);
 - routes the trainer's gradient clipping through :mod:`torchtitan_patch.clip`, the one
   torchtitan function replaced in place (the trainer calls it by module attribute);
@@ -29,6 +30,7 @@ from torchtitan.protocols.train_spec import register_train_spec
 
 from torchtitan_patch import checkpoint, clip, elastic
 from torchtitan_patch.data import build_dataloader, register_dataset
+from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.metrics import build_paro_metrics_processor
 from torchtitan_patch.optimizer import build_paro_optimizers
 from torchtitan_patch.parallelize import paro_parallelize_fn
@@ -40,7 +42,7 @@ def _register_train_specs() -> None:
         stock = importlib.import_module(f"torchtitan.models.{name}").get_train_spec()
         spec = dataclasses.replace(
             stock,
-            parallelize_fn=paro_parallelize_fn(stock.parallelize_fn),
+            parallelize_fn=full_tensor_init(paro_parallelize_fn(stock.parallelize_fn)),
             build_optimizers_fn=build_paro_optimizers,
             build_metrics_processor_fn=build_paro_metrics_processor,
             build_dataloader_fn=build_dataloader,

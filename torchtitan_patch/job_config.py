@@ -3,6 +3,7 @@
 torchtitan merges these dataclasses into its own ``JobConfig``, so they are set in the TOML
 under ``[parallelism]`` or on the command line (``--parallelism.paro_strategy NIG``). They are
 validated when the model is parallelized, by :func:`torchtitan_patch.settings.paro_settings`.
+``[debug] layout_independent_init`` switches :mod:`torchtitan_patch.init` (on by default).
 """
 
 from dataclasses import dataclass, field
@@ -43,6 +44,17 @@ class Parallelism:
 
 
 @dataclass
+class Debug:
+    layout_independent_init: bool = True
+    """
+    Start from the same weights whatever the parallel layout, strategy and device: each rank
+    initializes the whole unsharded model on CPU from debug.seed and keeps its shard
+    (torchtitan_patch.init). Costs the full model in host memory per rank while initializing.
+    False: torchtitan's init_weights on the sharded model, whose values depend on the layout.
+    """
+
+
+@dataclass
 class Checkpoint:
     paro_checksums: bool = True
     """
@@ -58,3 +70,4 @@ class Checkpoint:
 class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    debug: Debug = field(default_factory=Debug)
