@@ -29,6 +29,7 @@ import importlib
 from torchtitan.protocols.train_spec import register_train_spec
 
 from torchtitan_patch import checkpoint, clip, elastic
+from torchtitan_patch import flavors  # noqa: F401  (adds llama3 flavors, e.g. 57M)
 from torchtitan_patch.data import build_dataloader, register_dataset
 from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.metrics import build_paro_metrics_processor

@@ -1,0 +1,459 @@
+"""End to end: torchtitan trained under stock FSDP / HSDP / DDP and the PaRO strategies on the emulated cluster.
+
+Every run is one torchtitan launch (``python -m torchtitan_patch.train`` on CPU/gloo ranks)
+through ``paro_fsdp.cluster``: a topology (nodes x ranks), a link rate, A micro-batches per
+step, a model (llama3 debug or the 57M flavor of ``torchtitan_patch.flavors``) and a data
+parallel configuration; each also runs with every link at 20gbit, its compute floor. The report
+gives tokens/s, step time, bytes on each node's link and model-state memory beside PARO.md's
+formulas, the loss curves, targets, the paper's claims set against the measurements, and
+(full sweep) the scaling of the best PaRO strategy and stock FSDP over 1, 2 and 4 nodes.
+
+    python -m benchmarks.e2e --quick         # 2x4, 250mbit, A=4, debug model: FSDP, HSDP, PaRO GGG/IIG/NIG (+ floors)
+    python -m benchmarks.e2e                 # the full sweep (many hours on a small machine; --list says how many)
+    python -m benchmarks.e2e --list          # the runs a command would make and a rough time estimate, nothing run
+    python -m benchmarks.e2e --render        # re-render docs/BENCHMARKS.md and its plots from docs/benchmarks/e2e.json
+
+Needs root (network namespaces); see ``python -m paro_fsdp.cluster --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.collectives import _csv, _topology
+from benchmarks.e2e_report import (
+    ANY_COMM,
+    FLOOR_RATE,
+    FULL_GRID,
+    MODELS,
+    STOCK,
+    best_paro,
+    comm_matters,
+    config_label,
+    failure_reason,
+    formula_link_bytes,
+    formula_memory,
+    layout,
+    parse_run,
+    render,
+    run_key,
+    scenario_rows,
+    step_times,
+    tokens_per_step,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DOC = REPO / "docs" / "BENCHMARKS.md"
+DEFAULT_RAW = REPO / "docs" / "benchmarks" / "e2e.json"
+CONFIG_FILE = "train_configs/llama3_debug_paro.toml"
+SEQ_LEN, LOCAL_BATCH = 128, 1
+QUICK = {"models": ["debug"], "topologies": ["2x4"], "rates": ["250mbit"], "accum": [4],
+         "configs": ["fsdp", "hsdp", "GGG", "IIG", "NIG"], "comms": ["ho_ring"], "steps": 8}
+FULL = {**FULL_GRID, "configs": None, "comms": ["ho_ring", "default"], "steps": 12}
+SCALING_NODES, SCALING_RANKS, SCALING_ACCUM = (1, 2, 4), 2, 4
+# Host memory a rank needs besides its model states: Python, torch and torchtitan (about 0.6 GiB
+# measured with the debug model) and the unsharded model copy of the layout-independent init.
+RANK_BASE_BYTES = 0.7 * 2**30
+MEMORY_SHARE = 0.85  # of MemAvailable that the ranks of one launch may plan to use
+STARTUP_S = 50.0  # launch overhead per run (imports, rendezvous, model build) on this 2-core machine, for --list
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="only the 2x4, 250mbit, A=4 debug-model rows: stock FSDP and HSDP, PaRO GGG/IIG/NIG with "
+                        "ho_ring, their floors; 8 steps; no scaling")
+    p.add_argument("--models", type=_csv(str), help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument("--topologies", type=_csv(str), help="NODESxRANKS, comma-separated (default 2x4,4x2)")
+    p.add_argument("--rates", type=_csv(str), help="link rates, tc units (default 250mbit,1gbit)")
+    p.add_argument("--accum", type=_csv(int), help="micro-batches per step A, comma-separated (default 1,4)")
+    p.add_argument("--configs", type=_csv(str),
+                   help=f"{', '.join(STOCK)} (stock torchtitan) and PaRO codes or aliases (default: all 3 + all 14)")
+    p.add_argument("--comms", type=_csv(str), help="paro_comm values for strategies with global collectives")
+    p.add_argument("--steps", type=int, help="training steps per run; the first 2 are warm-up (default 12, --quick 8)")
+    p.add_argument("--only", choices=("sweep", "scaling"), help="run only the sweep or only the scaling runs")
+    p.add_argument("--scaling-config", default="best",
+                   help="PaRO strategy[:comm] for the scaling runs; 'best' = fastest PaRO row of the model at 4x2, "
+                        "A=4, first rate (measured in this or a saved sweep), else IIG")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per launch")
+    p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="markdown report (plots go to its folder/benchmarks)")
+    p.add_argument("--raw", type=Path, default=DEFAULT_RAW, help="raw results JSON")
+    p.add_argument("--logs", type=Path, help="folder for every launch's full output (default: a new /tmp folder)")
+    p.add_argument("--merge", action="store_true", help="keep saved runs that this invocation does not re-measure")
+    p.add_argument("--resume", action="store_true",
+                   help="with --merge: skip planned runs whose saved result is ok (continue an interrupted sweep)")
+    p.add_argument("--list", action="store_true", help="print the planned runs and a time estimate, run nothing")
+    p.add_argument("--render", action="store_true", help="only re-render the doc and plots from the raw results")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.configs is None:
+        from paro_fsdp.strategy import ParoStrategy
+
+        args.configs = list(STOCK) + [s.code for s in ParoStrategy.all_valid()]
+    if args.quick and args.only is None:
+        args.only = "sweep"
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; valid: {', '.join(MODELS)}")
+    for topology in args.topologies:
+        if not _topology(topology):
+            raise SystemExit(f"--topologies: {topology!r} is not NODESxRANKS with both >= 2 (e.g. 2x4)")
+    args.configs = [_config(c) for c in args.configs]
+    from paro_fsdp.comm.registry import check_comm
+
+    for comm in args.comms:
+        check_comm(comm, "--comms")
+    if args.steps <= 3:
+        raise SystemExit("--steps must be > 3: the first 2 steps are warm-up and a median needs a few more")
+    if args.resume:
+        args.merge = True
+    return args
+
+
+def _config(text: str) -> str:
+    if text.lower() in STOCK:
+        return text.lower()
+    from paro_fsdp.strategy import ParoStrategy
+
+    try:
+        return ParoStrategy.parse(text).code
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--configs: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+def _spec(model: str, nodes: int, ranks: int, accum: int, config: str, comm: str | None, rate: str,
+          steps: int, mode: str) -> dict:
+    return {"model": model, "flavor": MODELS[model], "nodes": nodes, "ranks": ranks, "accum": accum,
+            "config": config, "comm": comm, "rate": rate, "steps_requested": steps, "seq_len": SEQ_LEN,
+            "local_batch": LOCAL_BATCH, "modes": [mode]}
+
+
+def _config_comms(config: str, comms: list[str]) -> list[str | None]:
+    if config in STOCK:
+        return [None]
+    return list(comms) if comm_matters(config) else [ANY_COMM]
+
+
+def _rates(nodes: int, rates: list[str]) -> list[str]:
+    """The floor first (each config's floor next to its constrained runs), none but it on one node."""
+    return [FLOOR_RATE] if nodes == 1 else [FLOOR_RATE, *rates]
+
+
+def sweep_plan(args: argparse.Namespace) -> list[dict]:
+    plan = []
+    for model in args.models:
+        for topology in args.topologies:
+            nodes, ranks = _topology(topology)
+            for accum in sorted(args.accum, reverse=True):
+                for config in args.configs:
+                    for comm in _config_comms(config, args.comms):
+                        plan += [_spec(model, nodes, ranks, accum, config, comm, rate, args.steps, "sweep")
+                                 for rate in _rates(nodes, args.rates)]
+    return plan
+
+
+def scaling_config(args: argparse.Namespace, model: str, runs: list[dict]) -> tuple[str, str]:
+    """The PaRO strategy and comm of the scaling runs (``--scaling-config``)."""
+    if args.scaling_config != "best":
+        code, _, comm = args.scaling_config.partition(":")
+        code = _config(code)
+        return code, (comm or args.comms[0]) if comm_matters(code) else ANY_COMM
+    rows = scenario_rows(runs, model, 4, SCALING_RANKS, SCALING_ACCUM, args.rates[0])
+    best = best_paro(rows)
+    return (best["config"], best["comm"]) if best else ("IIG", ANY_COMM)
+
+
+def scaling_plan(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    plan = []
+    for model in args.models:
+        code, comm = scaling_config(args, model, runs)
+        for config, c in ((code, comm), ("fsdp", None)):
+            for nodes in SCALING_NODES:
+                plan += [_spec(model, nodes, SCALING_RANKS, SCALING_ACCUM, config, c, rate, args.steps, "scaling")
+                         for rate in _rates(nodes, args.rates)]
+    return plan
+
+
+def _merge_modes(plan: list[dict]) -> list[dict]:
+    """One spec per run key; a run serving both the sweep and the scaling keeps both modes."""
+    out: dict[tuple, dict] = {}
+    for spec in plan:
+        key = run_key(spec)
+        if key in out:
+            out[key]["modes"] = sorted(set(out[key]["modes"]) | set(spec["modes"]))
+        else:
+            out[key] = dict(spec)
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and time estimates
+
+
+@functools.lru_cache(maxsize=None)
+def model_params(model: str) -> int:
+    """Parameters of a benchmark model (built on the meta device)."""
+    import torch
+    from torchtitan.models.llama3 import Transformer, llama3_args
+
+    import torchtitan_patch.flavors  # noqa: F401
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(llama3_args[MODELS[model]]).parameters())
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_check(spec: dict) -> str | None:
+    """Why ``spec`` does not fit in this machine's free memory now, or None if it should."""
+    params = model_params(spec["model"])
+    per_rank = formula_memory({**spec, "params": params}) + 4 * params + RANK_BASE_BYTES
+    need, available = per_rank * spec["nodes"] * spec["ranks"], _available_memory()
+    if need > MEMORY_SHARE * available:
+        return (f"does not fit: about {need / 2**30:.1f} GiB for {spec['nodes'] * spec['ranks']} ranks "
+                f"({per_rank / 2**30:.2f} GiB each), {available / 2**30:.1f} GiB available")
+    return None
+
+
+def estimate_seconds(spec: dict, runs: list[dict]) -> float:
+    """Rough time of one launch: start-up + steps x (compute + link bytes / rate), from saved floors if any."""
+    from paro_fsdp.cluster.network import parse_rate
+
+    params = model_params(spec["model"])
+    # Effective FLOP rate of the whole machine from the saved floors (6 x params per token).
+    rates = [tokens_per_step(r) * 6 * r["params"] / statistics.median(step_times(r)) for r in runs
+             if r["rate"] == FLOOR_RATE and r["status"] == "ok" and r.get("params") and step_times(r)]
+    flops = statistics.median(rates) if rates else 2e10  # about what 8 debug-model ranks reach on 2 cores
+    compute = tokens_per_step(spec) * 6 * params / flops
+    link = 0.0
+    if spec["rate"] != FLOOR_RATE:
+        link = (formula_link_bytes({**spec, "params": params}) or 0.0) * 8 / parse_rate(spec["rate"])
+    return STARTUP_S + spec["steps_requested"] * (compute + link)
+
+
+# --------------------------------------------------------------------------------------------
+# Launching
+
+
+def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
+    """The trainer's command line for one run: the debug TOML with the run's overrides."""
+    replicate, shard, strategy = layout(spec["config"], spec["nodes"], spec["ranks"])
+    n = spec["nodes"] * spec["ranks"]
+    argv = ["--job.config_file", CONFIG_FILE, "--job.dump_folder", dump_folder,
+            "--job.description", f"e2e {config_label(spec['config'], spec['comm'])} @ {spec['rate']}",
+            "--model.flavor", spec["flavor"],
+            "--training.local_batch_size", str(spec["local_batch"]),
+            "--training.global_batch_size", str(spec["local_batch"] * n * spec["accum"]),
+            "--training.seq_len", str(spec["seq_len"]), "--training.steps", str(spec["steps_requested"]),
+            "--parallelism.data_parallel_replicate_degree", str(replicate),
+            "--parallelism.data_parallel_shard_degree", str(shard),
+            "--parallelism.paro_strategy", strategy,
+            "--metrics.log_freq", "1", "--metrics.no-enable-tensorboard", "--metrics.disable-color-printing",
+            "--activation_checkpoint.mode", "none", "--checkpoint.no-enable"]
+    if spec["config"] not in STOCK:
+        argv += ["--parallelism.paro_comm", "ho_ring" if spec["comm"] == ANY_COMM else spec["comm"]]
+    return argv
+
+
+def cluster_target(spec: dict, dump_folder: str) -> list[str]:
+    """What each node's torchrun runs: this module's worker (rank 0 of each node echoed) with the trainer's args."""
+    return ["--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+            "-m", "benchmarks.e2e", "--worker", "--", *torchtitan_args(spec, dump_folder)]
+
+
+def launch(spec: dict, args: argparse.Namespace, log_dir: Path) -> dict:
+    """One run on a fresh emulated cluster; a record whose status says whether it worked and why not."""
+    from paro_fsdp.cluster import ClusterError, EmulatedCluster
+
+    record = {**spec, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()[0]}
+    reason = memory_check(spec)
+    if reason:
+        return {**record, "status": "not run", "reason": reason}
+    name = "_".join(str(x) for x in (spec["model"], f"{spec['nodes']}x{spec['ranks']}", f"A{spec['accum']}",
+                                      spec["config"], spec["comm"] or "stock", spec["rate"]))
+    log_path = log_dir / f"{name}.log"
+    try:
+        with tempfile.TemporaryDirectory(prefix="paro-e2e-") as dump, open(log_path, "w") as log, \
+                EmulatedCluster(spec["nodes"], spec["ranks"], spec["rate"]) as cluster:
+            outcome = cluster.run(cluster_target(spec, dump), timeout=args.timeout,
+                                  echo=lambda line: (log.write(line + "\n"), log.flush()))
+    except (ClusterError, ValueError, OSError) as e:
+        return {**record, "status": "failed", "reason": f"cluster: {e}", "log": str(log_path)}
+    outputs = [n.output for n in outcome.nodes]
+    record.update(parse_run(outputs), rate_bits=cluster.topology.rate_bits, elapsed_s=outcome.elapsed_s,
+                  load_after=os.getloadavg()[0], log=str(log_path),
+                  link_total=[[n.bytes.tx, n.bytes.rx, n.bytes.loopback] for n in outcome.nodes])
+    logged = len(record["steps"])
+    if not outcome.ok:
+        record.update(status="failed", reason=failure_reason(outputs, [n.returncode for n in outcome.nodes],
+                                                             outcome.timed_out, outcome.elapsed_s))
+    elif logged < spec["steps_requested"] or not all(record["probes"]):
+        record.update(status="failed", reason=f"only {logged} of {spec['steps_requested']} steps logged")
+    else:
+        record["status"] = "ok"
+    return record
+
+
+def _brief(record: dict) -> str:
+    what = (f"{record['model']} {record['nodes']}x{record['ranks']} A={record['accum']} "
+            f"{config_label(record['config'], record['comm'])} @ {record['rate']}")
+    if record["status"] != "ok":
+        return f"{what}: {record['status']}: {record.get('reason', '')}"
+    times = step_times(record)
+    return (f"{what}: step {statistics.median(times):.3f} s (median of {len(times)}), final loss "
+            f"{record['steps'][-1]['loss']:.4f}, launch {record['elapsed_s']:.0f} s")
+
+
+def _save(raw: dict, args: argparse.Namespace) -> None:
+    args.raw.parent.mkdir(parents=True, exist_ok=True)
+    args.raw.write_text(json.dumps(raw, separators=(",", ":")))
+
+
+def drive(args: argparse.Namespace) -> int:
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the cluster is torn down, results so far are kept.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    saved = json.loads(args.raw.read_text())["runs"] if args.merge and args.raw.exists() else []
+    log_dir = args.logs or Path(tempfile.mkdtemp(prefix="paro-e2e-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    raw = {"cpus": os.cpu_count(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": " ".join(["python -m benchmarks.e2e", *sys.argv[1:]]),
+           "subset": "--quick subset" if args.quick else "",
+           "settings": {"config_file": CONFIG_FILE, "seq_len": SEQ_LEN, "local_batch": LOCAL_BATCH,
+                        "steps": args.steps, "floor_rate": FLOOR_RATE},
+           "elapsed_s": 0.0, "runs": []}
+    done: dict[tuple, dict] = {}
+
+    def publish() -> None:
+        fresh = set(done)
+        raw["runs"] = [r for r in saved if run_key(r) not in fresh] + list(done.values())
+        raw["elapsed_s"] = time.monotonic() - start
+        _save(raw, args)
+
+    def run_all(plan: list[dict]) -> None:
+        for i, spec in enumerate(plan, 1):
+            key = run_key(spec)
+            old = next((r for r in saved if run_key(r) == key), None)
+            if key in done:
+                done[key]["modes"] = sorted(set(done[key]["modes"]) | set(spec["modes"]))
+                continue
+            if args.resume and old and old["status"] == "ok":
+                done[key] = {**old, "modes": sorted(set(old.get("modes", [])) | set(spec["modes"]))}
+                continue
+            print(f"[e2e] run {i}/{len(plan)} ...", flush=True)
+            done[key] = launch(spec, args, log_dir)
+            print(f"[e2e] {_brief(done[key])}", flush=True)
+            publish()
+
+    print(f"[e2e] launch logs in {log_dir}", flush=True)
+    try:
+        if args.only != "scaling":
+            run_all(_merge_modes(sweep_plan(args)))
+        if args.only != "sweep":
+            publish()
+            run_all(_merge_modes(scaling_plan(args, raw["runs"])))
+    except KeyboardInterrupt:
+        print("[e2e] interrupted: keeping the runs finished so far", file=sys.stderr)
+        publish()
+        render(raw, args.doc)
+        return 130
+    publish()
+    render(raw, args.doc)
+    print(f"[e2e] wrote {args.doc} and {args.raw} in {raw['elapsed_s'] / 60:.1f} min")
+    return 0 if all(r["status"] == "ok" for r in done.values()) else 1
+
+
+def list_plan(args: argparse.Namespace) -> int:
+    saved = json.loads(args.raw.read_text())["runs"] if args.raw.exists() else []
+    plan = [] if args.only == "scaling" else _merge_modes(sweep_plan(args))
+    if args.only != "sweep":
+        plan = _merge_modes(plan + scaling_plan(args, saved))
+    total = 0.0
+    for spec in plan:
+        seconds = estimate_seconds(spec, saved)
+        total += seconds
+        print(f"{spec['model']:6} {spec['nodes']}x{spec['ranks']} A={spec['accum']} "
+              f"{config_label(spec['config'], spec['comm']):24} {spec['rate']:8} {','.join(spec['modes']):14} "
+              f"~{seconds / 60:.1f} min")
+    print(f"{len(plan)} launches, roughly {total / 3600:.1f} h on this machine "
+          f"(start-up {STARTUP_S:.0f} s each; compute from the saved floors; links at the formula's bytes)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Worker (one per rank, inside the cluster)
+
+
+def run_worker(trainer_args: list[str]) -> None:
+    """torchtitan's trainer, printing at every step line node time and link counters (local rank 0).
+
+    The probe is a filter on torchtitan's (root) logger, so it runs when the trainer logs a
+    step, after the step's loss has been reduced over all ranks.
+    """
+    import logging
+    import re
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        from paro_fsdp.cluster import node_counters
+
+        step_line = re.compile(r"^(?:\x1b\[[0-9;]*m)*step:\s*(\d+)\s+(?:\x1b\[[0-9;]*m)*loss:")
+
+        class StepProbe(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                match = step_line.match(str(record.msg))
+                if match:
+                    c = node_counters()
+                    print(f"[e2e] step={match[1]} t={time.perf_counter():.6f} tx={c.tx} rx={c.rx} lo={c.loopback}",
+                          flush=True)
+                return True
+
+        logging.getLogger().addFilter(StepProbe())
+    sys.argv = ["torchtitan_patch.train", *trainer_args]
+    from torchtitan_patch.train import main as train_main
+
+    train_main()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        run_worker(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+        return 0
+    args = _resolve(_parser().parse_args(argv))
+    if args.render:
+        render(json.loads(args.raw.read_text()), args.doc)
+        print(f"wrote {args.doc}")
+        return 0
+    if args.list:
+        return list_plan(args)
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

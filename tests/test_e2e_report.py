@@ -1,0 +1,192 @@
+"""The end-to-end benchmark's parsing, summaries and report, on synthetic launch output (no cluster)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import e2e
+from benchmarks.e2e_report import (
+    ANY_COMM,
+    BEGIN,
+    END,
+    FLOOR_RATE,
+    MIB,
+    comm_matters,
+    failure_reason,
+    formula_link_bytes,
+    formula_memory,
+    generate,
+    layout,
+    pareto_front,
+    parse_node_output,
+    parse_run,
+    render,
+    scaling_rows,
+    scenario_rows,
+    step_times,
+    summarize,
+)
+
+PARAMS = 6_163_712
+
+
+def _node_output(step_s: float, link_per_step: int, losses: list[float], paro: bool, node: int = 0) -> list[str]:
+    lines = ["[rank0]:[titan] 2026-01-01 00:00:00,000 - root - INFO - Model llama3 debugmodel size: "
+             f"{PARAMS:,} total parameters"]
+    if paro:
+        lines.append("[rank0]:[titan] 2026-01-01 00:00:00,100 - root - INFO - Applied PaRO GGG (ho_ring) on 2 group(s)")
+    for i, loss in enumerate(losses, 1):
+        t = 100.0 + i * step_s + (3.0 if i == 1 else 0.0)  # a slow first step, excluded
+        tx = i * link_per_step + node
+        lines.append(f"[rank0]:[e2e] step={i} t={t:.6f} tx={tx} rx={i * link_per_step} lo={i * 7}")
+        lines.append(f"[rank0]:[titan] 2026-01-01 00:00:{i:02d},000 - root - INFO - step: {i:2}  loss: {loss:8.5f}  "
+                     f"grad_norm:  1.2087  memory:  0.72GiB(3.05%)  tps: 52  tflops: 0.00  mfu: 0.00%")
+        if paro:
+            lines.append(f"[rank0]:[titan] 2026-01-01 00:00:{i:02d},001 - root - INFO - step: {i:2}  paro comm/step "
+                         "intra: 211.61MiB  inter: 35.27MiB  model state params: 2.94MiB  grads: 2.94MiB  "
+                         "optim: 5.88MiB")
+    return lines
+
+
+def _record(config: str, comm: str | None, rate: str, step_s: float, link: int = 0, losses=None, nodes: int = 2,
+            ranks: int = 4, accum: int = 4, modes=("sweep",), model: str = "debug") -> dict:
+    losses = losses or [8.0, 7.2, 5.4, 4.3, 3.9, 3.5]
+    outputs = [_node_output(step_s, link, losses, config not in e2e.STOCK, node) for node in range(nodes)]
+    spec = e2e._spec(model, nodes, ranks, accum, config, comm, rate, len(losses), modes[0])
+    return {**spec, "modes": list(modes), "status": "ok", **parse_run(outputs), "elapsed_s": 60.0,
+            "load_before": 1.0, "load_after": 1.0}
+
+
+def test_parse_node_output():
+    out = parse_node_output(_node_output(2.0, 1000, [8.0, 7.0, 6.0, 5.0], paro=True))
+    assert out["params"] == PARAMS and out["applied"] == "GGG"
+    assert [s["loss"] for s in out["steps"]] == [8.0, 7.0, 6.0, 5.0]
+    assert out["steps"][0]["rss_gib"] == 0.72 and out["steps"][0]["tps"] == 52
+    assert out["paro"][4] == {"intra": 211.61, "inter": 35.27, "params": 2.94, "grads": 2.94, "optim": 5.88}
+    assert [p[0] for p in out["probes"]] == [1, 2, 3, 4]
+
+
+def test_parse_strips_colors_and_finds_errors():
+    lines = ["\x1b[31mstep:  1  \x1b[32mloss:  8.00000  \x1b[33mgrad_norm:  1.0  \x1b[34mmemory:  0.50GiB(1%)  "
+             "\x1b[35mtps: 1,234  tflops: 0.0", "[rank0]: torch.OutOfMemoryError: out of memory on rank 3"]
+    out = parse_node_output(lines)
+    assert out["steps"][0]["tps"] == 1234
+    assert out["errors"] == ["torch.OutOfMemoryError: out of memory on rank 3"]
+    peer = ["torch.distributed.DistBackendError: Connection reset by peer"]
+    reason = failure_reason([lines, peer], [1, 1], False, 9.0)
+    assert reason == "exit node0 1, node1 1: torch.OutOfMemoryError: out of memory on rank 3"
+    assert failure_reason([[], []], [None, None], True, 600.0) == "timed out after 600 s"
+
+
+def test_step_times_and_link_bytes_skip_warmup():
+    run = _record("GGG", "ho_ring", "250mbit", 2.0, link=1_000_000)
+    assert step_times(run) == pytest.approx([2.0] * 4)  # steps 3..6; the slow first step is out
+    row = summarize(run)
+    assert row["median"] == pytest.approx(2.0)
+    assert row["tokens_s"] == pytest.approx(1 * 128 * 8 * 4 / 2.0)
+    assert row["link"] == pytest.approx(1_000_000.5)  # mean of the two nodes (node 1 is 1 byte ahead)
+    assert row["memory"] == pytest.approx((2.94 + 2.94 + 5.88) * MIB)
+
+
+def test_formulas_per_node_link_and_memory():
+    run = {"config": "GGG", "nodes": 2, "ranks": 4, "accum": 4, "params": PARAMS}
+    # GGG, A=4: 8 gathers + 4 reduce-scatters per step, each rank sends (g-1)/n of the model per collective
+    # across groups; m ranks per node: (g-1)/g * 4 bytes * PARAMS * 12 per node link.
+    assert formula_link_bytes(run) == pytest.approx(0.5 * 4 * PARAMS * 12)
+    assert formula_memory(run) == pytest.approx(PARAMS * (4 + 4 + 8) / 8)
+    assert formula_memory({**run, "config": "fsdp"}) == formula_memory(run)  # stock FSDP shown as GGG
+    assert formula_link_bytes({**run, "config": "III"}) == pytest.approx(0.5 * 2 * 4 * PARAMS / 4 * 4)
+
+
+def test_layouts_and_comm():
+    assert layout("fsdp", 2, 4) == (1, 8, "None")
+    assert layout("hsdp", 2, 4) == (2, 4, "None")
+    assert layout("ddp", 4, 2) == (8, 1, "None")
+    assert layout("zero3", 2, 4) == (2, 4, "GGG")
+    assert comm_matters("GGG") and comm_matters("NIG") and not comm_matters("IIG") and not comm_matters("III")
+
+
+def test_scenario_rows_floor_fsdp_and_loss():
+    runs = [_record("fsdp", None, FLOOR_RATE, 1.0), _record("fsdp", None, "250mbit", 8.0),
+            _record("GGG", "ho_ring", FLOOR_RATE, 1.0), _record("GGG", "ho_ring", "250mbit", 4.0),
+            _record("IIG", ANY_COMM, FLOOR_RATE, 1.0),
+            _record("IIG", ANY_COMM, "250mbit", 1.02, losses=[8.0, 7.2, 5.4, 4.3, 3.9, 3.5004])]
+    rows = scenario_rows(runs, "debug", 2, 4, 4, "250mbit")
+    # Stock first, then the strategies in the README's order (by optimizer granularity).
+    assert [r["label"] for r in rows] == ["stock FSDP", "PaRO IIG", "PaRO GGG ho_ring"]
+    assert rows[2]["vs_fsdp"] == pytest.approx(2.0) and rows[1]["vs_floor"] == pytest.approx(1.02)
+    assert rows[1]["loss_diff"] == pytest.approx(4e-4, abs=1e-9)
+    lines = generate({"runs": runs, "settings": {"config_file": "x.toml", "seq_len": 128, "local_batch": 1, "steps": 6},
+                      "command": "python -m benchmarks.e2e --quick", "created": "now", "subset": "--quick subset",
+                      "cpus": 2, "elapsed_s": 60.0}, {})
+    text = "\n".join(lines)
+    assert "| debug | best PaRO (PaRO IIG) tokens/s vs stock FSDP | 7.84x | >= 3.5x | met |" in text
+    assert "| debug | PaRO GGG tokens/s vs stock FSDP | 2.00x | >= 1.6x | met |" in text
+    assert "| 57M | best PaRO tokens/s vs stock HSDP | not run | >= 1.3x | not run |" in text
+    assert "HO-Ring vs `paro_comm = \"default\"`: not measured" in text
+
+
+def test_failed_and_unfit_rows_say_why():
+    runs = [_record("fsdp", None, "250mbit", 8.0),
+            {**e2e._spec("debug", 2, 4, 4, "NNN", ANY_COMM, "250mbit", 6, "sweep"), "status": "not run",
+             "reason": "does not fit: about 30.0 GiB for 8 ranks"},
+            {**e2e._spec("debug", 2, 4, 4, "GGG", "default", "250mbit", 6, "sweep"), "status": "failed",
+             "reason": "exit node0 1: ValueError: boom", "steps": [], "probes": []}]
+    text = "\n".join(generate({"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1,
+                                                          "steps": 6},
+                               "command": "c", "created": "now", "cpus": 2, "elapsed_s": 1.0}, {}))
+    assert "| PaRO NNN | not run: does not fit: about 30.0 GiB for 8 ranks |" in text
+    assert "| PaRO GGG default | failed: exit node0 1: ValueError: boom |" in text
+
+
+def test_scaling_rows():
+    runs = []
+    for nodes, slow in ((1, 1.0), (2, 1.25), (4, 2.0)):
+        runs.append(_record("IIG", ANY_COMM, FLOOR_RATE, 1.0, nodes=nodes, ranks=2, modes=("scaling",)))
+        if nodes > 1:
+            runs.append(_record("IIG", ANY_COMM, "250mbit", slow, nodes=nodes, ranks=2, modes=("scaling",)))
+    (row,) = scaling_rows(runs)
+    assert {n: round(c["efficiency"], 3) for n, c in row["nodes"].items()} == {1: 1.0, 2: 0.8, 4: 0.5}
+
+
+def test_pareto_front():
+    assert pareto_front([(10, 100), (5, 50), (20, 90), (5, 40), (30, 200)]) == [(5, 50), (10, 100), (30, 200)]
+
+
+def test_render_keeps_prose(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_record("fsdp", None, FLOOR_RATE, 1.0), _record("fsdp", None, "250mbit", 8.0),
+            _record("GGG", "ho_ring", FLOOR_RATE, 1.0), _record("GGG", "ho_ring", "250mbit", 4.0)]
+    raw = {"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1, "steps": 6},
+           "command": "c", "created": "now", "cpus": 2, "elapsed_s": 1.0}
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# Title\n\nprose before\n\n{BEGIN}\nold\n{END}\n\nprose after\n")
+    render(json.loads(json.dumps(raw)), doc)
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nprose before") and text.endswith("prose after\n") and "old" not in text
+    assert (tmp_path / "benchmarks" / "e2e_pareto.png").stat().st_size > 0
+    assert (tmp_path / "benchmarks" / "e2e_loss.png").stat().st_size > 0
+
+
+def test_plans():
+    args = e2e._resolve(e2e._parser().parse_args(["--quick"]))
+    plan = e2e._merge_modes(e2e.sweep_plan(args))
+    assert [(s["config"], s["comm"], s["rate"]) for s in plan] == [
+        (c, m, r) for c, m in (("fsdp", None), ("hsdp", None), ("GGG", "ho_ring"), ("IIG", ANY_COMM),
+                               ("NIG", "ho_ring")) for r in (FLOOR_RATE, "250mbit")]
+    full = e2e._resolve(e2e._parser().parse_args([]))
+    sweep = e2e._merge_modes(e2e.sweep_plan(full))
+    # 2 models x 2 topologies x 2 A x (3 stock + 5 strategies without global collectives + 9 x 2 comms) x 3 rates
+    assert len(sweep) == 2 * 2 * 2 * (3 + 5 + 9 * 2) * 3
+    both = e2e._merge_modes(sweep + e2e.scaling_plan(full, []))
+    shared = [s for s in both if s["modes"] == ["scaling", "sweep"]]
+    assert shared and all(s["nodes"] == 4 and s["ranks"] == 2 and s["accum"] == 4 for s in shared)
+    argv = e2e.torchtitan_args(plan[5], "/tmp/x")
+    assert argv[argv.index("--parallelism.paro_strategy") + 1] == "GGG"
+    assert argv[argv.index("--parallelism.paro_comm") + 1] == "ho_ring"
+    assert argv[argv.index("--training.global_batch_size") + 1] == "32"
+    stock = e2e.torchtitan_args(plan[0], "/tmp/x")
+    assert "--parallelism.paro_comm" not in stock
+    assert stock[stock.index("--parallelism.data_parallel_shard_degree") + 1] == "8"
