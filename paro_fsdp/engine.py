@@ -18,12 +18,12 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from paro_fsdp import fsdp_seam
-from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.groups import MeshGroups, Pending
 from paro_fsdp.comm.registry import Collectives
 from paro_fsdp.comm.stats import INTRA, CommStats, phase
 from paro_fsdp.layout import ParamRegion, RowLayout
 from paro_fsdp.strategy import Granularity, ParoStrategy
-from paro_fsdp.transitions import ALL_GATHER, ALL_REDUCE, COMPLETE, GATHER, REDUCE, Transition, complete, gather, reduce
+from paro_fsdp.transitions import ALL_GATHER, COMPLETE, REDUCE, Transition, complete, gather, reduce
 
 N, I, G = Granularity.N, Granularity.I, Granularity.G
 
@@ -58,51 +58,62 @@ class EngineState:
     def grads_ready(self) -> bool:
         return all(u.optim_grad is not None for u in self.units if u.layout.regions)
 
+    def wait_params(self) -> None:
+        """Finish every unit's sync_p (in unit order, the same on every rank)."""
+        for unit in self.units:
+            unit.wait_params()
 
-def run(t: Transition, x: torch.Tensor, state: EngineState, *, columns: bool,
-        out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run transition ``t`` on ``x`` and return the result (``out`` when given; ``x`` itself for
-    ``complete``, which works in place).
+
+def start(t: Transition, x: torch.Tensor, state: EngineState, *, columns: bool,
+          out: torch.Tensor | None = None) -> tuple[torch.Tensor, Pending]:
+    """Issue transition ``t`` on ``x``: the tensor that holds the result once the returned
+    handle is waited for (``out`` when given; ``x`` itself for ``complete``, done in place).
 
     ``columns``: the N-level data is n chunks in flat-rank order (the engine's rows of P=N units,
     FSDP's buffers at P=G), so a rank's I-level share is its column of chunks ``j*m + local``;
-    otherwise (FSDP's buffers at P=I) it is the rank's contiguous 1/m block.
+    otherwise (FSDP's buffers at P=I) it is the rank's contiguous 1/m block. Only the
+    inter-group part of a global collective is left in flight (see ``Collectives``).
     """
+    groups = state.groups
     if t.direction == COMPLETE:
-        if t.steps:
-            if t.is_global:
-                state.collectives.all_reduce(x)
-            else:
-                (step,) = t.steps
-                state.groups.all_reduce(x, step.link)
-        return x
+        if not t.steps:
+            return x, _DONE
+        if t.is_global:
+            return x, state.collectives.all_reduce(x, async_op=True)
+        (step,) = t.steps
+        return x, groups.start_all_reduce(x, step.link)
     if out is None:
         if not t.steps:
-            return x
-        fraction = t.dst.fraction(state.groups.group_size, state.groups.world) / \
-            t.src.fraction(state.groups.group_size, state.groups.world)
-        out = x.new_empty(round(x.numel() * fraction))
+            return x, _DONE
+        ratio = t.src.fraction(groups.group_size, groups.world) / t.dst.fraction(groups.group_size, groups.world)
+        out = x.new_empty(round(x.numel() / ratio))
     if not t.steps:
         if out.data_ptr() != x.data_ptr():
             out.copy_(x.view(out.shape))
-    elif t.is_global:
-        if t.direction == REDUCE:
-            state.collectives.reduce_scatter(out, x)
-        else:
-            state.collectives.all_gather(out, x)
-    else:
-        (step,) = t.steps
-        groups, g, m = state.groups, state.groups.groups, state.groups.group_size
-        if step.link == INTRA and columns:
-            if step.kind == ALL_GATHER:
-                groups.start_all_gather_columns(out.view(g, m, -1), x.reshape(-1)).wait()
-            else:
-                groups.start_reduce_scatter_columns(out, x.view(g, m, -1)).wait()
-        elif step.kind == ALL_GATHER:
-            groups.all_gather(out, x, step.link)
-        else:
-            groups.reduce_scatter(out, x, step.link)
+        return out, _DONE
+    if t.is_global:
+        collective = state.collectives.reduce_scatter if t.direction == REDUCE else state.collectives.all_gather
+        return out, collective(out, x, async_op=True)
+    (step,) = t.steps
+    g, m = groups.groups, groups.group_size
+    if step.link == INTRA and columns:
+        if step.kind == ALL_GATHER:
+            return out, groups.start_all_gather_columns(out.view(g, m, -1), x.reshape(-1))
+        return out, groups.start_reduce_scatter_columns(out, x.view(g, m, -1))
+    if step.kind == ALL_GATHER:
+        return out, groups.start_all_gather(out, x, step.link)
+    return out, groups.start_reduce_scatter(out, x, step.link)
+
+
+def run(t: Transition, x: torch.Tensor, state: EngineState, *, columns: bool,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`start`, then wait for it."""
+    out, pending = start(t, x, state, columns=columns, out=out)
+    pending.wait()
     return out
+
+
+_DONE = Pending(None)
 
 
 class Unit:
@@ -119,7 +130,11 @@ class Unit:
                 offset += p.padded_numel
         self.layout = RowLayout(regions, offset, state.strategy.param, state.groups)
         self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
-        self.optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
+        self._optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
+        # In flight since the last backward / optimizer step: the gradient's sync_g (its handle and
+        # the buffer it fills) and the parameters' sync_p (its handle and the P row it fills).
+        self._sync_g: tuple[torch.Tensor, Pending] | None = None
+        self._sync_p: tuple[torch.Tensor, Pending] | None = None
         if params is not None:
             fsdp_seam.attach(self)
 
@@ -139,11 +154,28 @@ class Unit:
         """All-gather this unit's compact buffer at ``src`` to the coarser ``dst``."""
         return self._run(gather(src, dst), x)
 
+    @property
+    def syncs_params(self) -> bool:
+        """Whether the optimizer's updates must be gathered to reach the parameters (O finer than P)."""
+        return bool(gather(self.state.strategy.optim, self.state.strategy.param).steps)
+
     def sync_params(self, compact: torch.Tensor) -> None:
-        """Write the O-granularity parameter slices (``compact``) back to every P copy."""
+        """Start bringing the O-granularity parameter slices (``compact``) to every P copy.
+
+        The gather stays in flight until :meth:`wait_params`, which runs before anything reads
+        the parameters again (FSDP2's next all-gather of this unit, a state dict, a load).
+        """
+        self.wait_params()
         s = self.state.strategy
         with phase("sync_p"):
-            row = self.gather(compact, s.optim, s.param)
+            self._sync_p = start(gather(s.optim, s.param), compact, self.state, columns=True)
+
+    def wait_params(self) -> None:
+        """Finish this unit's sync_p, if one is in flight: its parameters are current afterwards."""
+        if self._sync_p is None:
+            return
+        (row, pending), self._sync_p = self._sync_p, None
+        pending.wait()
         for region in self.layout.regions:
             region.local_flat().copy_(row[region.offset : region.offset + region.numel])
 
@@ -187,14 +219,31 @@ class Unit:
         else:
             x = self.layout.pad(reduce_output).float()
             x = x.clone() if x is reduce_output else x
+        to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
+        self.wait_grads()  # an earlier synchronized backward's sync_g, if not yet consumed
         with phase("sync_g"):
-            x = self._run(reduce(max(s.param, s.grad), s.optim), x)
-            self._run(complete(s.optim), x)
+            if completion.steps:  # the reduction stays in the group: finish it, overlap the completion
+                self._sync_g = start(completion, self._run(to_optim, x), self.state, columns=True)
+            else:
+                self._sync_g = start(to_optim, x, self.state, columns=True)
+
+    def wait_grads(self) -> None:
+        """Finish this unit's sync_g, if one is in flight, into the averaged gradient at O."""
+        if self._sync_g is None:
+            return
+        (x, pending), self._sync_g = self._sync_g, None
+        pending.wait()
         x.div_(self.state.divide_factor or self.state.groups.world)
-        if self.optim_grad is None:
-            self.optim_grad = x
+        if self._optim_grad is None:
+            self._optim_grad = x
         else:  # several synchronized backwards before one step: gradients add up, as in DDP
-            self.optim_grad += x
+            self._optim_grad += x
+
+    @property
+    def optim_grad(self) -> torch.Tensor | None:
+        """The synchronized gradient at O (fp32, averaged), once its sync_g has completed."""
+        self.wait_grads()
+        return self._optim_grad
 
     def _accumulate(self, x: torch.Tensor, *, owned: bool) -> None:
         """Add ``x`` to the fp32 sum at G (``owned``: ``x`` is a buffer of the engine's, not FSDP2's)."""
@@ -206,10 +255,13 @@ class Unit:
             self.grad_accum = x if owned else x.clone()
 
     def zero_grad(self) -> None:
-        self.grad_accum = self.optim_grad = None
+        self.wait_grads()
+        self.grad_accum = self._optim_grad = None
 
     def grad_bytes(self) -> int:
         """Bytes of gradient state this unit keeps between micro-steps."""
-        held = [t for t in (self.grad_accum, self.optim_grad) if t is not None]
+        held = [t for t in (self.grad_accum, self._optim_grad) if t is not None]
+        if self._sync_g is not None:
+            held.append(self._sync_g[0])
         held += fsdp_seam.fsdp_held_gradients(self.module)
         return sum(t.numel() * t.element_size() for t in held)

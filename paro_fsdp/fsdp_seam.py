@@ -11,7 +11,7 @@ layout is mended in this file.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,7 @@ def attach(unit: "Unit") -> None:
     """Route ``unit``'s FSDP2 gathers, reductions and gradients through the engine."""
     module = unit.module
     module.set_custom_all_gather(_UnitAllGather(unit))  # frozen-only units are gathered (and counted) too
+    _wait_params_before_unshard(module, unit)
     if not unit.layout.regions:
         return
     module.set_force_sum_reduction_for_comms(True)  # the engine divides once, by n
@@ -81,6 +82,22 @@ def attach(unit: "Unit") -> None:
     module.set_all_reduce_hook(on_reduced)
     for region in unit.layout.regions:
         region.param.register_post_accumulate_grad_hook(_drop_grad)
+
+
+def _wait_params_before_unshard(module: FSDPModule, unit: "Unit") -> None:
+    """Every read of the unit's parameters by FSDP2 goes through its group's ``unshard`` (the
+    pre-forward and pre-backward hooks, prefetches, ``FSDPModule.unshard``), which copies the
+    sharded parameters in before its all-gather: an update still in flight lands first."""
+    group = _param_group(module)
+    if group is None:
+        return
+    unshard = group.unshard
+
+    def unshard_after_sync(*args: Any, **kwargs: Any) -> Any:
+        unit.wait_params()
+        return unshard(*args, **kwargs)
+
+    group.unshard = unshard_after_sync
 
 
 def _drop_grad(param: torch.Tensor) -> None:

@@ -19,8 +19,9 @@ class ParoOptimizer(torch.optim.Optimizer):
 
     The inner optimizer sees one tensor per (parameter, owned chunk) that is a view of the
     parameter's local storage, so it keeps moments only for the slice (K bytes per element
-    over 1/m or 1/n of the parameters) and updates parameters in place; ``step`` then brings
-    the updated slices to every rank that holds the parameter (sync_p).
+    over 1/m or 1/n of the parameters) and updates parameters in place; ``step`` then starts
+    bringing the updated slices to every rank that holds the parameter (sync_p), which
+    completes before anything reads those parameters again.
 
     ``param_groups`` follow the outer, model-level parameters, so LR schedulers and
     ``torch.distributed.checkpoint.state_dict`` work as for any optimizer. ``state_dict``
@@ -78,13 +79,15 @@ class ParoOptimizer(torch.optim.Optimizer):
                 "no synchronized gradients to step on: run backward with model.set_requires_gradient_sync(True) "
                 "on the last micro-batch (the default) before optimizer.step()"
             )
+        self._engine.wait_params()  # the views are the parameters: the last update must have landed
         for unit, slices, views in self._units:
             for sl, view in zip(slices, views):
                 view.grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
         self._sync_hyperparameters()
         self.inner.step()
         for unit, slices, views in self._units:
-            unit.sync_params(compact_slices(unit, slices, views, self._engine.strategy.optim))
+            if unit.syncs_params:  # else the views updated the only copy in place
+                unit.sync_params(compact_slices(unit, slices, views, self._engine.strategy.optim))
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

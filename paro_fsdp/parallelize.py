@@ -32,6 +32,14 @@ class ParoModule:
         """
         paro_state(self).set_last_microstep(bool(requires_gradient_sync))
 
+    def wait_parameters(self) -> None:
+        """Finish the parameter updates still in flight after ``optimizer.step()`` (sync_p).
+
+        Forward, backward, state dicts and loads do this themselves, unit by unit, just before
+        they read; call it before reading parameters any other way (e.g. ``model.parameters()``).
+        """
+        paro_state(self).wait_params()
+
     def set_gradient_divide_factor(self, factor: float) -> None:
         """Divide summed gradients by ``factor`` instead of n (e.g. 1.0 when the loss is already
         normalized by the global token count, as torchtitan does)."""
@@ -136,5 +144,8 @@ def paro_parallelize(
     model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})
     setattr(model, _STATE_ATTR, state)
     state.units = [Unit(mod, state) for mod in [*blocks, model]]
+    for unit in state.units:  # a state dict reads, and a load writes, what a sync_p in flight would overwrite
+        unit.module.register_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
+        unit.module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
     state.set_last_microstep(True)
     return model

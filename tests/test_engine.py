@@ -83,6 +83,7 @@ def _bytes_and_memory(g: int, m: int) -> dict[str, dict]:
                 if a == 0 and accum > 1:
                     grads_mid = memory_stats(model)["grads"]
             opt.step()
+            model.wait_parameters()  # the step's sync_p completes its last phase here
             measured = comm_stats(model).as_dict()
             mem = memory_stats(model)
             out[f"{code}/A{accum}"] = {"bytes": measured, "grads_mid": grads_mid, "params": mem["params"],

@@ -121,6 +121,7 @@ def _frozen() -> dict:
         comm_stats(model).reset()
         model(torch.randn(4, 16)).square().mean().backward()
         opt.step()
+        model.wait_parameters()  # the step's sync_p completes its last phase here
         measured = comm_stats(model).as_dict()
         frozen_after = get_model_state_dict(model, options=FULL)
         out[code] = {

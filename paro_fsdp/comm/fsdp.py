@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from paro_fsdp.comm.groups import MeshGroups
-from paro_fsdp.comm.ho_ring import HORingCollectives, collectives_for
+from paro_fsdp.comm.ho_ring import HORingCollectives, HORingWork, collectives_for
 
 
 class FSDPComm:
@@ -57,6 +57,11 @@ class _CollectivesComm(FSDPComm):
         self._checked.add(id(group))
 
 
+def _as_work(handle: Any, result: torch.Tensor) -> dist.Work:
+    """FSDP2 waits on what a custom comm returns only if it is a ``dist.Work``."""
+    return handle if isinstance(handle, dist.Work) else HORingWork(handle.wait, [result])
+
+
 class CollectivesAllGather(_CollectivesComm, AllGather):
     """FSDP2 all-gather over the flattened mesh, run by ``collectives``."""
 
@@ -64,7 +69,7 @@ class CollectivesAllGather(_CollectivesComm, AllGather):
                  group: dist.ProcessGroup, async_op: bool = False) -> dist.Work | None:
         self._check(group)
         if async_op and self._async:
-            return self.collectives.all_gather(output_tensor, input_tensor, async_op=True)
+            return _as_work(self.collectives.all_gather(output_tensor, input_tensor, async_op=True), output_tensor)
         self.collectives.all_gather(output_tensor, input_tensor)
         return None
 
@@ -77,7 +82,8 @@ class CollectivesReduceScatter(_CollectivesComm, ReduceScatter):
                  async_op: bool = False) -> dist.Work | None:
         self._check(group)
         if async_op and self._async:
-            return self.collectives.reduce_scatter(output_tensor, input_tensor, op, async_op=True)
+            return _as_work(self.collectives.reduce_scatter(output_tensor, input_tensor, op, async_op=True),
+                            output_tensor)
         self.collectives.reduce_scatter(output_tensor, input_tensor, op)
         return None
 

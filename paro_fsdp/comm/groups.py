@@ -7,6 +7,7 @@ collective here runs over one of those and records the bytes it sends in ``stats
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 
@@ -159,15 +160,29 @@ class MeshGroups:
 
 
 class Pending:
-    """One in-flight link collective and the host-side work that completes it."""
+    """One in-flight collective and the host-side work that completes it (once, at ``wait``).
 
-    __slots__ = ("_work", "_finish")
+    The completing work runs in the issuing context, so collectives it issues count their
+    bytes under the phase the collective was started in.
+    """
+
+    __slots__ = ("_work", "_finish", "_context")
 
     def __init__(self, work: dist.Work | None, finish: Callable[[], object] | None = None) -> None:
         self._work, self._finish = work, finish
+        self._context = contextvars.copy_context() if finish is not None else None
 
     def wait(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-        if self._finish is not None:
-            self._finish()
+        work, finish, self._work, self._finish = self._work, self._finish, None, None
+        if work is not None:
+            work.wait()
+        if finish is not None:
+            self._context.run(finish)
+
+
+def completed(pending: Pending, async_op: bool) -> Pending | None:
+    """``pending`` for an asynchronous call; otherwise wait for it here and return nothing."""
+    if async_op:
+        return pending
+    pending.wait()
+    return None

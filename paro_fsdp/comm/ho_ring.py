@@ -68,7 +68,8 @@ class HORingWork(dist.Work):
     """Handle of an asynchronous HO-Ring collective (a real ``dist.Work`` for FSDP and c10d).
 
     ``wait()`` finishes the last phase on the collectives' side stream and makes the current
-    stream wait for it; it may be called in any order relative to other handles.
+    stream wait for it; it may be called in any order relative to other handles. It also hands
+    other collectives' deferred completions to FSDP2, which only waits on a ``dist.Work``.
     """
 
     def __init__(self, finish: Callable[[], None], result: Sequence[torch.Tensor]) -> None:

@@ -19,16 +19,27 @@ from paro_fsdp.comm.names import DEFAULT, HO_RING
 __all__ = ["COMM_NAMES", "DEFAULT", "HO_RING", "Collectives", "check_comm", "make_collectives"]
 
 
+class Waitable(Protocol):
+    def wait(self) -> object: ...
+
+
 class Collectives(Protocol):
-    """Global collectives over the 2D mesh with flat (group-major) semantics."""
+    """Global collectives over the 2D mesh with flat (group-major) semantics.
+
+    With ``async_op=True`` each returns a handle whose ``wait()`` completes it (handles must be
+    waited in the same order on every rank); otherwise it completes before returning.
+    """
 
     groups: MeshGroups
     name: str
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, *,
+                   async_op: bool = False) -> Waitable | None: ...
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
-                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
-    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None: ...
+                       op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, *,
+                       async_op: bool = False) -> Waitable | None: ...
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, *,
+                   async_op: bool = False) -> Waitable | None: ...
 
 
 _CLASSES: dict[str, type] = {DEFAULT: HierarchicalCollectives, HO_RING: HORingCollectives}
