@@ -10,16 +10,20 @@ chosen point, as a crashed host or an OOM-killed process would:
 - ``optimizer``: inside the optimizer step of step ``step`` (after clipping, before the update);
 - ``checkpoint``: while step ``step``'s checkpoint is being written (this rank's shard files
   are written, the checkpoint's ``.metadata`` is not);
-- ``after_step``: after step ``step`` and its checkpoint save, before the next step.
+- ``after_step``: after step ``step`` and its checkpoint save, before the next step;
+- ``hang``: like ``forward``, but the rank stops (SIGSTOP) instead of dying: its peers wait in
+  a collective until the process group's timeout (``comm.train_timeout_seconds``).
 
 A fault fires only in its attempt (``TORCHELASTIC_RESTART_COUNT``, default 0), so a job
 restarted by torchrun runs clean unless another fault names the later attempt. ``PARO_FAULT_RECORD`` names a file every rank appends JSON
 lines to: ``{"event": "start" | "step" | "kill" | "loaded", ...}`` with the attempt, rank,
-wall time and, for steps, the loss at full precision (rank 0).
+wall time and, for steps, the loss at full precision (rank 0); ``"sigterm"`` when torchrun
+stops a surviving rank, ``"exit"`` when a rank's interpreter exits (e.g. on a collective's error).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -45,7 +49,13 @@ def record(event: str, **fields: Any) -> None:
 
 def die(point: str, step: int) -> None:
     record("kill", point=point, step=step)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if point == "hang" else signal.SIGKILL)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    record("sigterm")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def install() -> None:
@@ -57,7 +67,7 @@ def install() -> None:
     faults = []
     for fault in filter(None, os.environ.get("PARO_FAULT", "").split(",")):
         point_, step_, rank_, *attempt = fault.split(":")
-        if point_ not in ("forward", "optimizer", "checkpoint", "after_step"):
+        if point_ not in ("forward", "optimizer", "checkpoint", "after_step", "hang"):
             raise ValueError(f"PARO_FAULT: unknown point {point_!r} in {fault!r}")
         if int(rank_) == RANK and int((attempt or ["0"])[0]) == ATTEMPT:
             faults.append((point_, int(step_)))
@@ -108,7 +118,7 @@ def install() -> None:
 
     @functools.wraps(forward_backward)
     def forward_backward_with_fault(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if armed and point == "forward" and self.step == step:
+        if armed and point in ("forward", "hang") and self.step == step:
             die(point, step)
         return forward_backward(self, *args, **kwargs)
 
@@ -139,6 +149,8 @@ def install() -> None:
 
 def main() -> None:
     record("start", pid=os.getpid())
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    atexit.register(record, "exit")
     from torchtitan_patch.cpu import accelerator_available, enable_cpu_mode
 
     if not accelerator_available():

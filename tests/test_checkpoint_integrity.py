@@ -193,3 +193,21 @@ def test_dataloader_state_of_another_dp_degree_says_what_to_do(tmp_path: Path) -
     with pytest.raises(CheckpointMismatchError, match=r"data-parallel degree 1, this run has 4.*exclude_from_loading dataloader"):
         _load(tmp_path / "ckpt", data=Data(dp_world_size=4))
     assert _load(tmp_path / "ckpt", None, "--checkpoint.exclude_from_loading", "dataloader", data=Data(4)) == (True, 1)
+
+
+def test_parameter_updates_in_flight_finish_before_a_save_or_load(tmp_path: Path) -> None:
+    # torchtitan hands DCP the state dict it cached when the checkpointer was built, so
+    # PaRO's state_dict pre-hooks, which finish an in-flight sync_p, do not run on a save.
+    calls: list[str] = []
+
+    class InFlight(nn.Sequential):
+        def wait_parameters(self) -> None:
+            calls.append("wait")
+
+    torch.manual_seed(0)
+    model = InFlight(nn.Linear(16, 16), nn.Linear(16, 16))
+    manager, _ = _manager(tmp_path / "ckpt", model)
+    manager.save(1)
+    assert calls == ["wait"]
+    assert manager.load() and calls == ["wait", "wait"]
+    manager.close()

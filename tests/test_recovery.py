@@ -109,8 +109,51 @@ def test_attempt_prefix_scopes_the_agent_store_by_run_attempt_and_world() -> Non
 
     env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "job",
            "TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "4"}
-    assert attempt_prefix(env) == "torchelastic/job/attempt_2/world_4/"
+    assert attempt_prefix(env) == "torchelastic/job/attempt_2/world_4"
     assert attempt_prefix({**env, "TORCHELASTIC_RESTART_COUNT": "3"}) != attempt_prefix(env)
     # Not under a shared agent store (plain env://, or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): untouched.
     assert attempt_prefix({**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert attempt_prefix({}) is None
+
+
+def test_the_default_group_is_created_on_the_attempts_store_and_every_group_gets_the_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process: under a shared agent store (a TCPStore server here), torchtitan's
+    ``init_process_group`` call is given this attempt's prefixed store, and the training timeout
+    reaches a group created after torchtitan's meshes (as PaRO's flattened mesh is)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    import torchtitan_patch.elastic as elastic
+
+    agent = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30))
+    agent.set("torchelastic/job/attempt_1/world_1/written by the agent", "this attempt")
+    for key, value in {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "job",
+                       "TORCHELASTIC_RESTART_COUNT": "1", "WORLD_SIZE": "1", "RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent.port)}.items():
+        monkeypatch.setenv(key, value)
+    stores: list[Any] = []
+
+    def attempt_store(timeout: timedelta) -> Any:
+        stores.append(elastic.attempt_store.__wrapped__(timeout))  # type: ignore[attr-defined]
+        return stores[-1]
+
+    attempt_store.__wrapped__ = elastic.attempt_store  # type: ignore[attr-defined]
+    monkeypatch.setattr(elastic, "attempt_store", attempt_store)
+
+    def init_distributed() -> int:  # as torchtitan's: env://, a timeout, no store
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=60))
+        return dist.get_world_size()
+
+    original = dist.init_process_group
+    assert elastic.restart_safe(init_distributed)() == 1
+    try:
+        assert len(stores) == 1 and stores[0].get("written by the agent") == b"this attempt"
+        assert dist.init_process_group is original  # only replaced while torchtitan's init runs
+        later = dist.new_group([0])
+        assert elastic.set_timeout_everywhere(timedelta(seconds=7)) >= 2
+        assert later._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=7)
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,8 @@ catch, and what :func:`install` adds around ``CheckpointManager.dcp_save`` / ``d
   on every rank, naming the file and the complete checkpoints to resume from instead.
   Checkpoints saved without a manifest (stock torchtitan, ``async_mode``, a save that died
   between ``.metadata`` and the manifest) get the size checks only.
+- Parameters mid-update. A PaRO model's last parameter update (sync_p) may still be in flight
+  when torchtitan saves; :func:`settle_parameters` finishes it before every save and load.
 - A checkpoint that does not fit the run: another model or flavor (parameters missing, extra
   or of other shapes; DCP would load a shallower model's parameters into a deeper one and
   leave the rest as initialized), a model-only checkpoint resumed as a full one, or
@@ -357,6 +359,22 @@ def check_fits(checkpoint: Path, metadata: Any, state_dict: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------- torchtitan hooks
 
 
+def settle_parameters(manager: Any) -> None:
+    """Finish the parameter updates PaRO models still have in flight after ``optimizer.step()``.
+
+    PaRO leaves each step's sync_p in flight until something reads the parameters, and waits
+    for it in the model's ``state_dict`` / ``load_state_dict`` pre-hooks. torchtitan's
+    ``ModelWrapper`` calls ``state_dict`` once, when the checkpointer is built, and hands DCP
+    that cached dict (views of the parameters) at every save, so the hooks never run there and
+    a save would read parameters mid-update. Called before every save and load.
+    """
+    wrapper = getattr(manager, "states", {}).get("model")
+    for part in getattr(wrapper, "model", None) or []:
+        wait = getattr(part, "wait_parameters", None)
+        if callable(wait):
+            wait()
+
+
 def _checksums_enabled(manager: Any) -> bool:
     return bool(getattr(manager, "_paro_checksums", True))
 
@@ -367,6 +385,7 @@ def _with_integrity_save(dcp_save: Callable[..., Any]) -> Callable[..., Any]:
                 *args: Any, **kwargs: Any) -> Any:
         from torchtitan.components.checkpoint import AsyncMode
 
+        settle_parameters(self)
         fault_tolerant = getattr(self, "ft_manager", None) is not None
         checkpoint = Path(checkpoint_id)
         if not fault_tolerant:
@@ -384,6 +403,7 @@ def _with_integrity_load(dcp_load: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(dcp_load)
     def wrapped(self: Any, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool,
                 *args: Any, **kwargs: Any) -> Any:
+        settle_parameters(self)
         if not from_hf:
             checkpoint = Path(checkpoint_id)
             metadata = verify(checkpoint, checksums=_checksums_enabled(self))

@@ -1,4 +1,6 @@
-"""Process-group start-up that survives torchrun restarts (``--max-restarts``).
+"""Process groups for fault tolerance: start-up that survives torchrun restarts, timeouts on every group.
+
+Restarts (``torchrun --max-restarts``).
 
 Under torchrun's c10d rendezvous (``--standalone`` included) the workers' default process
 group is bootstrapped from the elastic agent's own TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``).
@@ -14,13 +16,21 @@ the same way; it is not specific to any data-parallel strategy.
 
 :func:`install` wraps torchtitan's ``init_distributed`` so that, when the agent's store is
 shared, the default process group is created on a store scoped to this attempt:
-``PrefixStore("torchelastic/<run id>/attempt_<TORCHELASTIC_RESTART_COUNT>/world_<WORLD_SIZE>/", agent store)``.
+``PrefixStore("torchelastic/<run id>/attempt_<TORCHELASTIC_RESTART_COUNT>/world_<WORLD_SIZE>", agent store)``.
 Every process group torchtitan and PaRO create later derives its keys from the default
 group's store, so they are scoped too. Every worker of one attempt gets the same restart
 count from its agent. What this cannot see: an elastic job whose membership changes without
 a failure keeps its restart count; the world size in the prefix covers a changed number of
 workers, and for anything else run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which
 gives every rendezvous round a fresh store (hosted by rank 0).
+
+Timeouts. After the first step torchtitan shortens the collectives' timeout to
+``comm.train_timeout_seconds`` so that a rank that hangs (alive but silent) fails the job in
+that time and torchrun can restart it; it does so for the groups of its own device meshes.
+PaRO's groups (the flattened data-parallel mesh, HO-Ring's group) are created later, by new
+``DeviceMesh`` / ``new_group`` calls with c10d's default timeout (30 minutes for gloo, 10 for
+NCCL), so a peer stuck in one of them waited that long. :func:`install` also wraps
+``set_pg_timeouts`` so that the timeout is applied to every process group this rank belongs to.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import contextlib
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -43,7 +54,7 @@ def attempt_prefix(env: dict[str, str] | os._Environ[str] = os.environ) -> str |
     run_id = env.get("TORCHELASTIC_RUN_ID", "none")
     attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
     world = env.get("WORLD_SIZE", "1")
-    return f"torchelastic/{run_id}/attempt_{attempt}/world_{world}/"
+    return f"torchelastic/{run_id}/attempt_{attempt}/world_{world}"
 
 
 def attempt_store(timeout: timedelta) -> dist.Store | None:
@@ -105,8 +116,41 @@ def restart_safe(init_distributed: Callable[..., int]) -> Callable[..., int]:
     return wrapped
 
 
+def set_timeout_everywhere(timeout: timedelta) -> int:
+    """Apply ``timeout`` to every process group this rank belongs to; returns how many took it."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    done = 0
+    for group in list(_world.pg_map):
+        if not group._device_types:  # no backend of its own (HO-Ring's group: its flat group is in the map)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "only supported for either nccl or gloo": other backends keep theirs
+            try:
+                _set_pg_timeout(timeout, group)
+                done += 1
+            except (ValueError, AssertionError, RuntimeError):
+                pass
+    return done
+
+
+def on_every_group(set_pg_timeouts: Callable[..., None]) -> Callable[..., None]:
+    """Wrap torchtitan's ``set_pg_timeouts`` (its meshes' groups) to cover every process group."""
+    if getattr(set_pg_timeouts, "_every_group", False):
+        return set_pg_timeouts
+
+    @functools.wraps(set_pg_timeouts)
+    def wrapped(timeout: timedelta, *args: Any, **kwargs: Any) -> None:
+        set_pg_timeouts(timeout, *args, **kwargs)
+        set_timeout_everywhere(timeout)
+
+    wrapped._every_group = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def install() -> None:
-    """Make torchtitan's process-group start-up restart-safe (the trainer calls it by module attribute)."""
+    """Restart-safe process-group start-up and timeouts on every group (the trainer calls both by module attribute)."""
     import torchtitan.distributed.utils as dist_utils
 
     dist_utils.init_distributed = restart_safe(dist_utils.init_distributed)
+    dist_utils.set_pg_timeouts = on_every_group(dist_utils.set_pg_timeouts)
