@@ -131,9 +131,10 @@ class Unit:
         self.layout = RowLayout(regions, offset, state.strategy.param, state.groups)
         self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
         self._optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
-        # In flight since the last backward / optimizer step: the gradient's sync_g (its handle and
-        # the buffer it fills) and the parameters' sync_p (its handle and the P row it fills).
-        self._sync_g: tuple[torch.Tensor, Pending] | None = None
+        # In flight: a micro-step's reduction to G, the gradient's sync_g and the parameters'
+        # sync_p, each as (the buffer it fills, its handle).
+        self._grad_reduce: tuple[torch.Tensor, Pending] | None = None
+        self._sync_g: tuple[torch.Tensor | None, Pending] | None = None
         self._sync_p: tuple[torch.Tensor, Pending] | None = None
         if params is not None:
             fsdp_seam.attach(self)
@@ -206,26 +207,41 @@ class Unit:
     def on_reduced(self, reduce_output: torch.Tensor) -> None:
         """FSDP2's all-reduce hook: ``reduce_output`` is this rank's P row, summed over P's ranks."""
         s, last = self.state.strategy, self.state.last_microstep
+        to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
         if s.param <= s.grad:
             row = self.layout.pad(reduce_output)
+            self._finish_grad_reduce()
             with phase("grad_reduce"):
-                x = self._run(reduce(s.param, s.grad), row)
-            self._accumulate(x, owned=x is not reduce_output)
+                x, pending = start(reduce(s.param, s.grad), row, self.state, columns=True)
+            if pending is _DONE:
+                self._accumulate(x, owned=x is not reduce_output)
+            else:  # accumulated when the next micro-step's arrives, or when the gradient is read
+                self._grad_reduce = (x, pending)
             if not last:
                 return
+            self.wait_grads()  # an earlier synchronized backward's sync_g, if not yet consumed
+            if not (to_optim.steps or completion.steps):  # this reduction was the gradient's last move
+                self._sync_g = (None, Pending(None, self._finish_grad_reduce))
+                return
+            self._finish_grad_reduce()
             x, self.grad_accum = self.grad_accum, None
         elif not last:
             return
         else:
+            self.wait_grads()
             x = self.layout.pad(reduce_output).float()
             x = x.clone() if x is reduce_output else x
-        to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
-        self.wait_grads()  # an earlier synchronized backward's sync_g, if not yet consumed
         with phase("sync_g"):
             if completion.steps:  # the reduction stays in the group: finish it, overlap the completion
                 self._sync_g = start(completion, self._run(to_optim, x), self.state, columns=True)
             else:
                 self._sync_g = start(to_optim, x, self.state, columns=True)
+
+    def _finish_grad_reduce(self) -> None:
+        if self._grad_reduce is not None:
+            (x, pending), self._grad_reduce = self._grad_reduce, None
+            pending.wait()
+            self._accumulate(x, owned=True)
 
     def wait_grads(self) -> None:
         """Finish this unit's sync_g, if one is in flight, into the averaged gradient at O."""
@@ -233,6 +249,8 @@ class Unit:
             return
         (x, pending), self._sync_g = self._sync_g, None
         pending.wait()
+        if x is None:  # the sync was the last micro-step's reduction: its sum is the gradient
+            x, self.grad_accum = self.grad_accum, None
         x.div_(self.state.divide_factor or self.state.groups.world)
         if self._optim_grad is None:
             self._optim_grad = x
@@ -255,13 +273,13 @@ class Unit:
             self.grad_accum = x if owned else x.clone()
 
     def zero_grad(self) -> None:
+        self._finish_grad_reduce()
         self.wait_grads()
         self.grad_accum = self._optim_grad = None
 
     def grad_bytes(self) -> int:
         """Bytes of gradient state this unit keeps between micro-steps."""
         held = [t for t in (self.grad_accum, self._optim_grad) if t is not None]
-        if self._sync_g is not None:
-            held.append(self._sync_g[0])
+        held += [p[0] for p in (self._grad_reduce, self._sync_g) if p is not None and p[0] is not None]
         held += fsdp_seam.fsdp_held_gradients(self.module)
         return sum(t.numel() * t.element_size() for t in held)

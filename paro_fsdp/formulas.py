@@ -32,6 +32,30 @@ class Topology:
         return self.groups * self.group_size
 
 
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per element of the model states under a strategy's precision layout."""
+
+    params: int  # the copy at P
+    optim: int  # K, per trainable element at O: the moments, plus the fp32 master where it is separate
+    sync_p: int  # what sync_p moves per element
+
+
+def state_bytes(strategy: ParoStrategy | str, compute_bytes: int = 4, master_bytes: int = 4,
+                moment_bytes: int = 8) -> StateBytes:
+    """The paper's mixed-precision layout for ``strategy``.
+
+    Where P is coarser than O and the compute dtype (``compute_bytes``) is narrower than the
+    master's, P holds a compute-dtype copy, which is also what sync_p moves, and the master lives
+    at O beside the moments (K = moments + master). Elsewhere the copy at P is the master itself
+    (FSDP2 casts it when gathering) and K is the moments alone.
+    """
+    s = ParoStrategy.parse(strategy)
+    if compute_bytes < master_bytes and s.param < s.optim:
+        return StateBytes(compute_bytes, moment_bytes + master_bytes, compute_bytes)
+    return StateBytes(master_bytes, moment_bytes, master_bytes)
+
+
 def comm_elements(strategy: ParoStrategy | str, topo: Topology, params: float,
                   trainable: float | None = None, accum: int = 1) -> dict[str, dict[str, float]]:
     """Elements each rank sends per optimizer step, ``{phase: {"intra": x, "inter": y}}``.
@@ -52,12 +76,13 @@ def comm_elements(strategy: ParoStrategy | str, topo: Topology, params: float,
 
 def comm_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,
                accum: int = 1, param_bytes: int = 4, grad_bytes: int = 4,
-               master_bytes: int = 4) -> dict[str, dict[str, float]]:
+               master_bytes: int = 4, sync_p_bytes: int | None = None) -> dict[str, dict[str, float]]:
     """``comm_elements`` in bytes: gathers move ``param_bytes`` (the compute dtype), gradient
-    reductions ``grad_bytes`` (the reduce dtype) and the once-per-step syncs ``master_bytes``
-    (the fp32 partial sums and master parameters the optimizer slice holds)."""
+    reductions ``grad_bytes`` (the reduce dtype), sync_g ``master_bytes`` (the fp32 partial sums)
+    and sync_p ``sync_p_bytes`` (the copy at P: ``StateBytes.sync_p``; default ``master_bytes``)."""
     el = comm_elements(strategy, topo, params, trainable, accum)
-    size = {"param_gather": param_bytes, "grad_reduce": grad_bytes, "sync_g": master_bytes, "sync_p": master_bytes}
+    size = {"param_gather": param_bytes, "grad_reduce": grad_bytes, "sync_g": master_bytes,
+            "sync_p": master_bytes if sync_p_bytes is None else sync_p_bytes}
     return {p: {l: v * size[p] for l, v in links.items()} for p, links in el.items()}
 
 

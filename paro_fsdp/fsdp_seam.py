@@ -70,7 +70,10 @@ def attach(unit: "Unit") -> None:
     _wait_params_before_unshard(module, unit)
     if not unit.layout.regions:
         return
-    module.set_force_sum_reduction_for_comms(True)  # the engine divides once, by n
+    # Sums only: the engine divides once, by n. A factor of 1 also keeps FSDP2 from dividing its
+    # reduce output in place after the hook, while the engine's reductions may still read it.
+    module.set_force_sum_reduction_for_comms(True)
+    FSDPModule.set_gradient_divide_factor(module, 1.0)
     module.set_custom_reduce_scatter(_UnitReduceScatter(unit))
 
     def on_reduced(reduce_output: torch.Tensor) -> None:

@@ -178,10 +178,12 @@ def test_pareto_front() -> None:
                                  for f in front)
 
 
-# The paper's settings: nodes of 8 GPUs with 80 GiB, 2-byte params and grads with an fp32 master
-# (K = 12), a 200 Gbit/s NIC per node shared by 8 ranks, NVLink-class intra links, A = 4.
+# The paper's settings: nodes of 8 GPUs with 80 GiB, 2-byte compute and gradients with an fp32
+# master (a 2-byte copy at P and K = 12 where P is coarser than O), a 200 Gbit/s NIC per node
+# shared by 8 ranks, NVLink-class intra links, A = 4.
 def _paper(params: int, trainable: int | None, nodes: int, blocks: int, memory_gib: float, comm: str):
-    model = ModelSizes(params=params, trainable=trainable, blocks=blocks, param_bytes=2, grad_bytes=2, optim_bytes=12)
+    model = ModelSizes(params=params, trainable=trainable, blocks=blocks, param_bytes=4, gather_bytes=2,
+                       grad_bytes=2, optim_bytes=8)
     cluster = Cluster(nodes=nodes, ranks_per_node=8, intra_bw=150e9, inter_bw=200e9 / 8 / 8,
                       device_memory=memory_gib * GIB, intra_latency=20e-6, inter_latency=50e-6)
     return choose_strategy(model, cluster, TrainingSetup(accum=4, activation_bytes=20 * GIB), comm)
@@ -209,11 +211,16 @@ def test_peft_prefers_group_params_with_full_gradients(fraction: float) -> None:
         order = [e.strategy.code for e in ranking]
         # I parameters, unpartitioned gradients of the few trainable ones: INI or ING. They move the
         # same bytes; ING's once-per-step parameter sync adds an inter latency per unit, which
-        # HO-Ring's overlap of ING's global gradient reduce-scatter about repays at Psi/16.
-        assert best.code in ("INI", "ING")
+        # HO-Ring's overlap of ING's global gradient reduce-scatter about repays at Psi/16. At
+        # 3/1000 the trainable states are so small that IIG, whose sync_p moves the 2-byte copy,
+        # ties with them (within 1%).
+        ing = next(e for e in ranking if e.strategy.code == "ING")
+        if fraction == 1 / 16:
+            assert best.code in ("INI", "ING")
+        else:
+            assert best.code in ("INI", "ING", "IIG") and ing.step_seconds <= ranking[0].step_seconds * 1.01
         assert order.index("ING") < min(order.index("IGG"), order.index("GNG"), order.index("GGG"))
         if fraction == 1 / 16 and comm == "ho_ring":
-            ing = next(e for e in ranking if e.strategy.code == "ING")
             assert ing.step_seconds <= ranking[0].step_seconds * 1.001
 
 

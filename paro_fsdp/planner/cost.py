@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
 from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm
 from paro_fsdp.comm.stats import INTER, INTRA
-from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
+from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.strategy import Granularity, ParoStrategy
 from paro_fsdp.transitions import PhasePlan, phase_plan
@@ -84,14 +84,14 @@ def ho_ring_chunks(collective_bytes: float) -> int:
     return min(DEFAULT_CHUNKS, max(1, int(collective_bytes // DEFAULT_MIN_CHUNK_BYTES)))
 
 
-def _unit_collective_bytes(phase_name: str, model: ModelSizes) -> float:
+def _unit_collective_bytes(phase_name: str, model: ModelSizes, layout: StateBytes) -> float:
     """Full size of one unit's global collective in a phase (what HO-Ring chunks)."""
     unit_trainable = model.unit_params * model.trainable_params / model.params
     if phase_name == "param_gather":
         return model.unit_params * model.wire_param_bytes
     if phase_name == "grad_reduce":
         return unit_trainable * model.wire_grad_bytes
-    return unit_trainable * model.master_bytes
+    return unit_trainable * (layout.sync_p if phase_name == "sync_p" else model.master_bytes)
 
 
 def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
@@ -102,8 +102,9 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     topo = Topology(cluster.nodes, cluster.ranks_per_node)
     psi, psi_t = model.params, model.trainable_params
 
-    states = memory_bytes(s, topo, psi, psi_t, param_bytes=model.param_bytes,
-                          grad_bytes=model.grad_bytes, optim_bytes=model.optim_bytes)
+    layout = model.layout(s)
+    states = memory_bytes(s, topo, psi, psi_t, param_bytes=layout.params,
+                          grad_bytes=model.grad_bytes, optim_bytes=layout.optim)
     unit_trainable = model.unit_params * psi_t / psi
     buffers = UNITS_IN_FLIGHT * (
         (model.unit_params * model.wire_param_bytes if s.param is not N else 0.0)
@@ -112,7 +113,8 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     memory = {**states, "buffers": buffers, "activations": float(setup.activation_bytes)}
 
     nbytes = comm_bytes(s, topo, psi, psi_t, accum=setup.accum, param_bytes=model.wire_param_bytes,
-                        grad_bytes=model.wire_grad_bytes, master_bytes=model.master_bytes)
+                        grad_bytes=model.wire_grad_bytes, master_bytes=model.master_bytes,
+                        sync_p_bytes=layout.sync_p)
     # Size-1 groups issue no collective (nothing to exchange).
     has_intra, has_inter = cluster.ranks_per_node > 1, cluster.nodes > 1
     seconds: dict[str, float] = {}
@@ -125,7 +127,7 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         times, is_global = plan.times(setup.accum), plan.is_global
         chunks = 1
         if comm == HO_RING and is_global:
-            chunks = ho_ring_chunks(_unit_collective_bytes(phase_name, model))
+            chunks = ho_ring_chunks(_unit_collective_bytes(phase_name, model, layout))
             transfer = max(intra_t, inter_t) + min(intra_t, inter_t) / chunks
         else:
             transfer = intra_t + inter_t

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 from paro_fsdp.comm.stats import INTRA, LINKS
+from paro_fsdp.formulas import StateBytes, state_bytes
+from paro_fsdp.strategy import ParoStrategy
 
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
@@ -33,11 +35,12 @@ def _check_int(owner: str, name: str, value: int, minimum: int = 1) -> None:
 class ModelSizes:
     """Sizes of the model states and of one FSDP unit.
 
-    ``param_bytes`` / ``grad_bytes`` are the dtypes the sharded parameters and gradients are
-    stored in; ``optim_bytes`` is K, the optimizer bytes per trainable element (8 for AdamW
-    moments next to fp32 parameters, 12 with a separate fp32 master copy). ``gather_bytes`` and
-    ``reduce_bytes`` are the dtypes on the wire for parameter all-gathers and gradient
-    reductions (mixed precision), defaulting to the storage dtypes. ``block_params`` is the
+    ``param_bytes`` is the master parameters' dtype and ``grad_bytes`` the accumulated
+    gradients'; ``optim_bytes`` the optimizer's own bytes per trainable element (8 for AdamW's
+    moments). ``gather_bytes`` and ``reduce_bytes`` are the dtypes on the wire for parameter
+    all-gathers (the compute dtype) and gradient reductions, defaulting to the storage dtypes.
+    Each strategy stores them as :meth:`layout` says: where the compute dtype is narrower and P
+    is coarser than O, a compute-dtype copy at P and the master beside the moments at O. ``block_params`` is the
     size of the largest FSDP unit (a transformer block), defaulting to ``params / blocks``.
     ``flops_per_token`` defaults to 6 per parameter (forward and backward of dense training).
     """
@@ -87,6 +90,11 @@ class ModelSizes:
     @property
     def wire_param_bytes(self) -> int:
         return self.param_bytes if self.gather_bytes is None else self.gather_bytes
+
+    def layout(self, strategy: ParoStrategy) -> StateBytes:
+        """Bytes per element of each state under ``strategy`` (``formulas.state_bytes``)."""
+        return state_bytes(strategy, compute_bytes=self.wire_param_bytes, master_bytes=self.param_bytes,
+                           moment_bytes=self.optim_bytes)
 
     @property
     def wire_grad_bytes(self) -> int:
