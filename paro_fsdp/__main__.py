@@ -59,14 +59,27 @@ def count(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a parameter count such as 7000000000, 6.7e9, 7B or 350M, "
                                          f"got {text!r}")
-    value = round(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+    value = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite parameter count such as 7B or 6.7e9, got {text!r}")
+    value = round(value)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a parameter count >= 1, got {text!r}")
     return value
 
 
+TRAINABLE_BARE_MIN = 1000
+"""Smallest ``--trainable`` count accepted without a suffix: below it a fraction was likely meant."""
+
+
 def trainable(text: str) -> int | float:
-    """A count (see ``count``) or a fraction of ``--params``: ``1/16``, ``3/1000``, ``0.003``."""
+    """A count (see ``count``) or a fraction of ``--params``: ``1/16``, ``3/1000``, ``0.003``.
+
+    A bare number of 1 or more without a suffix is a count, and below :data:`TRAINABLE_BARE_MIN`
+    it is refused as ambiguous: ``--trainable 16`` is far more often 1/16 of the model, or 16M,
+    than 16 parameters. Such a small count is written with a suffix (``0.016k``).
+    """
+    text = text.strip()
     if "/" in text:
         num, _, den = text.partition("/")
         try:
@@ -80,10 +93,20 @@ def trainable(text: str) -> int | float:
         except ValueError:
             return count(text)
         if value >= 1:
+            if value < TRAINABLE_BARE_MIN:
+                raise argparse.ArgumentTypeError(_ambiguous_trainable(text, value))
             return count(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"a fraction of --params must be in (0, 1], got {text!r}")
     return value
+
+
+def _ambiguous_trainable(text: str, value: float) -> str:
+    k = f"{value:g}"
+    fraction = f"1/{k} = {1 / value:.4g}" if value > 1 else "1/16 = 0.0625, or 1/1 for all of them"
+    return (f"{text}: did you mean a fraction of --params ({fraction}) or a count with a suffix ({k}M, {k}B)? "
+            f"A count without a suffix must be >= {TRAINABLE_BARE_MIN:,}; write a smaller one with a suffix "
+            f"({value / 1000:g}k) if you mean exactly {k}")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +115,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                      "seq_len, batch sizes, mixed precision and activation checkpointing from [training]")
     src.add_argument("--params", type=count, help="parameter count Psi (7B, 6.7e9, ...)")
     src.add_argument("--trainable", type=trainable,
-                     help="trainable parameters Psi': a count, or a fraction of --params (1/16, 3/1000); default all")
+                     help="trainable parameters Psi': a count (4B, 350M; without a suffix at least "
+                     f"{TRAINABLE_BARE_MIN:,}), or a fraction of --params (1/16, 3/1000, 0.0625); default all")
     src.add_argument("--blocks", type=positive_int, help="transformer blocks = FSDP units (default: n_layers "
                      "of --config, else 32)")
     src.add_argument("--param-bytes", type=positive_int, help="bytes per stored parameter (default 4)")
@@ -143,6 +167,14 @@ def _pick(flag: object, *fallbacks: object) -> object:
     return None
 
 
+def _scaled(flag: str, value: float, scale: float, unit: str, error: Callable[[str], None]) -> float:
+    """``value`` given in ``unit`` in base units, or an error naming ``flag`` when that overflows."""
+    scaled = value * scale
+    if not math.isfinite(scaled):
+        error(f"{flag} {value:g}: {value:g} {unit} is too large to compute with; give a realistic value")
+    return scaled
+
+
 def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     """Resolve flags, the calibration file and the torchtitan config into planner inputs."""
     from paro_fsdp.planner import (Cluster, ModelSizes, TrainingSetup,  # noqa: PLC0415 (keeps --help fast)
@@ -170,9 +202,13 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         base = None
     train = args.trainable
     if isinstance(train, float):
-        train = max(1, round(train * params))
+        fraction, train = train, round(train * params)
+        if train < 1:
+            error(f"--trainable: {fraction:g} of the {params:,} parameters of the model is less than 1 parameter; "
+                  f"give a larger fraction or a count (e.g. 100M)")
     if train is not None and train > params:
-        error(f"--trainable: {train} trainable parameters exceed the {params} parameters of the model")
+        error(f"--trainable: {train} trainable parameters exceed the {params} parameters of the model; give at "
+              f"most {params}, or a fraction of the model such as 1/16")
 
     shape = {}
     for flag, attr, job_attr in (("--nodes", "nodes", "groups"), ("--ranks-per-node", "ranks_per_node", "group_size")):
@@ -183,7 +219,8 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     rates = {}
     for flag, attr, link in (("--intra-bw", "intra_bw", "intra"), ("--inter-bw", "inter_bw", "inter")):
         measured = getattr(cal, link).bandwidth if cal else None
-        rates[attr] = _pick(None if getattr(args, attr) is None else getattr(args, attr) * 1e9, measured)
+        given = getattr(args, attr)
+        rates[attr] = _pick(None if given is None else _scaled(flag, given, 1e9, "GB/s", error), measured)
         if rates[attr] is None:
             error(f"{flag} is required (or --calibration FILE from `paro probe`)")
     latency = {}
@@ -201,14 +238,18 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     # Measured per-kind rates hold for a link only while its rate is the calibration's.
     op_bw = {kind: {link: fit.bandwidth for link, fit in links.items() if getattr(args, f"{link}_bw") is None}
              for kind, links in (cal.ops.items() if cal else ())}
-    cluster = Cluster(device_memory=args.memory * GIB, **shape, **rates, **latency,
-                      op_bw={kind: links for kind, links in op_bw.items() if links})
+    memory = _scaled("--memory", args.memory, GIB, "GiB", error)
+    try:
+        cluster = Cluster(device_memory=memory, **shape, **rates, **latency,
+                          op_bw={kind: links for kind, links in op_bw.items() if links})
+    except ValueError as e:  # the flags are checked above: what is left comes from the calibration file
+        error(f"--calibration: {e}")
     try:
         accum = _pick(args.accum, job.accum(cluster.world) if job else None, 1)
     except ValueError as e:
         error(f"--config: {e} (or give --accum)")
     if args.activation_memory is not None:
-        activations = args.activation_memory * GIB
+        activations = _scaled("--activation-memory", args.activation_memory, GIB, "GiB", error)
     else:
         activations = job.activation_bytes() if job else 0.0
     if args.step_compute_seconds is not None and args.device_tflops is not None:
@@ -218,7 +259,8 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         tokens = _pick(args.tokens, job.tokens_per_micro_step if job else None)
         if tokens is None:
             error("--device-tflops needs --tokens (tokens per rank per micro-step) or --config")
-        compute = compute_seconds_from_flops(model, tokens, accum, args.device_tflops * 1e12)
+        compute = compute_seconds_from_flops(model, tokens, accum,
+                                             _scaled("--device-tflops", args.device_tflops, 1e12, "TFLOP/s", error))
     args.comm = _pick(args.comm, job.comm if job else None, DEFAULT)
     try:
         check_comm(args.comm, field="parallelism.paro_comm")

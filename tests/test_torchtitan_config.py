@@ -70,12 +70,16 @@ def test_shard_degree_minus_one_takes_the_leftover_ranks() -> None:
     assert (settings.groups, settings.group_size) == (2, 4)
 
 
-def test_auto_strategy_is_accepted_with_its_fields() -> None:
+def test_auto_strategy_is_accepted_with_its_fields(tmp_path: Path) -> None:
+    from paro_fsdp.planner import write_calibration
+
+    cal = str(tmp_path / "cal.json")
+    write_calibration(_calibration(2, 2, 1e9), cal)
     settings = paro_settings(
-        _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_calibration", "cal.json",
+        _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_calibration", cal,
                 "--parallelism.paro_device_memory_gib", "12.5"), 4)
     assert settings is not None and settings.auto and settings.strategy is None
-    assert (settings.calibration, settings.device_memory_gib, settings.comm) == ("cal.json", 12.5, "ho_ring")
+    assert (settings.calibration, settings.device_memory_gib, settings.comm) == (cal, 12.5, "ho_ring")
     assert "PaRO auto (ho_ring)" in settings.describe()
     chosen = settings.with_strategy(ParoStrategy.parse("NIG"))
     assert "PaRO NIG (chosen by paro_strategy='auto') (ho_ring)" in chosen.describe()

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from paro_fsdp.comm.registry import DEFAULT, check_comm
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT
 from paro_fsdp.strategy import ParoStrategy
 
 SUPPORTED_MODELS = ("llama3", "qwen3")
@@ -44,10 +44,19 @@ class ParoSettings:
         return f"PaRO {name} ({self.comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
+def _valid_strategies() -> str:
+    codes = ", ".join(s.code for s in ParoStrategy.all_valid())
+    return f"a code of N/I/G ({codes}), an alias (ddp, zero1, zero2, zero3, fsdp, mics, hsdp) or 'auto'"
+
+
 def _strategy(value: Any) -> ParoStrategy | None:
     """The parsed strategy, or ``None`` for "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
+    if not isinstance(value, str):
+        raise ParoConfigError(
+            f"parallelism.paro_strategy={value!r} is invalid: expected a string, {_valid_strategies()}"
+        )
     try:
         return ParoStrategy.parse(value)
     except (ValueError, TypeError) as e:
@@ -73,12 +82,105 @@ def _auto_fields(par: Any) -> tuple[str, float]:
     return calibration.strip(), float(memory)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each degree counts, for the messages.
+_DEGREE_MEANING = {
+    "data_parallel_replicate_degree": "the number of groups (e.g. nodes)",
+    "tensor_parallel_degree": "the tensor-parallel degree (1: off)",
+    "pipeline_parallel_degree": "the number of pipeline stages' ranks (1: off)",
+    "expert_tensor_parallel_degree": "the expert tensor-parallel degree (1: off)",
+}
+
+
+def _degrees(par: Any, world_size: Any) -> tuple[int, int, int, int]:
+    """``(g, m, tp, pp)``: the data-parallel mesh and the degrees beside it, checked against ``world_size``.
+
+    Checks what torchtitan's ``ParallelDims`` asserts only after the process groups exist,
+    plus what PaRO cannot run: context and expert parallelism.
+    """
+    if not _is_int(world_size) or world_size < 1:
+        raise ParoConfigError(
+            f"world size {world_size!r} is invalid: launch at least 1 rank (torchrun sets WORLD_SIZE)"
+        )
+    for name, meaning in _DEGREE_MEANING.items():
+        value = getattr(par, name, 1)
+        if not _is_int(value) or value < 1:
+            raise ParoConfigError(
+                f"parallelism.{name}={value!r} is invalid; it is {meaning} and must be an integer >= 1"
+            )
+    for name in ("context_parallel_degree", "expert_parallel_degree"):
+        value = getattr(par, name, 1)
+        if not _is_int(value) or value != 1:
+            raise ParoConfigError(
+                f"parallelism.{name}={value!r} is not supported with parallelism.paro_strategy; "
+                f"set it to 1 (PaRO composes with tensor and pipeline parallelism)"
+            )
+    m = par.data_parallel_shard_degree
+    if not _is_int(m) or (m < 1 and m != -1):
+        raise ParoConfigError(
+            f"parallelism.data_parallel_shard_degree={m!r} is invalid; it is the number of ranks per group "
+            f"and must be an integer >= 1, or -1 for the ranks left over"
+        )
+    g, tp, pp = par.data_parallel_replicate_degree, par.tensor_parallel_degree, par.pipeline_parallel_degree
+    others = g * tp * pp
+    if m == -1:
+        if world_size % others:
+            raise ParoConfigError(
+                f"world size {world_size} is not divisible by data_parallel_replicate_degree ({g}) x "
+                f"tensor_parallel_degree ({tp}) x pipeline_parallel_degree ({pp}) = {others}, so "
+                f"parallelism.data_parallel_shard_degree=-1 has no value; set the degrees so that their product "
+                f"is {world_size}"
+            )
+        m = world_size // others
+    if g * m * tp * pp != world_size:
+        raise ParoConfigError(
+            f"parallelism degrees do not multiply to the world size: data_parallel_replicate_degree ({g}) x "
+            f"data_parallel_shard_degree ({m}) x tensor_parallel_degree ({tp}) x pipeline_parallel_degree "
+            f"({pp}) = {g * m * tp * pp}, but {world_size} ranks were launched; set the degrees so that their "
+            f"product is {world_size} (data_parallel_shard_degree=-1 takes the ranks left over)"
+        )
+    return g, m, tp, pp
+
+
+def _check_calibration(path: str, groups: int, group_size: int) -> None:
+    """With "auto": ``paro_calibration`` is a readable ``paro probe`` file measured on this g x m layout."""
+    from paro_fsdp.planner.calibration import cluster_from_calibration, read_calibration  # noqa: PLC0415
+
+    try:
+        calibration = read_calibration(path)
+        cluster_from_calibration(calibration, device_memory=1.0)  # checks the rates, per collective kind too
+    except (OSError, ValueError) as e:
+        raise ParoConfigError(
+            f"parallelism.paro_calibration={path!r} is not a usable `paro probe` file: {e}; point it at the "
+            f"JSON file `paro probe` writes, or leave it empty to probe the links at start-up"
+        ) from None
+    if (calibration.nodes, calibration.ranks_per_node) != (groups, group_size):
+        raise ParoConfigError(
+            f"parallelism.paro_calibration={path!r} was measured on {calibration.nodes} group(s) x "
+            f"{calibration.ranks_per_node} rank(s), but this job's PaRO mesh is {groups} x {group_size} "
+            f"(data_parallel_replicate_degree x data_parallel_shard_degree); link rates depend on how many ranks "
+            f"share them: probe this layout (leave paro_calibration empty) or point it at a matching file"
+        )
+
+
+def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in valid:
+        raise ParoConfigError(f"{section}.{name}={value!r} is invalid; valid values: {', '.join(valid)}")
+
+
 def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     """The job's PaRO settings, or ``None`` when ``parallelism.paro_strategy`` is unset (stock torchtitan).
 
     Raises :class:`ParoConfigError` on any invalid PaRO field or on a parallel layout PaRO
-    cannot run: degrees that do not multiply to ``world_size``, context or expert parallelism,
-    a model other than the supported dense ones.
+    cannot run: degrees that are not integers >= 1 (``data_parallel_shard_degree``: or -1) or
+    that do not multiply to ``world_size``, context or expert parallelism, a model other than
+    the supported dense ones, a schedule or option PaRO does not drive; with "auto", fewer than
+    2 data-parallel ranks or a ``paro_calibration`` file that cannot be read or was measured on
+    another g x m layout. Everything is checked from the config alone, before any process
+    group exists (``torchtitan_patch.train`` calls it before rendezvous).
     """
     par = job_config.parallelism
     value = getattr(par, "paro_strategy", None)
@@ -87,53 +189,16 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     strategy = _strategy(value)
     calibration, device_memory_gib = _auto_fields(par)
     comm = getattr(par, "paro_comm", DEFAULT)
-    try:
-        check_comm(comm, field="parallelism.paro_comm")
-    except ValueError as e:
-        raise ParoConfigError(str(e)) from None
+    _check_choice("parallelism", "paro_comm", comm, COMM_NAMES)
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
         raise ParoConfigError(
             f"model.name={model!r} is not supported with parallelism.paro_strategy; PaRO supports "
             f"{', '.join(SUPPORTED_MODELS)} (dense flavors)"
         )
-    for name in ("context_parallel_degree", "expert_parallel_degree"):
-        if getattr(par, name) != 1:
-            raise ParoConfigError(
-                f"parallelism.{name}={getattr(par, name)} is not supported with parallelism.paro_strategy; "
-                f"set it to 1 (PaRO composes with tensor and pipeline parallelism)"
-            )
-    g = par.data_parallel_replicate_degree
-    if not isinstance(g, int) or g < 1:
-        raise ParoConfigError(
-            f"parallelism.data_parallel_replicate_degree={g!r} is invalid; it is the number of groups "
-            f"(e.g. nodes) and must be an integer >= 1"
-        )
-    others = g * par.tensor_parallel_degree * par.pipeline_parallel_degree
-    m = par.data_parallel_shard_degree
-    if m == -1:
-        if world_size % others:
-            raise ParoConfigError(
-                f"world size {world_size} is not divisible by data_parallel_replicate_degree ({g}) x "
-                f"tensor_parallel_degree ({par.tensor_parallel_degree}) x pipeline_parallel_degree "
-                f"({par.pipeline_parallel_degree}) = {others}, so data_parallel_shard_degree=-1 has no value"
-            )
-        m = world_size // others
-    if not isinstance(m, int) or m < 1:
-        raise ParoConfigError(
-            f"parallelism.data_parallel_shard_degree={m!r} is invalid; it is the number of ranks per group "
-            f"and must be an integer >= 1, or -1 for the ranks left over"
-        )
-    if g * m * par.tensor_parallel_degree * par.pipeline_parallel_degree != world_size:
-        raise ParoConfigError(
-            f"parallelism degrees do not multiply to the world size: data_parallel_replicate_degree ({g}) x "
-            f"data_parallel_shard_degree ({m}) x tensor_parallel_degree ({par.tensor_parallel_degree}) x "
-            f"pipeline_parallel_degree ({par.pipeline_parallel_degree}) = "
-            f"{g * m * par.tensor_parallel_degree * par.pipeline_parallel_degree}, but {world_size} ranks were "
-            f"launched"
-        )
-    schedule = par.pipeline_parallel_schedule
-    if par.pipeline_parallel_degree > 1 and ("ZeroBubble" in schedule or "DualPipe" in schedule):
+    g, m, _, pp = _degrees(par, world_size)
+    schedule = str(par.pipeline_parallel_schedule)
+    if pp > 1 and ("ZeroBubble" in schedule or "DualPipe" in schedule):
         raise ParoConfigError(
             f"parallelism.pipeline_parallel_schedule={schedule!r} is not supported with parallelism.paro_strategy: "
             f"it splits backward into input and weight passes; use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
@@ -147,11 +212,19 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
         raise ParoConfigError("fault_tolerance.enable=True is not supported with parallelism.paro_strategy")
     if job_config.training.enable_cpu_offload:
         raise ParoConfigError("training.enable_cpu_offload=True is not supported with parallelism.paro_strategy")
+    _check_choice("parallelism", "fsdp_reshard_after_forward", par.fsdp_reshard_after_forward,
+                  ("default", "always", "never"))
+    from torchtitan.config import TORCH_DTYPE_MAP  # noqa: PLC0415 (torchtitan is loaded by the caller)
+
+    for name in ("mixed_precision_param", "mixed_precision_reduce"):
+        _check_choice("training", name, getattr(job_config.training, name), tuple(TORCH_DTYPE_MAP))
     if strategy is None and g * m == 1:
         raise ParoConfigError(
             "parallelism.paro_strategy='auto' needs at least 2 data-parallel ranks to choose between strategies; "
             "with data_parallel_replicate_degree (1) x data_parallel_shard_degree (1) they all keep a full copy "
             "and send nothing: set a strategy code such as 'NNN'"
         )
+    if strategy is None and calibration:
+        _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
                         device_memory_gib=device_memory_gib)
