@@ -310,10 +310,15 @@ def launch(spec: dict, args: argparse.Namespace, log_dir: Path) -> dict:
                   load_after=os.getloadavg()[0], log=str(log_path),
                   link_total=[[n.bytes.tx, n.bytes.rx, n.bytes.loopback] for n in outcome.nodes])
     logged = len(record["steps"])
+    complete = logged >= spec["steps_requested"] and all(
+        len(p) >= spec["steps_requested"] for p in record["probes"])
     if not outcome.ok:
-        record.update(status="failed", reason=failure_reason(outputs, [n.returncode for n in outcome.nodes],
-                                                             outcome.timed_out, outcome.elapsed_s))
-    elif logged < spec["steps_requested"] or not all(record["probes"]):
+        reason = failure_reason(outputs, [n.returncode for n in outcome.nodes], outcome.timed_out, outcome.elapsed_s)
+        if complete:  # every step measured; the launch failed on the way out
+            record.update(status="ok", note=f"all {logged} steps logged, then {reason}")
+        else:
+            record.update(status="failed", reason=f"{reason} (after {logged} of {spec['steps_requested']} steps)")
+    elif not complete:
         record.update(status="failed", reason=f"only {logged} of {spec['steps_requested']} steps logged")
     else:
         record["status"] = "ok"
@@ -338,7 +343,8 @@ def _save(raw: dict, args: argparse.Namespace) -> None:
 def drive(args: argparse.Namespace) -> int:
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the cluster is torn down, results so far are kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    saved = json.loads(args.raw.read_text())["runs"] if args.merge and args.raw.exists() else []
+    old_raw = json.loads(args.raw.read_text()) if args.merge and args.raw.exists() else {}
+    saved = old_raw.get("runs", [])
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="paro-e2e-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -348,12 +354,15 @@ def drive(args: argparse.Namespace) -> int:
            "settings": {"config_file": CONFIG_FILE, "seq_len": SEQ_LEN, "local_batch": LOCAL_BATCH,
                         "steps": args.steps, "floor_rate": FLOOR_RATE},
            "elapsed_s": 0.0, "runs": []}
+    # Every invocation whose runs the file holds: what ran, when, how many launches, how long.
+    invocation = {"command": raw["command"], "created": raw["created"], "launches": 0, "elapsed_s": 0.0}
+    raw["invocations"] = old_raw.get("invocations", []) + [invocation]
     done: dict[tuple, dict] = {}
 
     def publish() -> None:
         fresh = set(done)
         raw["runs"] = [r for r in saved if run_key(r) not in fresh] + list(done.values())
-        raw["elapsed_s"] = time.monotonic() - start
+        raw["elapsed_s"] = invocation["elapsed_s"] = time.monotonic() - start
         _save(raw, args)
 
     def run_all(plan: list[dict]) -> None:
@@ -368,6 +377,7 @@ def drive(args: argparse.Namespace) -> int:
                 continue
             print(f"[e2e] run {i}/{len(plan)} ...", flush=True)
             done[key] = launch(spec, args, log_dir)
+            invocation["launches"] += 1
             print(f"[e2e] {_brief(done[key])}", flush=True)
             publish()
 

@@ -47,6 +47,9 @@ _PROBE = re.compile(r"\[e2e\] step=(\d+) t=([\d.]+) tx=(\d+) rx=(\d+) lo=(\d+)")
 _PARAMS = re.compile(r"Model \S+ \S+ size: ([\d,]+) total parameters")
 _APPLIED = re.compile(r"Applied PaRO (\S+)")
 _ERROR = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)")
+# torchrun's summary of a failed worker (only local rank 0's own output is echoed).
+_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*: (\d+) \(local_rank")
+_ROOT_CAUSE_EXIT = re.compile(r"^\s*exitcode\s*: (-?\d+).*?(\(SIG\w+\))?\s*$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,11 +118,27 @@ def parse_node_output(lines: Iterable[str]) -> dict:
             "applied": applied, "errors": errors}
 
 
+def root_causes(lines: Iterable[str]) -> list[str]:
+    """``rank R exit C (SIGNAL)`` of torchrun's "Root Cause" block(s) in one node's output."""
+    out, inside, rank = [], False, None
+    for line in lines:
+        if "Root Cause" in line:
+            inside, rank = True, None
+        elif inside and (m := _ROOT_CAUSE_RANK.match(line)):
+            rank = m[1]
+        elif inside and rank is not None and (m := _ROOT_CAUSE_EXIT.match(line)):
+            out.append(f"rank {rank} exit {m[1]}" + (f" {m[2]}" if m[2] else ""))
+            inside = False
+    return out
+
+
 def failure_reason(outputs: list[list[str]], returncodes: list[int | None], timed_out: bool, elapsed: float) -> str:
-    """One line saying why a launch failed: the first error a node printed, else exit codes."""
+    """One line saying why a launch failed: the first error a node printed, else torchrun's root cause."""
     errors = [e for lines in outputs for e in parse_node_output(lines)["errors"]]
+    errors += [c for lines in outputs for c in root_causes(lines)]
     # The root cause is usually the first distinct error that is not a consequence of a peer dying.
-    consequential = ("ChildFailedError", "DistBackendError", "Connection reset", "Connection closed", "SIGTERM")
+    consequential = ("ChildFailedError", "DistBackendError", "Connection reset", "Connection closed", "SIGTERM",
+                     "SIGKILL")
     primary = [e for e in errors if not any(c in e for c in consequential)] or errors
     head = f"timed out after {elapsed:.0f} s" if timed_out else \
         "exit " + ", ".join(f"node{i} {c}" for i, c in enumerate(returncodes) if c)
@@ -191,7 +210,7 @@ def tokens_per_step(run: dict) -> int:
 def summarize(run: dict, floor: dict | None = None, reference: dict | None = None) -> dict:
     """A table row: times, throughput, bytes and memory beside their formulas, loss, floor ratio."""
     row = {"label": config_label(run["config"], run["comm"]), "status": run["status"], "reason": run.get("reason", ""),
-           "config": run["config"], "comm": run["comm"], "rate": run["rate"]}
+           "config": run["config"], "comm": run["comm"], "rate": run["rate"], "note": run.get("note", "")}
     if run["status"] != "ok":
         return row
     times = step_times(run)
@@ -206,6 +225,8 @@ def summarize(run: dict, floor: dict | None = None, reference: dict | None = Non
     if floor and floor["status"] == "ok" and step_times(floor):
         row["floor"] = statistics.median(step_times(floor))
         row["vs_floor"] = median / row["floor"]
+    elif floor:
+        row["floor_status"] = f"{floor['status']}: {floor.get('reason', '')}"
     if reference is not None and reference["status"] == "ok":
         # This run and its floor against the reference run (the first of the table).
         diffs = [loss_difference(reference, r) for r in (run, floor)
@@ -308,13 +329,16 @@ def table(rows: list[dict]) -> list[str]:
         stock = r["config"] in STOCK
         formula_mark = f" (={STOCK_EQUIVALENT[r['config']]})" if stock else ""
         memory = "n/a" if r["memory"] is None else _mib(r["memory"])
+        floor = _f(r.get("floor"), ".3f", r["floor_status"].split(":")[0] if r.get("floor_status") else "not run")
         lines.append(
             f"| {r['label']} | {r['tokens_s']:.0f} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} "
-            f"| {_f(r.get('floor'), '.3f')} | {_x(r.get('vs_floor'))} | {_x(r.get('vs_fsdp'))} "
+            f"| {floor} | {_x(r.get('vs_floor'))} | {_x(r.get('vs_fsdp'))} "
             f"| {_mib(r['link'])} | {_mib(r['link_formula'])}{formula_mark} | {_f(ratio, '.2f')} "
             f"| {memory} | {_mib(r['memory_formula'])}{formula_mark} | {_f(r['rss'], '.2f')} "
             f"| {_f(r['loss'], '.4f')} | {_f(r.get('loss_diff'), '.1e')} |")
-    return lines
+    notes = [f"- floor of {r['label']}: {r['floor_status']}" for r in rows if r.get("floor_status")]
+    notes += [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
+    return lines + ([""] + notes if notes else [])
 
 
 def _verdict(value: float | None, target: float, higher: bool = True) -> str:
@@ -400,6 +424,17 @@ def reading(runs: list[dict]) -> list[str]:
         top = max(vs_fsdp)
         lines.append(f"- Best PaRO vs stock FSDP (ZeRO-3): up to {top[0]:.2f}x ({where(top[1])}, {top[2]}); the paper "
                      f"reports up to {PAPER['vs_zero3']}x over ZeRO-3.")
+    stock_bytes = []
+    for key, rows in _all_scenarios(runs):
+        for r in rows:
+            if r["config"] in STOCK and r.get("link") is not None and r.get("link_formula"):
+                stock_bytes.append(f"{r['label']} {r['link'] / r['link_formula']:.2f}x the "
+                                   f"{STOCK_EQUIVALENT[r['config']]} formula ({where(key)})")
+    if stock_bytes:
+        lines.append("- Bytes on each node's link per step, stock torchtitan vs the PaRO strategy with the same "
+                     "partitioning: " + "; ".join(stock_bytes) + ". Stock HSDP and DDP synchronize gradients across "
+                     "nodes at every micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat "
+                     "over all n ranks.")
     gains = []
     for key, rows in _all_scenarios(runs):
         by = {(r["config"], r["comm"]): r for r in rows if "tokens_s" in r}
@@ -598,19 +633,24 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
     lines = [BEGIN, "",
              f"Generated by `{raw['command']}` on {raw['created']}"
              + (f" ({raw['subset']})" if raw.get("subset") else "") + f"; {raw['cpus']} CPU cores shared with other "
-             f"work; {len(runs)} launches, {raw['elapsed_s'] / 60:.1f} min in all.", "",
+             f"work; {len(runs)} runs.", "",
+             *(f"- `{i['command']}` on {i['created']}: {i['launches']} launch(es), {i['elapsed_s'] / 60:.1f} min"
+               for i in raw.get("invocations", [])),
+             *([""] if raw.get("invocations") else []),
              f"Each launch: `python -m paro_fsdp.cluster` runs torchtitan (`python -m torchtitan_patch.train`, "
              f"`{s['config_file']}` with overrides) on CPU/gloo ranks, local batch {s['local_batch']}, "
              f"seq_len {s['seq_len']}, global batch = {s['local_batch']} x ranks x A, {s['steps']} steps, fp32, "
              f"no activation checkpointing. Times are node 0's step-to-step wall time of the steps after the first "
              f"{WARMUP_STEPS} (median, min-max); tokens/s = global batch x seq_len / median step. "
              f"`floor` is the same run with every link at {FLOOR_RATE} (the compute floor); `vs floor` = step / floor. "
-             "`link MiB/step/node` = bytes each node's interface sent per step after the warm-up (mean over nodes, "
+             "A `vs floor` below 1.00x means the floor's launch ran under more load from other work than the "
+             "constrained one. `link MiB/step/node` = bytes each node's interface sent per step after the warm-up (mean over nodes, "
              "headers included); `formula` = `paro_fsdp.formulas.comm_bytes` inter-group bytes per rank x ranks per "
              "node, for stock runs the PaRO strategy with the same partitioning (=GGG, =III, =NNN: stock torchtitan "
              "syncs gradients every micro-batch and uses flat collectives, so it may send more). `model state` = "
-             "parameters + gradients + optimizer states held by rank 0 (PaRO's metrics line; stock runs log none: "
-             "n/a) beside `paro_fsdp.formulas.memory_bytes`; `peak RSS` = torchtitan's memory figure (the process's "
+             "parameters + gradients + optimizer states held by rank 0 at the step's log line, after the "
+             "optimizer step (PaRO's metrics line; stock runs log none: n/a), so gradient buffers of a coarser "
+             "granularity than O, freed once synchronized, are not in it; beside `paro_fsdp.formulas.memory_bytes`; `peak RSS` = torchtitan's memory figure (the process's "
              "peak resident memory). `max loss diff` = largest |loss difference| at any step from the first row "
              "of the table.", ""]
     lines += ["## Targets", "", *targets(runs), "", "## Reading against the paper", "", *reading(runs), ""]
@@ -649,8 +689,9 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
         lines += ["not run in this invocation.", ""]
     lines += ["## Launches", "", "| run | status | launch s | load before / after |", "|---|---|---:|---|"]
     for r in runs:
+        why = r.get("reason") or r.get("note")
         lines.append(f"| {r['model']} {r['nodes']}x{r['ranks']} A={r['accum']} {config_label(r['config'], r['comm'])} "
-                     f"@ {r['rate']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} "
+                     f"@ {r['rate']} | {r['status']}{': ' + why if why else ''} "
                      f"| {_f(r.get('elapsed_s'), '.0f')} | {_f(r.get('load_before'), '.1f')} / "
                      f"{_f(r.get('load_after'), '.1f')} |")
     return lines + ["", END]

@@ -190,3 +190,9 @@ def test_plans():
     stock = e2e.torchtitan_args(plan[0], "/tmp/x")
     assert "--parallelism.paro_comm" not in stock
     assert stock[stock.index("--parallelism.data_parallel_shard_degree") + 1] == "8"
+
+
+def test_torchrun_root_cause_names_the_rank():
+    node1 = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-01-01_00:00:00",
+             "  rank      : 6 (local_rank: 2)", "  exitcode  : -6 (pid: 30786)  (SIGABRT)", "  error_file: <N/A>"]
+    assert failure_reason([[], node1], [-9, 1], False, 80.0) == "exit node0 -9, node1 1: rank 6 exit -6 (SIGABRT)"
