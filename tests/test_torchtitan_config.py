@@ -243,6 +243,21 @@ def test_pipeline_schedule_syncs_on_its_last_backward_of_the_step() -> None:
     assert model.calls == [False, False, False, True] * 2
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_registered_models_are_freed_with_their_trainer(pipeline: bool) -> None:
+    import gc
+    import weakref
+
+    from torchtitan_patch.models import PARO_MODELS
+
+    model = _Recorder()
+    PARO_MODELS[model] = GradientSyncDriver(model, backwards_per_step=2, pipeline=pipeline)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_cpu_device_module_answers_the_memory_monitor() -> None:
     stats = CpuDeviceModule.memory_stats()
     assert 0 < stats["active_bytes.all.peak"] <= stats["reserved_bytes.all.peak"] * 2

@@ -41,7 +41,10 @@ class GradientSyncDriver:
     def __init__(self, model: nn.Module, backwards_per_step: int, pipeline: bool) -> None:
         self.backwards_per_step = backwards_per_step
         self.micro_batch = 0
-        self._set_sync = type(model).set_requires_gradient_sync.__get__(model)
+        # The model's own method, reached through a weak reference: PARO_MODELS holds drivers
+        # strongly, and a driver that held its model would keep every model ever wrapped alive.
+        self._model = weakref.ref(model)
+        self._set_sync_of = type(model).set_requires_gradient_sync
         if pipeline:
             model.set_requires_gradient_sync = self._from_schedule
         else:
@@ -49,7 +52,9 @@ class GradientSyncDriver:
 
     def _count(self) -> None:
         self.micro_batch += 1
-        self._set_sync(self.micro_batch % self.backwards_per_step == 0)
+        model = self._model()
+        if model is not None:
+            self._set_sync_of(model, self.micro_batch % self.backwards_per_step == 0)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
