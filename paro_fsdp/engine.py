@@ -40,6 +40,7 @@ class EngineState:
     last_microstep: bool = True
     optimizer: object | None = None
     divide_factor: float | None = None  # None: the mean over all n ranks
+    compute_dtype: torch.dtype | None = None  # the mixed-precision policy's param_dtype
 
     @property
     def stats(self) -> CommStats:
@@ -129,6 +130,12 @@ class Unit:
                 regions.append(ParamRegion(p.param, offset, p.param._local_tensor.numel()))
                 offset += p.padded_numel
         self.layout = RowLayout(regions, offset, state.strategy.param, state.groups)
+        # The paper's layout where P is coarser than O: the fp32 master lives only at O, beside
+        # the moments, and P holds a copy in the narrower compute dtype (the optimizer sets it up).
+        # Otherwise the copy at P is the master.
+        s, dtype = state.strategy, state.compute_dtype
+        self.keeps_master_apart = bool(regions) and s.param < s.optim and dtype is not None and \
+            dtype.itemsize < regions[0].param.dtype.itemsize
         self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
         self._optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
         # In flight: a micro-step's reduction to G, the gradient's sync_g and the parameters'
@@ -196,7 +203,7 @@ class Unit:
         x = input.view(-1)
         if s.grad is not N:
             with phase("grad_reduce"):
-                self._accumulate(run(reduce(N, s.grad), x, self.state, columns=columns), owned=True)
+                self._accumulate(run(reduce(N, s.grad), x, self.state, columns=columns))
             if not last:
                 output.zero_()  # ignored: the hook acts after the last micro-step only
                 return
@@ -214,7 +221,7 @@ class Unit:
             with phase("grad_reduce"):
                 x, pending = start(reduce(s.param, s.grad), row, self.state, columns=True)
             if pending is _DONE:
-                self._accumulate(x, owned=x is not reduce_output)
+                self._accumulate(x)
             else:  # accumulated when the next micro-step's arrives, or when the gradient is read
                 self._grad_reduce = (x, pending)
             if not last:
@@ -230,7 +237,6 @@ class Unit:
         else:
             self.wait_grads()
             x = self.layout.pad(reduce_output).float()
-            x = x.clone() if x is reduce_output else x
         with phase("sync_g"):
             if completion.steps:  # the reduction stays in the group: finish it, overlap the completion
                 self._sync_g = start(completion, self._run(to_optim, x), self.state, columns=True)
@@ -241,7 +247,7 @@ class Unit:
         if self._grad_reduce is not None:
             (x, pending), self._grad_reduce = self._grad_reduce, None
             pending.wait()
-            self._accumulate(x, owned=True)
+            self._accumulate(x)
 
     def wait_grads(self) -> None:
         """Finish this unit's sync_g, if one is in flight, into the averaged gradient at O."""
@@ -263,14 +269,13 @@ class Unit:
         self.wait_grads()
         return self._optim_grad
 
-    def _accumulate(self, x: torch.Tensor, *, owned: bool) -> None:
-        """Add ``x`` to the fp32 sum at G (``owned``: ``x`` is a buffer of the engine's, not FSDP2's)."""
+    def _accumulate(self, x: torch.Tensor) -> None:
+        """Add ``x`` to the fp32 sum at G. ``x`` may be FSDP2's reduce output itself: FSDP2 only
+        reads it after the hook (its sharded gradients, which are dropped), so it is taken over."""
         if self.grad_accum is not None:
             self.grad_accum += x
-        elif x.dtype != torch.float32:
-            self.grad_accum = x.float()
         else:
-            self.grad_accum = x if owned else x.clone()
+            self.grad_accum = x.float()
 
     def zero_grad(self) -> None:
         self._finish_grad_reduce()

@@ -58,6 +58,18 @@ def fsdp_held_gradients(module: FSDPModule) -> list[torch.Tensor]:
     return held
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the FSDP2 parameters under ``model`` in ``dtype`` (buffers keep theirs).
+
+    FSDP2 re-pads the new sharded storage and, once its mixed-precision dtypes are derived again
+    from it, gathers without a cast and still reduces in the policy's ``reduce_dtype``.
+    """
+    model._apply(lambda t: t.to(dtype) if isinstance(t, torch.nn.Parameter) and t.is_floating_point() else t)
+    for module in model.modules():
+        if isinstance(module, FSDPModule) and (group := _param_group(module)) is not None:
+            group._init_mp_dtypes()
+
+
 def set_fsdp_gradient_sync(module: FSDPModule, sync: bool) -> None:
     """Whether FSDP2 reduces ``module``'s gradients in the next backward (else it accumulates them)."""
     FSDPModule.set_requires_gradient_sync(module, sync, recurse=False)

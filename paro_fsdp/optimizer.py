@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from paro_fsdp import optimizer_state
+from paro_fsdp import fsdp_seam, optimizer_state
 from paro_fsdp.engine import EngineState
-from paro_fsdp.optimizer_state import UnitSlices, compact_slices, ensure_inner_state
+from paro_fsdp.optimizer_state import UnitSlices, compact_slices, ensure_inner_state, gather_to_params, slice_of
 from paro_fsdp.parallelize import paro_state
 
 
@@ -22,6 +23,12 @@ class ParoOptimizer(torch.optim.Optimizer):
     over 1/m or 1/n of the parameters) and updates parameters in place; ``step`` then starts
     bringing the updated slices to every rank that holds the parameter (sync_p), which
     completes before anything reads those parameters again.
+
+    Mixed precision as in the paper: when the model's ``mp_policy.param_dtype`` is narrower
+    than its parameters and P is coarser than O, the inner optimizer steps fp32 masters of the
+    slices instead, the parameters at P are stored in ``param_dtype`` from construction on, and
+    sync_p moves that dtype. The model's state dict then carries the masters (gathered to P),
+    and loading one refreshes them, so checkpoints stay exact across strategies.
 
     ``param_groups`` follow the outer, model-level parameters, so LR schedulers and
     ``torch.distributed.checkpoint.state_dict`` work as for any optimizer. ``state_dict``
@@ -51,10 +58,19 @@ class ParoOptimizer(torch.optim.Optimizer):
             if not unit.layout.regions:
                 continue
             slices = unit.layout.slices(self._engine.strategy.optim)
-            views = [sl.param_view() for sl in slices]
+            if unit.keeps_master_apart:  # the fp32 master moves here; the copy at P narrows below
+                views = [sl.param_view().detach().clone() for sl in slices]
+            else:
+                views = [sl.param_view() for sl in slices]
             for sl, view in zip(slices, views):
                 inner_groups[owner[id(sl.region.param)]]["params"].append(view)
             self._units.append((unit, slices, views))
+        self._masters = [entry for entry in self._units if entry[0].keeps_master_apart]
+        if self._masters:
+            fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
+            names = {id(p): name for name, p in model.named_parameters()}
+            model.register_state_dict_post_hook(functools.partial(self._masters_into_state_dict, names))
+            model.register_load_state_dict_pre_hook(functools.partial(self._masters_from_state_dict, names))
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
         ensure_inner_state(self.inner, self._all_views())
         # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
@@ -87,8 +103,33 @@ class ParoOptimizer(torch.optim.Optimizer):
         self.inner.step()
         for unit, slices, views in self._units:
             if unit.syncs_params:  # else the views updated the only copy in place
-                unit.sync_params(compact_slices(unit, slices, views, self._engine.strategy.optim))
+                compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
+                unit.sync_params(compact.to(self._engine.compute_dtype) if unit.keeps_master_apart else compact)
         return None
+
+    # The model's state dict holds the masters, not the compute-dtype copies at P: checkpoints keep
+    # full precision and load under any strategy.
+
+    def _masters_into_state_dict(self, names: dict[int, str], module: nn.Module, state_dict: dict[str, Any],
+                                 prefix: str, local_metadata: Any) -> None:
+        for unit, slices, masters in self._masters:
+            for param, value in gather_to_params(unit, slices, masters, self._engine.strategy):
+                state_dict[prefix + names[id(param)]] = value
+
+    def _masters_from_state_dict(self, names: dict[int, str], module: nn.Module, state_dict: dict[str, Any],
+                                 prefix: str, *_: Any) -> None:
+        for _, slices, masters in self._masters:
+            for sl, master in zip(slices, masters):
+                value = state_dict.get(prefix + names[id(sl.region.param)])
+                if value is not None:
+                    master.copy_(slice_of(value, sl))
+
+    def state_bytes(self) -> int:
+        """Bytes of per-element optimizer state on this rank: the moments, and the fp32 masters
+        where they live apart from the parameters."""
+        moments = sum(v.numel() * v.element_size() for st in self.inner.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+        return moments + sum(m.numel() * m.element_size() for _, _, masters in self._masters for m in masters)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for unit in self._engine.units:

@@ -107,11 +107,8 @@ def gather_state_dict(param_groups: list[dict[str, Any]], inner: torch.optim.Opt
     for unit, slices, views in units:
         for key in tensor_keys:
             values = [inner.state[view][key] for view in views]
-            row = unit.gather(compact_slices(unit, slices, values, strategy.optim), strategy.optim, strategy.param)
-            for region in unit.layout.regions:
-                local = row[region.offset : region.offset + region.numel].view(_local(region.param).shape)
-                entry = state.setdefault(index[id(region.param)], {})
-                entry[key] = _like_param(local.clone(), region.param)
+            for param, value in gather_to_params(unit, slices, values, strategy):
+                state.setdefault(index[id(param)], {})[key] = value
         for region in unit.layout.regions:
             entry = state.setdefault(index[id(region.param)], {})
             for key in scalar_keys:
@@ -164,12 +161,34 @@ def load_state_dict(param_groups: list[dict[str, Any]], inner: torch.optim.Optim
             state = inner.state[view]
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.dim() > 0:
-                    flat = _local(value).reshape(-1)
-                    state[key].copy_(flat[sl.param_start : sl.param_start + sl.numel])
+                    state[key].copy_(slice_of(value, sl))
                 elif torch.is_tensor(value) and torch.is_tensor(state.get(key)):
                     state[key].copy_(_local(value))
                 else:
                     state[key] = value
+
+
+def gather_to_params(unit: Unit, slices: Sequence[Slice], values: Sequence[torch.Tensor],
+                     strategy: ParoStrategy) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Per-slice values at O, gathered to the sharding of each of the unit's parameters.
+
+    Collective: every rank of the mesh calls it for the same unit.
+
+    Returns:
+        ``(parameter, value)`` for each trainable parameter of the unit; the value is placed
+        like the parameter (a DTensor for a DTensor parameter), in the values' dtype.
+    """
+    row = unit.gather(compact_slices(unit, slices, values, strategy.optim), strategy.optim, strategy.param)
+    out = []
+    for region in unit.layout.regions:
+        local = row[region.offset : region.offset + region.numel].view(_local(region.param).shape)
+        out.append((region.param, _like_param(local.clone(), region.param)))
+    return out
+
+
+def slice_of(value: torch.Tensor, sl: Slice) -> torch.Tensor:
+    """The part of a value placed like ``sl``'s parameter that falls into slice ``sl``."""
+    return _local(value).reshape(-1)[sl.param_start : sl.param_start + sl.numel]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,8 @@ def paro_parallelize(
             raise ValueError(f"blocks[{i}] ({type(block).__name__}) is not a submodule of the model")
 
     groups = MeshGroups(mesh)
-    state = EngineState(effective, requested, groups, make_collectives(comm, groups))
+    state = EngineState(effective, requested, groups, make_collectives(comm, groups),
+                        compute_dtype=mp_policy.param_dtype if mp_policy is not None else None)
     fsdp_mesh = _param_mesh(groups, effective.param)
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:

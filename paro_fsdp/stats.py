@@ -18,14 +18,12 @@ def memory_stats(model: nn.Module) -> dict[str, int]:
 
     ``params`` counts the local parameter storage (FSDP's sharded parameters, frozen ones
     included), ``grads`` the gradient state kept between micro-steps, ``optim`` the
-    optimizer's per-element state for this rank's slices.
+    optimizer's per-element state for this rank's slices (with the fp32 masters where P holds
+    a narrower copy).
     """
     state = paro_state(model)
     params = sum(p._local_tensor.numel() * p.element_size() if hasattr(p, "_local_tensor")
                  else p.numel() * p.element_size() for p in model.parameters())
     grads = sum(u.grad_bytes() for u in state.units)
-    optim = 0
-    if state.optimizer is not None:
-        for st in state.optimizer.inner.state.values():
-            optim += sum(v.numel() * v.element_size() for v in st.values() if hasattr(v, "dim") and v.dim() > 0)
+    optim = state.optimizer.state_bytes() if state.optimizer is not None else 0
     return {"params": params, "grads": grads, "optim": optim}

@@ -75,10 +75,11 @@ def comm_elements(strategy: ParoStrategy | str, topo: Topology, params: float,
 
 def comm_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,
                accum: int = 1, param_bytes: int = 4, grad_bytes: int = 4,
-               master_bytes: int = 4) -> dict[str, dict[str, float]]:
+               master_bytes: int = 4, sync_p_bytes: int | None = None) -> dict[str, dict[str, float]]:
     """``comm_elements`` in bytes: gathers move ``param_bytes`` (the compute dtype), gradient
-    reductions ``grad_bytes`` (the reduce dtype) and the once-per-step syncs ``master_bytes``
-    (the fp32 partial sums and master parameters the optimizer slice holds)."""
+    reductions ``grad_bytes`` (the reduce dtype), sync_g ``master_bytes`` (fp32 partial sums) and
+    sync_p ``sync_p_bytes`` (the dtype of the copy at P; default ``master_bytes``)."""
     el = comm_elements(strategy, topo, params, trainable, accum)
-    size = {"param_gather": param_bytes, "grad_reduce": grad_bytes, "sync_g": master_bytes, "sync_p": master_bytes}
+    size = {"param_gather": param_bytes, "grad_reduce": grad_bytes, "sync_g": master_bytes,
+            "sync_p": master_bytes if sync_p_bytes is None else sync_p_bytes}
     return {p: {l: v * size[p] for l, v in links.items()} for p, links in el.items()}
