@@ -67,14 +67,19 @@ def _all_strategies() -> dict:
     for code in CODES:
         model = _model(mesh, code)
         opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-        losses, exact = [], []
+        losses, exact, fresh = [], [], []
+        probe = torch.randn(4, DIM, generator=torch.Generator().manual_seed(7))
         for s in range(STEPS):
             if s == STEPS - 1:
                 comm_stats(model).reset()
             losses += _train(model, opt, 1, start=s)
+            with torch.no_grad():
+                first = model(probe)  # right after the step: must not read parameters the step's sync_p still writes
+                model.wait_parameters()
+                fresh.append(torch.equal(first, model(probe)))
             exact.append(_copy_is_cast_master(model))  # the state dict waits for the step's sync_p
         psi = sum(p.numel() for p in model.parameters())
-        out[code] = {"losses": losses, "exact": exact, "memory": memory_stats(model), "psi": psi,
+        out[code] = {"losses": losses, "exact": exact, "fresh": fresh, "memory": memory_stats(model), "psi": psi,
                      "bytes": comm_stats(model).as_dict(),
                      "param_dtype": str(next(model.parameters()).dtype),
                      "state_dict_dtype": str(next(iter(get_model_state_dict(model).values())).dtype)}
@@ -145,7 +150,7 @@ def test_losses_equal_ggg_and_copies_equal_masters(runs, code):
     for rank, per_rank in enumerate(runs):
         got, want = per_rank[code]["losses"], per_rank["GGG"]["losses"]
         assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(got, want)), (rank, code, got, want)
-        assert all(per_rank[code]["exact"]), (rank, code)
+        assert all(per_rank[code]["exact"]) and all(per_rank[code]["fresh"]), (rank, code)
         assert per_rank[code]["state_dict_dtype"] == "torch.float32"
 
 
