@@ -1,5 +1,6 @@
 """Measure, for all 14 strategies, the bytes one rank sends per optimizer step (per phase,
-intra / inter group) and its model-state memory, beside PARO.md's formulas.
+intra / inter group) and its model-state memory, beside PARO.md's formulas, in fp32 and with
+bf16 compute (the paper's layout: a bf16 copy at P and the fp32 master at O where P is coarser).
 
     torchrun --nproc-per-node 8 benchmarks/strategy_bytes.py --groups 2 --accum 3 --out docs/strategies.md
 """
@@ -12,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from paro_fsdp import ParoOptimizer, ParoStrategy, comm_stats, memory_stats, paro_parallelize
-from paro_fsdp.formulas import TRAINING_PHASES, Topology, comm_bytes, memory_bytes
+from paro_fsdp.formulas import TRAINING_PHASES, Topology, comm_bytes, memory_bytes, state_bytes
 
 
 def build(dim: int, depth: int) -> tuple[nn.Module, list[nn.Module]]:
@@ -23,11 +25,13 @@ def build(dim: int, depth: int) -> tuple[nn.Module, list[nn.Module]]:
     return model, layers
 
 
-def measure(mesh, code: str, dim: int, depth: int, accum: int) -> tuple[dict, dict, int]:
+def measure(mesh, code: str, dim: int, depth: int, accum: int,
+            compute: torch.dtype) -> tuple[dict, dict, int]:
     torch.manual_seed(0)
     model, blocks = build(dim, depth)
     psi = sum(p.numel() for p in model.parameters())
-    model = paro_parallelize(model, mesh, code, blocks=blocks)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    model = paro_parallelize(model, mesh, code, blocks=blocks, mp_policy=policy)
     opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-3)
     comm_stats(model).reset()
     grads = 0
@@ -37,6 +41,7 @@ def measure(mesh, code: str, dim: int, depth: int, accum: int) -> tuple[dict, di
         if a == 0:
             grads = memory_stats(model)["grads"]
     opt.step()
+    model.wait_parameters()  # the step's sync_p completes its last phase here
     mem = {**memory_stats(model), "grads": grads}
     return comm_stats(model).as_dict(), mem, psi
 
@@ -60,45 +65,59 @@ def main() -> None:
     g, m = args.groups, n // args.groups
     mesh = init_device_mesh("cpu", (g, m), mesh_dim_names=("dp_replicate", "dp_shard"))
     topo = Topology(g, m)
-    rows, mem_rows, exact = [], [], True
-    for strategy in ParoStrategy.all_valid():
-        code = str(strategy)
-        measured, mem, psi = measure(mesh, code, args.dim, args.depth, args.accum)
-        formula = comm_bytes(code, topo, psi, accum=args.accum)
-        cells = []
-        for ph in TRAINING_PHASES:
-            for link in ("intra", "inter"):
-                got, want = measured[ph][link], formula[ph][link]
-                exact &= abs(got - want) < 0.5
-                cells.append(f"{mib(got)} / {mib(want)}")
-        rows.append(f"| {code} | " + " | ".join(cells) + " |")
-        want_mem = memory_bytes(code, topo, psi)
-        mem_rows.append(f"| {code} | " + " | ".join(f"{mib(mem[k])} / {mib(want_mem[k])}" for k in ("params", "grads", "optim")) + " |")
-        exact &= all(mem[k] == want_mem[k] for k in ("params", "grads", "optim"))
+    sections, exact, psi = [], True, 0
+    for compute in (torch.float32, torch.bfloat16):
+        rows, mem_rows = [], []
+        for strategy in ParoStrategy.all_valid():
+            code = str(strategy)
+            measured, mem, psi = measure(mesh, code, args.dim, args.depth, args.accum, compute)
+            layout = state_bytes(code, compute_bytes=compute.itemsize)
+            formula = comm_bytes(code, topo, psi, accum=args.accum, param_bytes=compute.itemsize,
+                                 sync_p_bytes=layout.sync_p)
+            cells = []
+            for ph in TRAINING_PHASES:
+                for link in ("intra", "inter"):
+                    got, want = measured[ph][link], formula[ph][link]
+                    exact &= abs(got - want) < 0.5
+                    cells.append(f"{mib(got)} / {mib(want)}")
+            rows.append(f"| {code} | " + " | ".join(cells) + " |")
+            want_mem = memory_bytes(code, topo, psi, param_bytes=layout.params, optim_bytes=layout.optim)
+            mem_rows.append(f"| {code} | {layout.params} / {layout.optim} | "
+                            + " | ".join(f"{mib(mem[k])} / {mib(want_mem[k])}" for k in ("params", "grads", "optim"))
+                            + f" | {mib(sum(mem.values()))} |")
+            exact &= all(mem[k] == want_mem[k] for k in ("params", "grads", "optim"))
+        sections.append((compute, rows, mem_rows))
     if dist.get_rank() == 0:
         head = " | ".join(f"{ph} {link}" for ph in TRAINING_PHASES for link in ("intra", "inter"))
-        text = "\n".join([
-            f"# Bytes and memory per rank, measured / formula (MiB)",
+        text = [
+            "# Bytes and memory per rank, measured / formula (MiB)",
             "",
             f"Generated by `torchrun --nproc-per-node {n} benchmarks/strategy_bytes.py --groups {g} "
             f"--accum {args.accum} --dim {args.dim} --depth {args.depth}`: {g} groups x {m} ranks, "
-            f"A = {args.accum} micro-steps, fp32, a stack of {args.depth} blocks "
-            f"(LayerNorm + Linear {args.dim}x{args.dim}), Psi = {psi:,} parameters. Rank 0's counters "
+            f"A = {args.accum} micro-steps, a stack of {args.depth} blocks "
+            f"(LayerNorm + Linear {args.dim}x{args.dim}), Psi = {psi:,} parameters, AdamW. Rank 0's counters "
             f"for one optimizer step; each cell is measured / PARO.md formula. "
             f"All measured values equal the formulas: {'yes' if exact else 'NO'}.",
-            "",
-            f"| strategy | {head} |",
-            "|---" * (1 + 2 * len(TRAINING_PHASES)) + "|",
-            *rows,
-            "",
-            "Model-state memory on rank 0 (gradients measured between micro-steps; optimizer = AdamW moments, "
-            "8 bytes per element of the rank's slice, parameters being fp32 already):",
-            "",
-            "| strategy | params | grads | optimizer |",
-            "|---|---|---|---|",
-            *mem_rows,
-            "",
-        ])
+        ]
+        for compute, rows, mem_rows in sections:
+            name = "fp32" if compute == torch.float32 else "bf16 compute, fp32 reductions and master"
+            text += [
+                "",
+                f"## {name}",
+                "",
+                f"| strategy | {head} |",
+                "|---" * (1 + 2 * len(TRAINING_PHASES)) + "|",
+                *rows,
+                "",
+                "Model-state memory on rank 0 (gradients measured between micro-steps; the optimizer's "
+                "bytes per element of its slice are AdamW's moments, plus the fp32 master where the copy "
+                "at P is bf16):",
+                "",
+                "| strategy | bytes/element at P / K at O | params | grads | optimizer | total |",
+                "|---|---|---|---|---|---|",
+                *mem_rows,
+            ]
+        text = "\n".join(text) + "\n"
         print(text)
         if args.out:
             with open(args.out, "w") as f:
