@@ -119,13 +119,16 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                      f"{TRAINABLE_BARE_MIN:,}), or a fraction of --params (1/16, 3/1000, 0.0625); default all")
     src.add_argument("--blocks", type=positive_int, help="transformer blocks = FSDP units (default: n_layers "
                      "of --config, else 32)")
-    src.add_argument("--param-bytes", type=positive_int, help="bytes per stored parameter (default 4)")
+    src.add_argument("--param-bytes", type=positive_int,
+                     help="bytes per master parameter (default 4, fp32); where the compute dtype is narrower and "
+                          "P is coarser than O, P holds a compute-dtype copy and the master moves to O")
     src.add_argument("--grad-bytes", type=positive_int, help="bytes per stored gradient (default 4)")
     src.add_argument("--optim-bytes", type=positive_int, default=8,
-                     help="optimizer bytes per trainable parameter K: 8 AdamW moments, 12 with an fp32 master copy")
+                     help="optimizer state bytes per trainable parameter besides the master (default 8: AdamW's "
+                          "moments)")
     src.add_argument("--gather-bytes", type=positive_int,
-                     help="bytes per element of parameter all-gathers (default: --config's mixed_precision_param, "
-                          "else --param-bytes)")
+                     help="bytes per element of the compute dtype, what parameter all-gathers move (default: "
+                          "--config's mixed_precision_param, else 2: bf16)")
     src.add_argument("--reduce-bytes", type=positive_int,
                      help="bytes per element of gradient reductions (default: --config's mixed_precision_reduce, "
                           "else --grad-bytes)")
@@ -231,7 +234,7 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     model = ModelSizes(
         params=params, trainable=train, blocks=blocks, block_params=block_params,
         param_bytes=_pick(args.param_bytes, 4), grad_bytes=_pick(args.grad_bytes, 4), optim_bytes=args.optim_bytes,
-        gather_bytes=_pick(args.gather_bytes, base.gather_bytes if base else None),
+        gather_bytes=_pick(args.gather_bytes, base.gather_bytes if base else 2),
         reduce_bytes=_pick(args.reduce_bytes, base.reduce_bytes if base else None),
         flops_per_token=base.flops_per_token if base else None,
     )

@@ -308,7 +308,7 @@ CLI = ["plan", "--params", "7B", "--nodes", "4", "--ranks-per-node", "8", "--int
 
 
 def test_cli_table(capsys) -> None:
-    assert main(CLI) == 0
+    assert main([*CLI, "--gather-bytes", "4"]) == 0  # fp32 compute: the copy at P is the master everywhere
     out = capsys.readouterr().out
     assert "# cluster: 4 nodes x 8 ranks = 32 ranks; per rank: intra 150 GB/s" in out
     rows = [line for line in out.splitlines() if line and not line.startswith(("#", "rank", "best"))]
@@ -318,6 +318,11 @@ def test_cli_table(capsys) -> None:
     nig = next(r for r in rows if r.split()[1] == "NIG")
     assert nig.split()[0] == "-" and nig.split()[9] == "42.596" and " no " in nig
     assert any(r.split()[:3] == ["-", "NNN", "ddp"] and " no " in r for r in rows)
+    # bf16 compute (the default): NIG's copy at P is bf16 and its fp32 master lives at O, so it fits.
+    assert main(CLI) == 0
+    out = capsys.readouterr().out
+    nig = next(line for line in out.splitlines() if line.split()[1:2] == ["NIG"])
+    assert out.splitlines()[-1] == "best that fits: NIG" and " yes " in nig
 
 
 def test_cli_calibration_and_plot(capsys, tmp_path) -> None:
