@@ -173,6 +173,11 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["iig_scalars"] = iig["scalars"][2]
     out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
     out["qwen3_iig"] = _run(_args(root / "qwen3", 3, (2, 2), "IIG", "--model.name", "qwen3"))["losses"]
+    # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
+    bf16 = ["--training.mixed_precision_param", "bfloat16"]
+    out["bf16_stock"] = _run(_args(root / "bf16_stock", 3, (1, 4), None, *bf16))["losses"]
+    bf16_iig = _run(_args(root / "bf16_iig", 3, (2, 2), "IIG", *bf16))
+    out["bf16_iig"], out["bf16_scalars"] = bf16_iig["losses"], bf16_iig["scalars"][3]
     out["auto"] = _auto(root / "auto")
     return out
 
@@ -306,6 +311,15 @@ def test_paro_metrics_report_the_expected_bytes_and_memory(four: dict[str, Any])
     assert scalars["paro/comm_intra_bytes/param_gather"] > 0
     assert scalars["paro/memory_params_bytes"] == pytest.approx(model_bytes / 2, rel=0.01)
     assert scalars["paro/memory_optim_bytes"] == pytest.approx(2 * model_bytes / 4, rel=0.01)
+
+
+def test_bf16_compute_keeps_a_bf16_copy_at_p_and_trains_like_stock_fsdp(four: dict[str, Any]) -> None:
+    _assert_close(_curve(four["bf16_iig"]), _curve(four["bf16_stock"]), rtol=1e-3)
+    # IIG on 2x2: a 2-byte copy at P = I (1/m), AdamW's moments and the 4-byte master at O = G (1/n).
+    scalars, params = four["bf16_scalars"], four["params"]
+    assert scalars["paro/memory_params_bytes"] == pytest.approx(2 * params / 2, rel=0.01)
+    assert scalars["paro/memory_optim_bytes"] == pytest.approx(12 * params / 4, rel=0.01)
+    assert scalars["paro/comm_inter_bytes/sync_p"] == pytest.approx(2 * params / 4, rel=0.01)
 
 
 def test_qwen3_trains_with_paro(four: dict[str, Any]) -> None:
