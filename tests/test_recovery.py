@@ -157,3 +157,41 @@ def test_the_default_group_is_created_on_the_attempts_store_and_every_group_gets
         assert later._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=7)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_stopped_while_writing_its_error_file_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun's agent parses the error file of every failed rank and crashes on a partial one.
+    import builtins
+
+    import torchtitan_patch  # noqa: F401  (installs the hooks)
+    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+
+    error_file = tmp_path / "error.json"
+    ErrorHandler()._write_error_file(str(error_file), '{"message": "whole"}')
+    assert error_file.read_text() == '{"message": "whole"}'
+    error_file.unlink()
+
+    class Stopped(BaseException):
+        pass
+
+    real_open = builtins.open
+
+    class Interrupted:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> None:
+            self.f.write(text[:3])
+            raise Stopped  # SIGTERM between the start and the end of the write
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: Interrupted(real_open(path, mode, *a, **k)))
+    with pytest.raises(Stopped):
+        ErrorHandler()._write_error_file(str(error_file), '{"message": "whole"}')
+    monkeypatch.undo()
+    assert not error_file.exists()

@@ -11,7 +11,7 @@ and torchrun restarts the group, the new workers find the previous attempt's key
 the store: gloo's per-rank listening addresses (``default_pg/0//cpu/rank_<r>``), NCCL's unique
 id, store barriers. A new rank reads a dead worker's address before its new peer has written
 its own, and start-up fails in ``init_process_group`` with ``Gloo connectFullMesh failed ...
-Connection refused`` (the job exits without ever using the restart). Stock torchtitan fails
+Connection refused``: the restart is spent and the job exits. Stock torchtitan fails
 the same way; it is not specific to any data-parallel strategy.
 
 :func:`install` wraps torchtitan's ``init_distributed`` so that, when the agent's store is
@@ -31,6 +31,14 @@ PaRO's groups (the flattened data-parallel mesh, HO-Ring's group) are created la
 ``DeviceMesh`` / ``new_group`` calls with c10d's default timeout (30 minutes for gloo, 10 for
 NCCL), so a peer stuck in one of them waited that long. :func:`install` also wraps
 ``set_pg_timeouts`` so that the timeout is applied to every process group this rank belongs to.
+
+Error files. A rank that fails writes its exception to the error file torchrun gave it
+(torch's ``@record``, which torchtitan's trainer uses) by truncating the file and writing it.
+When a peer dies, the survivors fail on their broken connections at the same moment torchrun
+terminates them; a survivor stopped between the truncation and the write leaves an empty
+file, the agent fails to parse it and crashes instead of restarting the job (seen once in 20
+faulted runs). :func:`install` makes the worker write the file whole or not at all (a
+temporary file renamed into place); without one torchrun reports the signal instead.
 """
 
 from __future__ import annotations
@@ -148,9 +156,23 @@ def on_every_group(set_pg_timeouts: Callable[..., None]) -> Callable[..., None]:
     return wrapped
 
 
+def write_error_file_atomically(file_path: str, error_msg: str) -> None:
+    """``ErrorHandler._write_error_file``, but the file appears complete or not at all."""
+    tmp = f"{file_path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(error_msg)
+        os.replace(tmp, file_path)
+    except Exception as e:
+        warnings.warn(f"Unable to write error to file. {type(e).__name__}: {e}", stacklevel=2)
+
+
 def install() -> None:
-    """Restart-safe process-group start-up and timeouts on every group (the trainer calls both by module attribute)."""
+    """Restart-safe start-up, timeouts on every group, whole error files (idempotent)."""
     import torchtitan.distributed.utils as dist_utils
+    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
 
     dist_utils.init_distributed = restart_safe(dist_utils.init_distributed)
     dist_utils.set_pg_timeouts = on_every_group(dist_utils.set_pg_timeouts)
+    ErrorHandler._write_error_file = lambda self, file_path, error_msg: write_error_file_atomically(  # type: ignore[method-assign]
+        file_path, error_msg)
