@@ -15,7 +15,6 @@ These choices make the hierarchical reductions land each rank's chunks contiguou
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +62,7 @@ class RowLayout:
         self.chunk = -(-row_numel // self.split) if row_numel else 0
         self.row_numel = row_numel
         self.padded_numel = self.chunk * self.split
+        self._slices: dict[Granularity, list[Slice]] = {}
 
     def owned_chunks(self, level: Granularity) -> list[int]:
         """Chunk indices this rank owns at ``level`` (never coarser than the parameters' level)."""
@@ -80,9 +80,13 @@ class RowLayout:
     def compact_numel(self, level: Granularity) -> int:
         return len(self.owned_chunks(level)) * self.chunk
 
-    @functools.cache
     def slices(self, level: Granularity) -> list[Slice]:
         """Intersections of owned chunks with parameters, in compact-buffer order (fixed per level)."""
+        if level not in self._slices:
+            self._slices[level] = self._cut(level)
+        return self._slices[level]
+
+    def _cut(self, level: Granularity) -> list[Slice]:
         out = []
         for c, chunk in enumerate(self.owned_chunks(level)):
             lo, hi = chunk * self.chunk, (chunk + 1) * self.chunk

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, validate_mesh
+from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, per_mesh, validate_mesh
 from paro_fsdp.comm.registry import DEFAULT, check_comm, make_collectives
 from paro_fsdp.engine import EngineState, Unit
 from paro_fsdp.strategy import Granularity, ParoStrategy
@@ -17,7 +17,6 @@ from paro_fsdp.strategy import Granularity, ParoStrategy
 logger = logging.getLogger("paro_fsdp")
 
 _STATE_ATTR = "_paro_state"
-_SINGLE_RANK_MESHES: dict[DeviceMesh, DeviceMesh] = {}
 
 
 class ParoModule:
@@ -68,10 +67,8 @@ def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
         return groups.flat_mesh
     # N: a 1-rank mesh that shares the root mesh, so TP DTensors still compose. Its process
     # groups are created once per mesh, not once per call.
-    if mesh not in _SINGLE_RANK_MESHES:
-        unflat = mesh._unflatten(SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))
-        _SINGLE_RANK_MESHES[mesh] = unflat["paro_none"]
-    return _SINGLE_RANK_MESHES[mesh]
+    return per_mesh(mesh, "paro_none", lambda: mesh._unflatten(
+        SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"])
 
 
 def paro_parallelize(

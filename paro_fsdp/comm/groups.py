@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextvars
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from paro_fsdp.comm.stats import INTER, INTRA, CommStats
+from paro_fsdp.comm.errors import CollectiveError, Issued, adopt_default_timeout
+from paro_fsdp.comm.stats import INTER, INTRA, CommStats, current_phase
 
+T = TypeVar("T")
 REPLICATE_DIM = "dp_replicate"
 SHARD_DIM = "dp_shard"
 
@@ -43,6 +46,27 @@ def _uses_gloo(group: dist.ProcessGroup) -> bool:
         return False
 
 
+class _MeshCache(dict):
+    """Values kept on one mesh object (pickled empty: they hold process groups)."""
+
+    def __reduce__(self) -> tuple:
+        return (_MeshCache, ())
+
+
+def per_mesh(mesh: DeviceMesh, key: str, build: Callable[[], T]) -> T:
+    """The value ``build()`` made once for this mesh object, kept on the mesh.
+
+    It goes when the mesh goes, and a mesh that compares equal but holds other process groups
+    (a re-initialized world) builds its own: a module-level dict keyed by mesh would do neither.
+    """
+    cache = mesh.__dict__.get("_paro_cache")
+    if cache is None:
+        cache = mesh.__dict__["_paro_cache"] = _MeshCache()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 class MeshGroups:
     """The intra- and inter-group process groups of a 2D mesh, with counted collectives.
 
@@ -64,11 +88,15 @@ class MeshGroups:
             if mesh.device_type != "cpu" else torch.device("cpu")
         self.stats = stats if stats is not None else CommStats()
         self._gloo = {INTRA: _uses_gloo(self.intra), INTER: _uses_gloo(self.inter)}
+        self._ranks = {link: tuple(dist.get_process_group_ranks(self.group(link))) for link in (INTRA, INTER)}
+        adopt_default_timeout([self.intra, self.inter])
 
     @functools.cached_property
     def flat_mesh(self) -> DeviceMesh:
         """The 1D mesh of all n ranks in group-major order (created on first use, collectively)."""
-        return self.mesh[REPLICATE_DIM, SHARD_DIM]._flatten("paro_dp")
+        flat = self.mesh[REPLICATE_DIM, SHARD_DIM]._flatten("paro_dp")
+        adopt_default_timeout([flat.get_group()])
+        return flat
 
     def group(self, link: str) -> dist.ProcessGroup:
         return self.intra if link == INTRA else self.inter
@@ -78,6 +106,10 @@ class MeshGroups:
 
     def index(self, link: str) -> int:
         return self.local_index if link == INTRA else self.group_index
+
+    def _issued(self, collective: str, link: str, purpose: str | None = None) -> Issued:
+        """What a ``start_*`` call issues, for naming it if it fails (phase: the current one)."""
+        return Issued(collective, link, self._ranks[link], current_phase(), self.group(link), purpose)
 
     # Counted collectives over one link. Sizes must divide evenly; callers pad. The ``start_*``
     # forms issue the collective asynchronously and return what completes it.
@@ -89,7 +121,8 @@ class MeshGroups:
             output.copy_(input.reshape(-1))
             return Pending(None)
         self.stats.add(link, (k - 1) * input.numel() * input.element_size())
-        return Pending(dist.all_gather_single(output, input, group=self.group(link), async_op=True))
+        return Pending(dist.all_gather_single(output, input, group=self.group(link), async_op=True),
+                       issued=self._issued("all_gather", link))
 
     def start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, link: str,
                              op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> "Pending":
@@ -100,7 +133,8 @@ class MeshGroups:
             return Pending(None)
         self.stats.add(link, (k - 1) * output.numel() * output.element_size())
         if not self._gloo[link]:
-            return Pending(dist.reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True))
+            return Pending(dist.reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True),
+                           issued=self._issued("reduce_scatter", link))
         # gloo's reduce_scatter_tensor is an all-reduce plus a copy (twice the bytes): exchange
         # the blocks and sum locally instead.
         received = torch.empty_like(input)
@@ -111,7 +145,7 @@ class MeshGroups:
             if op == dist.ReduceOp.AVG:
                 output.div_(k)
 
-        return Pending(work, finish)
+        return Pending(work, finish, issued=self._issued("all_to_all", link, "reduce_scatter"))
 
     def start_all_reduce(self, tensor: torch.Tensor, link: str,
                          op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> "Pending":
@@ -121,8 +155,10 @@ class MeshGroups:
             return Pending(None)
         self.stats.add(link, 2 * (k - 1) * tensor.numel() * tensor.element_size() // k)
         if op == dist.ReduceOp.AVG and self._gloo[link]:
-            return Pending(dist.all_reduce(tensor, group=self.group(link), async_op=True), lambda: tensor.div_(k))
-        return Pending(dist.all_reduce(tensor, op=op, group=self.group(link), async_op=True))
+            return Pending(dist.all_reduce(tensor, group=self.group(link), async_op=True), lambda: tensor.div_(k),
+                           issued=self._issued("all_reduce", link))
+        return Pending(dist.all_reduce(tensor, op=op, group=self.group(link), async_op=True),
+                       issued=self._issued("all_reduce", link))
 
     # Columns: in a buffer of n blocks in flat-rank order, viewed (g, m, S), this rank's column
     # is ``[:, local_index]``, the blocks of every group's rank with its local index. The intra
@@ -163,19 +199,30 @@ class Pending:
     """One in-flight collective and the host-side work that completes it (once, at ``wait``).
 
     The completing work runs in the issuing context, so collectives it issues count their
-    bytes under the phase the collective was started in.
+    bytes under the phase the collective was started in. If ``work`` fails, ``wait`` raises a
+    :class:`~paro_fsdp.comm.errors.CollectiveError` naming what ``issued`` describes (the
+    collective, its link and ranks, the phase it was issued in), chained from the backend's error.
     """
 
-    __slots__ = ("_work", "_finish", "_context")
+    __slots__ = ("_work", "_finish", "_context", "_issued")
 
-    def __init__(self, work: dist.Work | None, finish: Callable[[], object] | None = None) -> None:
+    def __init__(self, work: dist.Work | None, finish: Callable[[], object] | None = None, *,
+                 issued: Issued | None = None) -> None:
         self._work, self._finish = work, finish
         self._context = contextvars.copy_context() if finish is not None else None
+        self._issued = issued
 
     def wait(self) -> None:
         work, finish, self._work, self._finish = self._work, self._finish, None, None
         if work is not None:
-            work.wait()
+            try:
+                work.wait()
+            except CollectiveError:
+                raise
+            except Exception as error:
+                if self._issued is None:
+                    raise
+                raise CollectiveError(self._issued, error, dist.get_rank()) from error
         if finish is not None:
             self._context.run(finish)
 

@@ -19,7 +19,6 @@ in program order, so concurrent operations match across ranks whatever order the
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from paro_fsdp.comm.groups import MeshGroups
+from paro_fsdp.comm.groups import MeshGroups, per_mesh
 from paro_fsdp.comm.names import HO_RING
 from paro_fsdp.comm.stats import INTER, INTRA
 
@@ -270,17 +269,13 @@ class HORingCollectives:
         return self._run(issue, async_op, [tensor])
 
 
-_BY_MESH: weakref.WeakKeyDictionary[DeviceMesh, HORingCollectives] = weakref.WeakKeyDictionary()
 _BY_MESH_LOCK = threading.Lock()
 
 
 def collectives_for(mesh: DeviceMesh) -> HORingCollectives:
     """The HO-Ring collectives of ``mesh``, created once per mesh (its byte counts in ``.groups.stats``)."""
     with _BY_MESH_LOCK:
-        collectives = _BY_MESH.get(mesh)
-        if collectives is None:
-            collectives = _BY_MESH[mesh] = HORingCollectives(MeshGroups(mesh))
-        return collectives
+        return per_mesh(mesh, "ho_ring", lambda: HORingCollectives(MeshGroups(mesh)))
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, mesh: DeviceMesh, *,

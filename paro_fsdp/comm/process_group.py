@@ -12,7 +12,6 @@ functional collectives resolve, and rank mappings that ``dist.get_rank(group)`` 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from paro_fsdp.comm.groups import per_mesh
 from paro_fsdp.comm.ho_ring import HORingCollectives, HORingWork, collectives_for, supports_reduction
 
 BACKEND = "paro_ho_ring"
@@ -143,7 +143,6 @@ for _name in _DELEGATED:
 # being built, which only this module's factory sets (on the calling thread).
 _building = threading.local()
 _registered_devices: set[str] = set()
-_by_mesh: weakref.WeakKeyDictionary[DeviceMesh, HORingProcessGroup] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 
 
@@ -170,24 +169,24 @@ def ho_ring_process_group(mesh: DeviceMesh) -> HORingProcessGroup:
     are in ``group.collectives.groups.stats``.
     """
     with _lock:
-        pg = _by_mesh.get(mesh)
-        if pg is not None:
-            return pg
-        collectives = collectives_for(mesh)
-        flat_mesh = collectives.groups.flat_mesh
-        wrapped = flat_mesh.get_group()
-        ranks = flat_mesh.mesh.flatten().tolist()
-        if dist.get_process_group_ranks(wrapped) != ranks:
-            raise ValueError(f"the flattened mesh's group has ranks {dist.get_process_group_ranks(wrapped)}, "
-                             f"expected the mesh's group-major order {ranks}")
-        _register_backend(mesh.device_type)
-        _building.group = HORingProcessGroup(collectives, wrapped)
-        try:
-            pg = dist.new_group(ranks, backend=BACKEND, use_local_synchronization=True, sort_ranks=False,
-                                group_desc="paro_ho_ring")
-        finally:
-            built, _building.group = _building.group, None
-        if pg is not built:
-            raise RuntimeError(f"c10d returned {pg!r} instead of the HO-Ring group for backend {BACKEND!r}")
-        _by_mesh[mesh] = pg
-        return pg
+        return per_mesh(mesh, "ho_ring_process_group", lambda: _new_group(mesh))
+
+
+def _new_group(mesh: DeviceMesh) -> HORingProcessGroup:
+    collectives = collectives_for(mesh)
+    flat_mesh = collectives.groups.flat_mesh
+    wrapped = flat_mesh.get_group()
+    ranks = flat_mesh.mesh.flatten().tolist()
+    if dist.get_process_group_ranks(wrapped) != ranks:
+        raise ValueError(f"the flattened mesh's group has ranks {dist.get_process_group_ranks(wrapped)}, "
+                         f"expected the mesh's group-major order {ranks}")
+    _register_backend(mesh.device_type)
+    _building.group = HORingProcessGroup(collectives, wrapped)
+    try:
+        pg = dist.new_group(ranks, backend=BACKEND, use_local_synchronization=True, sort_ranks=False,
+                            group_desc="paro_ho_ring")
+    finally:
+        built, _building.group = _building.group, None
+    if pg is not built:
+        raise RuntimeError(f"c10d returned {pg!r} instead of the HO-Ring group for backend {BACKEND!r}")
+    return pg
