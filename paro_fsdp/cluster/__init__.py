@@ -7,7 +7,7 @@ Command line: ``python -m paro_fsdp.cluster --help``.
 """
 
 from paro_fsdp.cluster.counters import node_counters
-from paro_fsdp.cluster.launch import ClusterResult, EmulatedCluster, NodeResult, run
+from paro_fsdp.cluster.launch import ClusterResult, EmulatedCluster, LinkEvent, LinkFault, NodeResult, run
 from paro_fsdp.cluster.network import (
     ClusterError,
     ClusterPermissionError,
@@ -19,5 +19,6 @@ from paro_fsdp.cluster.network import (
 
 __all__ = [
     "ClusterError", "ClusterPermissionError", "ClusterResult", "EmulatedCluster", "LinkCounters",
-    "NodeResult", "cleanup_namespaces", "missing_requirements", "node_counters", "parse_rate", "run",
+    "LinkEvent", "LinkFault", "NodeResult", "cleanup_namespaces", "missing_requirements", "node_counters",
+    "parse_rate", "run",
 ]

@@ -13,7 +13,7 @@ import signal
 import sys
 from types import FrameType
 
-from paro_fsdp.cluster.launch import EmulatedCluster
+from paro_fsdp.cluster.launch import EmulatedCluster, LinkFault
 from paro_fsdp.cluster.network import ClusterError, cleanup_namespaces
 
 EXIT_TIMEOUT = 124
@@ -49,10 +49,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-bw", default="1gbit",
                    help="rate of each node's link, each direction, in tc units (e.g. 250mbit, 1gbit)")
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    p.add_argument("--link-down", nargs=3, action="append", default=[], metavar=("NODE", "DELAY", "DURATION"),
+                   help="cut NODE's link DELAY seconds after launch (or after --link-down-after) for DURATION "
+                        "seconds ('inf': until the run ends); repeatable")
+    p.add_argument("--link-down-after", metavar="REGEX", default=None,
+                   help="count --link-down delays from the first output line that matches REGEX")
     p.add_argument("--subnet", default="10.77.0.0/24", help="private subnet for node addresses")
     p.add_argument("--cleanup-stale", action="store_true",
                    help="only delete namespaces left behind by killed runs of this tool, then exit")
     return p
+
+
+def _link_fault(spec: list[str], after: str | None) -> LinkFault:
+    node, delay, duration = spec
+    try:
+        fault = LinkFault(int(node), None if duration == "inf" else float(duration), float(delay), after)
+    except ValueError:
+        raise ValueError(f"takes NODE DELAY DURATION (an integer and two numbers of seconds), got {' '.join(spec)}")
+    if fault.delay_s < 0 or (fault.duration_s is not None and fault.duration_s <= 0):
+        raise ValueError(f"needs DELAY >= 0 and DURATION > 0, got {' '.join(spec)}")
+    return fault
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not target:
         _parser().error("give the script after `--`: ... -- script.py [args] or -- -m module [args]")
+    try:
+        faults = [_link_fault(spec, args.link_down_after) for spec in args.link_down]
+    except ValueError as e:
+        _parser().error(f"--link-down {e}")
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _on_signal)
     try:
         with EmulatedCluster(args.nodes, args.ranks_per_node, args.inter_bw, subnet=args.subnet) as cluster:
             print(f"[cluster] {args.nodes} nodes x {args.ranks_per_node} ranks, link {args.inter_bw} "
                   f"each way, nodes at {', '.join(cluster.addresses)}", flush=True)
-            result = cluster.run(target, timeout=args.timeout)
+            result = cluster.run(target, timeout=args.timeout, faults=faults)
     except ClusterError as e:
         print(f"[cluster] error: {e}", file=sys.stderr)
         return 1

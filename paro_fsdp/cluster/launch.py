@@ -27,7 +27,8 @@ from paro_fsdp.cluster.network import (
 )
 
 RDZV_PORT = 29400
-# After one node fails, the others usually block in a collective until gloo's 30 min timeout.
+# After one node fails, the others block in a collective until their process group's timeout
+# (c10d's default: 30 min for gloo); stop them this long after the first failure.
 FAILURE_GRACE_S = 5.0
 TERMINATE_GRACE_S = 5.0
 
@@ -50,6 +51,32 @@ class NodeResult:
     returncode: int | None
     bytes: LinkCounters
     output: list[str] = field(repr=False)
+    exited_s: float | None = None  # seconds from the run's start to torchrun's exit
+    stopped: bool = False  # still running when the run ended: stopped by the cluster
+
+
+@dataclass(frozen=True)
+class LinkFault:
+    """Cut ``node``'s link for ``duration_s`` seconds (None: until the run ends).
+
+    The cut starts ``delay_s`` seconds after the first output line of any node that matches the
+    regular expression ``after`` (``re.search``), or after launch when ``after`` is None.
+    """
+
+    node: int
+    duration_s: float | None
+    delay_s: float = 0.0
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """A node's link went down or came back up, ``at_s`` seconds after the run started (``wall``: ``time.time()``)."""
+
+    node: int
+    up: bool
+    at_s: float
+    wall: float
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,7 @@ class ClusterResult:
     nodes: list[NodeResult]
     elapsed_s: float
     timed_out: bool
+    link_events: list[LinkEvent] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -67,6 +95,7 @@ class ClusterResult:
     def summary(self) -> list[str]:
         """One line per node: exit code and bytes on the link and on the loopback."""
         lines = [f"timed out after {self.elapsed_s:.1f} s"] if self.timed_out else []
+        lines += [f"node{e.node}: link {'up' if e.up else 'down'} at {e.at_s:.1f} s" for e in self.link_events]
         for n in self.nodes:
             lines.append(f"node{n.node}: exit {n.returncode}, link {NODE_IFNAME} tx {_mib(n.bytes.tx)} "
                          f"rx {_mib(n.bytes.rx)}, loopback {_mib(n.bytes.loopback)}")
@@ -163,57 +192,81 @@ class EmulatedCluster:
         if not self.topology.created:
             raise ClusterError("the cluster's namespaces do not exist: use it inside `with EmulatedCluster(...)`")
 
+    def set_link(self, node: int, up: bool) -> None:
+        """Cut (``up=False``) or restore ``node``'s link now (also during a ``run``, from another thread)."""
+        self._require_created()
+        self.topology.set_link(node, up)
+
     def run(self, target: Sequence[str], timeout: float | None = None, env: dict[str, str] | None = None,
-            echo: Callable[[str], None] | None = None) -> ClusterResult:
+            echo: Callable[[str], None] | None = None, faults: Sequence[LinkFault] = (),
+            failure_grace_s: float = FAILURE_GRACE_S) -> ClusterResult:
         """Run ``target`` (``script.py args`` or ``-m module args``) under torchrun on every node.
 
         Output lines go to ``echo`` prefixed ``[node<i>] `` (default: stdout) and are kept in the
-        result. When a node fails the others are stopped after a short grace period; after
-        ``timeout`` seconds all are stopped and ``timed_out`` is set.
+        result. When a node fails the others are stopped ``failure_grace_s`` later; after
+        ``timeout`` seconds all are stopped and ``timed_out`` is set. ``faults`` cut node links
+        during the run (see :class:`LinkFault`); every link is up again when ``run`` returns, and
+        the result lists when each went down and up.
         """
         if not target:
             raise ValueError("target is empty: give a script path (and arguments) or -m module")
+        for fault in faults:
+            if not 0 <= fault.node < self.nodes:
+                raise ValueError(f"LinkFault.node must be in 0..{self.nodes - 1}, got {fault.node}")
         echo = echo or _print_line
         before = self.counters()  # also checks that the cluster exists
         start = time.monotonic()
+        driver = _FaultDriver(self.topology, faults, start)
         procs: list[subprocess.Popen[str]] = []
         outputs: list[list[str]] = [[] for _ in range(self.nodes)]
+        exited: list[float | None] = [None] * self.nodes
         readers = []
         try:
+            driver.start()
             for node in range(self.nodes):
                 proc = subprocess.Popen(self.command(node, target), env=self.environment(node, env),
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         bufsize=1, start_new_session=True, errors="replace")
                 procs.append(proc)
-                reader = threading.Thread(target=_pump, args=(proc, f"[node{node}] ", outputs[node], echo),
-                                          daemon=True)
+                reader = threading.Thread(target=_pump, args=(proc, f"[node{node}] ", outputs[node], echo,
+                                                              driver.observe), daemon=True)
                 reader.start()
                 readers.append(reader)
-            timed_out = self._wait(procs, None if timeout is None else start + timeout)
+            timed_out = self._wait(procs, None if timeout is None else start + timeout, exited, start,
+                                   failure_grace_s)
         finally:
             self._stop(procs)
+            driver.finish()
             for reader in readers:
                 reader.join(timeout=TERMINATE_GRACE_S)
         elapsed = time.monotonic() - start
         after = self.counters()
         return ClusterResult(
-            nodes=[NodeResult(i, procs[i].returncode, after[i] - before[i], outputs[i]) for i in range(self.nodes)],
-            elapsed_s=elapsed, timed_out=timed_out,
+            nodes=[NodeResult(i, procs[i].returncode, after[i] - before[i], outputs[i],
+                              exited_s=exited[i] if exited[i] is not None else elapsed, stopped=exited[i] is None)
+                   for i in range(self.nodes)],
+            elapsed_s=elapsed, timed_out=timed_out, link_events=driver.events,
         )
 
     @staticmethod
-    def _wait(procs: list[subprocess.Popen[str]], deadline: float | None) -> bool:
+    def _wait(procs: list[subprocess.Popen[str]], deadline: float | None,
+              exited: list[float | None] | None = None, start: float = 0.0,
+              failure_grace_s: float = FAILURE_GRACE_S) -> bool:
         failed_at = None
         while True:
             codes = [p.poll() for p in procs]
+            now = time.monotonic()
+            if exited is not None:
+                for i, code in enumerate(codes):
+                    if code is not None and exited[i] is None:
+                        exited[i] = now - start
             if all(c is not None for c in codes):
                 return False
-            now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return True
             if failed_at is None and any(c not in (None, 0) for c in codes):
                 failed_at = now
-            if failed_at is not None and now - failed_at > FAILURE_GRACE_S:
+            if failed_at is not None and now - failed_at > failure_grace_s:
                 return False
             time.sleep(0.05)
 
@@ -253,12 +306,77 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _pump(proc: subprocess.Popen[str], prefix: str, sink: list[str], echo: Callable[[str], None]) -> None:
+def _pump(proc: subprocess.Popen[str], prefix: str, sink: list[str], echo: Callable[[str], None],
+          observe: Callable[[str], None] | None = None) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip("\n")
         sink.append(line)
+        if observe is not None:
+            observe(line)
         echo(prefix + line)
+
+
+class _FaultDriver:
+    """Runs a ``run``'s link faults, each on its own thread, and records when links changed."""
+
+    def __init__(self, topology: Topology, faults: Sequence[LinkFault], start: float) -> None:
+        self.topology, self.start_time = topology, start
+        self.faults = list(faults)
+        self.events: list[LinkEvent] = []
+        self._patterns = [re.compile(f.after) if f.after is not None else None for f in self.faults]
+        self._triggered = [threading.Event() for _ in self.faults]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._down: set[int] = set()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i, pattern in enumerate(self._patterns):
+            if pattern is None:
+                self._triggered[i].set()
+            thread = threading.Thread(target=self._drive, args=(i,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def observe(self, line: str) -> None:
+        for pattern, triggered in zip(self._patterns, self._triggered):
+            if pattern is not None and not triggered.is_set() and pattern.search(line):
+                triggered.set()
+
+    def _set(self, node: int, up: bool) -> None:
+        with self._lock:
+            if up == (node not in self._down):
+                return
+            self.topology.set_link(node, up)
+            (self._down.discard if up else self._down.add)(node)
+            self.events.append(LinkEvent(node, up, time.monotonic() - self.start_time, time.time()))
+
+    def _drive(self, i: int) -> None:
+        fault = self.faults[i]
+        while not self._triggered[i].wait(0.05):
+            if self._stop.is_set():
+                return
+        if self._stop.wait(fault.delay_s):
+            return
+        try:
+            self._set(fault.node, False)
+            if fault.duration_s is None or self._stop.wait(fault.duration_s):
+                return  # restored by finish()
+            self._set(fault.node, True)
+        except ClusterError as e:  # the run goes on; the result shows what happened
+            print(f"[cluster] link fault on node {fault.node} failed: {e}", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        """Stop pending faults and bring every link this run cut back up."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=TERMINATE_GRACE_S)
+        for node in sorted(self._down):
+            try:
+                self._set(node, True)
+            except ClusterError as e:
+                print(f"[cluster] restoring node {node}'s link failed: {e}", file=sys.stderr, flush=True)
 
 
 _print_lock = threading.Lock()

@@ -10,6 +10,12 @@ Each node's link is shaped in both directions with an egress ``tbf``: on ``eth0`
 switch) and on the switch port ``n<i>`` (switch to node). Shaping both veth ends is equivalent to
 ingress shaping through an ifb device, without needing the ifb module or an ingress redirect,
 and keeps each direction of the full-duplex link independent, as on a real NIC.
+
+A node's link can be cut and restored while a job runs (:meth:`Topology.set_link`): the switch
+port ``n<i>`` goes down, so the node's ``eth0`` loses carrier as when a cable is pulled or a
+switch port fails. Addresses, routes and shaping stay; packets in either direction are dropped
+until the port is up again, and open TCP connections survive an outage shorter than their
+retransmission limits.
 """
 
 from __future__ import annotations
@@ -200,6 +206,15 @@ class Topology:
     @property
     def created(self) -> bool:
         return len(self._created) == len(self.nodes) + 1
+
+    def set_link(self, node: int, up: bool) -> None:
+        """Cut (``up=False``) or restore node ``node``'s link: its switch port goes down or up."""
+        if not 0 <= node < len(self.nodes):
+            raise ValueError(f"node must be in 0..{len(self.nodes) - 1}, got {node}")
+        if not self.created:
+            raise ClusterError("the cluster's namespaces do not exist: links can only be cut while it is up")
+        state = "up" if up else "down"
+        _run(["ip", "-n", self.switch, "link", "set", f"n{node}", state], f"setting node {node}'s link {state}")
 
     def destroy(self) -> None:
         """Delete every namespace this topology created (nodes first, then the switch)."""
