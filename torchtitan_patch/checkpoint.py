@@ -302,7 +302,7 @@ def check_fits(checkpoint: Path, metadata: Any, state_dict: dict[str, Any]) -> N
     """Raise :class:`CheckpointMismatchError` (on every rank) if ``state_dict`` cannot load from this checkpoint.
 
     Collective when a process group exists: each rank holds only its own model parts (PP), so
-    the parameters the checkpoint has beyond the model are counted over every rank's.
+    the parameters the checkpoint has beyond the model are those beyond every rank's parts.
     """
     saved = metadata.state_dict_metadata
     components = {k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
@@ -311,20 +311,23 @@ def check_fits(checkpoint: Path, metadata: Any, state_dict: dict[str, Any]) -> N
     saved_model = {k: tuple(getattr(m, "size", ())) for k, m in saved.items()
                    if not k.startswith(prefixes) and hasattr(m, "size")}
     local = {
-        "names": sorted(model),
+        "has_model": bool(model),
+        # What the checkpoint has beyond this rank's parts: beyond the model, where every rank agrees.
+        "beyond": sorted(k for k in saved_model if k not in model),
         "missing": sorted(k for k in model if k not in saved_model),
         "shapes": sorted(f"{k}: checkpoint {list(saved_model[k])}, model {list(model[k])}"
                          for k in model if k in saved_model and saved_model[k] != model[k]),
     }
     everyone = _all_gather(local)
-    names = {n for part in everyone for n in part["names"]}
     missing = sorted({n for part in everyone for n in part["missing"]})
     shapes = sorted({n for part in everyone for n in part["shapes"]})
-    extra = sorted(k for k in saved_model if k not in names) if names else []
+    with_model = [set(part["beyond"]) for part in everyone if part["has_model"]]
+    extra = sorted(set.intersection(*with_model)) if with_model else []
     if missing or extra or shapes:
         found = []
         if missing:
-            found.append(f"{len(missing)} of the model's {len(names)} parameters are not in it ({_examples(missing)})")
+            total = len(saved_model) - len(extra) + len(missing)
+            found.append(f"{len(missing)} of the model's {total} parameters are not in it ({_examples(missing)})")
         if extra:
             found.append(f"it has {len(extra)} parameters the model lacks ({_examples(extra)})")
         if shapes:
