@@ -70,14 +70,17 @@ def _all_strategies() -> dict:
         losses, exact, fresh = [], [], []
         probe = torch.randn(4, DIM, generator=torch.Generator().manual_seed(7))
         for s in range(STEPS):
-            if s == STEPS - 1:
-                comm_stats(model).reset()
             losses += _train(model, opt, 1, start=s)
             with torch.no_grad():
                 first = model(probe)  # right after the step: must not read parameters the step's sync_p still writes
                 model.wait_parameters()
                 fresh.append(torch.equal(first, model(probe)))
             exact.append(_copy_is_cast_master(model))  # the state dict waits for the step's sync_p
+        _train(model, opt, 1, start=STEPS)  # FSDP2 state after the no-grad probes settles in a training step
+        model.wait_parameters()
+        comm_stats(model).reset()  # one more step, alone in the byte counters
+        _train(model, opt, 1, start=STEPS + 1)
+        model.wait_parameters()
         psi = sum(p.numel() for p in model.parameters())
         out[code] = {"losses": losses, "exact": exact, "fresh": fresh, "memory": memory_stats(model), "psi": psi,
                      "bytes": comm_stats(model).as_dict(),
