@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -191,8 +192,9 @@ Four fixes, all in `torchtitan_patch` (torch and torchtitan are not patched on d
 - A hung rank was never detected under PaRO. torchtitan shortens the collective timeout to
   `comm.train_timeout_seconds` after the first step, but only on its own meshes' groups;
   PaRO's (the flattened data-parallel mesh, HO-Ring's) kept c10d's default, 30 minutes on
-  gloo, and the IIG `hang` cell was still waiting after 6 minutes. The timeout now goes to
-  every process group.
+  gloo, and the IIG `hang` cell was still waiting after 6 minutes. `torchtitan_patch.elastic`
+  now applies it to every process group (and PaRO's mesh groups adopt the default group's
+  timeout when they are created, see Timeouts below).
 - torchrun's agent crashed instead of restarting (the `optimizer x stock` cell, once in 20
   runs): a surviving rank, failing on its dead peer's connection, was terminated while
   torch's `@record` was writing its error file (truncate, then write); the agent cannot parse
@@ -223,6 +225,25 @@ Four fixes, all in `torchtitan_patch` (torch and torchtitan are not patched on d
 """
 
 
+BEGIN, END = "<!-- fault-matrix:begin -->", "<!-- fault-matrix:end -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Write the matrix's part of ``path``, keeping what other generators put there.
+
+    This script's text goes between its own markers; the other ``<!-- NAME:begin -->`` ...
+    ``<!-- NAME:end -->`` blocks of the file (e.g. the link-fault matrix) stay as they are.
+    """
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        start, end = old.index(BEGIN), old.index(END) + len(END)
+        path.write_text(old[:start] + block.rstrip("\n") + old[end:])
+        return
+    kept = [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->\n?", old, flags=re.S)]
+    path.write_text(block + "".join("\n" + k for k in kept))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default="IIG,NIG,GGG,None")
@@ -234,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        args.out.write_text(render(saved["cells"], saved["wall_s"]))
+        write_doc(args.out, render(saved["cells"], saved["wall_s"]))
         return
     begin = time.time()
     cells = []
@@ -260,7 +281,7 @@ def main() -> None:
                 if not cell["outcome"].startswith("recovered"):
                     print(tail, flush=True)
     wall = time.time() - begin
-    args.out.write_text(render(cells, wall))
+    write_doc(args.out, render(cells, wall))
     args.out.with_suffix(".json").write_text(json.dumps({"cells": cells, "wall_s": wall}, indent=1))
     print(f"wrote {args.out}", flush=True)
 
