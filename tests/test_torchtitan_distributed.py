@@ -176,8 +176,13 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
     bf16 = ["--training.mixed_precision_param", "bfloat16"]
     out["bf16_stock"] = _run(_args(root / "bf16_stock", 3, (1, 4), None, *bf16))["losses"]
-    bf16_iig = _run(_args(root / "bf16_iig", 3, (2, 2), "IIG", *bf16))
+    bf16_iig = _run(_args(root / "bf16_iig", 3, (2, 2), "IIG", *bf16, *ckpt))
     out["bf16_iig"], out["bf16_scalars"] = bf16_iig["losses"], bf16_iig["scalars"][3]
+    # Resume from its step-2 checkpoint: the masters were saved, so step 3 is the same.
+    if dist.get_rank() == 0:
+        shutil.copytree(root / "bf16_iig" / "checkpoint" / "step-2", root / "bf16_resumed" / "checkpoint" / "step-2")
+    dist.barrier()
+    out["bf16_resumed"] = _run(_args(root / "bf16_resumed", 3, (2, 2), "IIG", *bf16, *ckpt))["losses"]
     out["auto"] = _auto(root / "auto")
     return out
 
@@ -315,6 +320,8 @@ def test_paro_metrics_report_the_expected_bytes_and_memory(four: dict[str, Any])
 
 def test_bf16_compute_keeps_a_bf16_copy_at_p_and_trains_like_stock_fsdp(four: dict[str, Any]) -> None:
     _assert_close(_curve(four["bf16_iig"]), _curve(four["bf16_stock"]), rtol=1e-3)
+    assert sorted(four["bf16_resumed"], key=int) == ["3"]
+    assert four["bf16_resumed"]["3"] == pytest.approx(four["bf16_iig"]["3"], rel=1e-6, abs=0)
     # IIG on 2x2: a 2-byte copy at P = I (1/m), AdamW's moments and the 4-byte master at O = G (1/n).
     scalars, params = four["bf16_scalars"], four["params"]
     assert scalars["paro/memory_params_bytes"] == pytest.approx(2 * params / 2, rel=0.01)

@@ -378,6 +378,39 @@ def settle_parameters(manager: Any) -> None:
             wait()
 
 
+def refresh_model_states(manager: Any) -> None:
+    """Bring torchtitan's cached model state dict up to date before a save.
+
+    Where a PaRO model keeps its fp32 masters apart from a bf16 copy at P, its state dict holds
+    the masters gathered to P: new tensors, not views of the parameters, so the dict
+    ``ModelWrapper`` cached when the checkpointer was built goes stale with every step. DCP saves
+    the cached tensors, so they are overwritten in place with the current values (a collective:
+    every rank saves).
+    """
+    wrapper = getattr(manager, "states", {}).get("model")
+    cached = getattr(wrapper, "cache_state_dict", None)
+    if cached is None or not any(getattr(p, "keeps_master_apart", False) for p in _paro_units(wrapper)):
+        return
+    for key, value in wrapper._get_state_dict().items():
+        old = cached.get(key)
+        if old is not None and old is not value and _local(old).data_ptr() != _local(value).data_ptr():
+            old.copy_(value)
+
+
+def _paro_units(wrapper: Any) -> list[Any]:
+    from paro_fsdp.parallelize import paro_state
+
+    units = []
+    for part in getattr(wrapper, "model", None) or []:
+        if callable(getattr(part, "wait_parameters", None)):
+            units += paro_state(part).units
+    return units
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _checksums_enabled(manager: Any) -> bool:
     return bool(getattr(manager, "_paro_checksums", True))
 
@@ -389,6 +422,7 @@ def _with_integrity_save(dcp_save: Callable[..., Any]) -> Callable[..., Any]:
         from torchtitan.components.checkpoint import AsyncMode
 
         settle_parameters(self)
+        refresh_model_states(self)
         fault_tolerant = getattr(self, "ft_manager", None) is not None
         checkpoint = Path(checkpoint_id)
         if not fault_tolerant:
