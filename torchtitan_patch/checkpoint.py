@@ -46,6 +46,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from paro_fsdp.comm.device import all_gather_object, barrier
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "paro_manifest.json"
@@ -125,17 +127,14 @@ def _world() -> tuple[int, int]:
 
 
 def _all_gather(value: Any) -> list[Any]:
-    rank, world = _world()
-    if world == 1:
+    if _world()[1] == 1:
         return [value]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, value)
-    return out
+    return all_gather_object(value)  # on the default group's device (NCCL: this GPU)
 
 
 def _barrier() -> None:
     if _world()[1] > 1:
-        dist.barrier()
+        barrier()
 
 
 # ----------------------------------------------------------------------------- save
@@ -399,12 +398,9 @@ def refresh_model_states(manager: Any) -> None:
 
 def _paro_units(wrapper: Any) -> list[Any]:
     from paro_fsdp.parallelize import paro_state
+    from torchtitan_patch.models import PARO_MODELS
 
-    units = []
-    for part in getattr(wrapper, "model", None) or []:
-        if callable(getattr(part, "wait_parameters", None)):
-            units += paro_state(part).units
-    return units
+    return [u for part in getattr(wrapper, "model", None) or [] if part in PARO_MODELS for u in paro_state(part).units]
 
 
 def _local(t: Any) -> Any:

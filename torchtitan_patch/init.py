@@ -61,6 +61,8 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import utils as tt_utils
 from torchtitan.tools.logging import logger
 
+from paro_fsdp.comm.device import all_gather_object
+
 # Module wrappers torchtitan may put between a model and its parameters (activation
 # checkpointing, torch.compile); the unsharded model has none.
 _WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod")
@@ -187,8 +189,7 @@ def _agree(job_config: Any, needed: int) -> tuple[int, bool]:
     mine = (torch.initial_seed(), fits, available)
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        everyone = all_gather_object(mine)  # on the default group's device (NCCL: this GPU)
     seed = job_config.debug.seed
     seed = int(everyone[0][0]) if seed is None else int(seed)
     if not all(f for _, f, _ in everyone):
