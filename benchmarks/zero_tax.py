@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.e2e import REPO, _spec, torchtitan_args
-from benchmarks.e2e_report import FLOOR_RATE, parse_run, step_times, tokens_per_step
+from benchmarks.e2e_report import ANY_COMM, FLOOR_RATE, STOCK, parse_run, step_times, tokens_per_step
 from paro_fsdp.cluster.counters import ENV_IFNAME
 
 PAIRS = (("fsdp", "GGG"), ("ddp", "NNN"))
@@ -29,7 +29,8 @@ LABELS = {"fsdp": "stock FSDP", "ddp": "stock DDP", "GGG": "PaRO GGG", "NNN": "P
 
 def run_once(config: str, ranks: int, accum: int, steps: int, timeout: float) -> dict:
     """One torchtitan launch on ``ranks`` local ranks; its step times (warm-up excluded)."""
-    spec = _spec("debug", 1, ranks, accum, config, None, FLOOR_RATE, steps, "zero_tax")
+    spec = _spec("debug", 1, ranks, accum, config, None if config in STOCK else ANY_COMM, FLOOR_RATE, steps,
+                 "zero_tax")
     with tempfile.TemporaryDirectory() as dump:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",

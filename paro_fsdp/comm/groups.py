@@ -98,6 +98,16 @@ class MeshGroups:
         adopt_default_timeout([flat.get_group()])
         return flat
 
+    @property
+    def single_link(self) -> str | None:
+        """The one link a global collective crosses on a degenerate mesh (one group: intra; one
+        rank per group: inter), where it is that link's plain collective; ``None`` otherwise."""
+        if self.groups == 1:
+            return INTRA
+        if self.group_size == 1:
+            return INTER
+        return None
+
     def group(self, link: str) -> dist.ProcessGroup:
         return self.intra if link == INTRA else self.inter
 

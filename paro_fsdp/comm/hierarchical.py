@@ -30,6 +30,8 @@ class HierarchicalCollectives:
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False) -> Pending | None:
         """``output[r*S:(r+1)*S]`` = ``input`` of flat rank r, for S = ``input.numel()``."""
+        if (link := self.groups.single_link) is not None:
+            return completed(self.groups.start_all_gather(output.view(-1), input.reshape(-1), link), async_op)
         g, m = self.groups.groups, self.groups.group_size
         s = input.numel()
         column = input.new_empty(g * s)
@@ -47,6 +49,8 @@ class HierarchicalCollectives:
         """``output`` = reduction over ranks of ``input[r*S:(r+1)*S]``, r this flat rank."""
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             raise ValueError(f"hierarchical reduce_scatter supports SUM and AVG, got {op}")
+        if (link := self.groups.single_link) is not None:
+            return completed(self.groups.start_reduce_scatter(output.view(-1), input.reshape(-1), link, op), async_op)
         g, m = self.groups.groups, self.groups.group_size
         s = output.numel()
         column = input.new_empty(g * s)
@@ -65,6 +69,8 @@ class HierarchicalCollectives:
         """In-place all-reduce over all n ranks: intra reduce-scatter, inter all-reduce, intra all-gather."""
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             raise ValueError(f"hierarchical all_reduce supports SUM and AVG, got {op}")
+        if (link := self.groups.single_link) is not None:
+            return completed(self.groups.start_all_reduce(tensor, link, op), async_op)
         m = self.groups.group_size
         flat = tensor.view(-1)
         padded = -(-flat.numel() // m) * m

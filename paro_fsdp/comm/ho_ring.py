@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from paro_fsdp.comm.groups import MeshGroups, per_mesh
+from paro_fsdp.comm.groups import MeshGroups, Pending, per_mesh
 from paro_fsdp.comm.names import HO_RING
 from paro_fsdp.comm.stats import INTER, INTRA
 
@@ -103,6 +103,14 @@ class HORingWork(dist.Work):
         return future
 
 
+def _single(pending: Pending, async_op: bool, result: torch.Tensor) -> HORingWork | None:
+    """A degenerate mesh's one-link collective, with HO-Ring's return convention."""
+    if async_op:
+        return HORingWork(pending.wait, [result])
+    pending.wait()
+    return None
+
+
 def _chunk_bounds(units: int, unit: int, chunks: int) -> list[tuple[int, int]]:
     """Split ``units`` blocks of ``unit`` elements into at most ``chunks`` contiguous element ranges."""
     if units == 0:
@@ -172,6 +180,8 @@ class HORingCollectives:
         if output.numel() != g * m * s or not output.is_contiguous():
             raise ValueError(f"all_gather output must be contiguous with {g * m} x {s} elements "
                              f"(world x input), got shape {tuple(output.shape)}")
+        if (link := groups.single_link) is not None:
+            return _single(groups.start_all_gather(output.view(-1), input.reshape(-1), link), async_op, output)
         src = input.reshape(-1)
         out = output.view(g, m, s)
 
@@ -204,6 +214,9 @@ class HORingCollectives:
         if input.numel() != g * m * s or not output.is_contiguous():
             raise ValueError(f"reduce_scatter needs a contiguous output and an input of {g * m} x "
                              f"output.numel() = {g * m * s} elements, got {input.numel()}")
+        if (link := groups.single_link) is not None:
+            return _single(groups.start_reduce_scatter(output.view(-1), input.reshape(-1), link, op), async_op,
+                           output)
         by_rank = input.reshape(g, m, s)
         out = output.view(-1)
 
@@ -237,6 +250,8 @@ class HORingCollectives:
         average = _check_op(op, tensor.dtype, "all_reduce")
         if not tensor.is_contiguous():
             raise ValueError("HO-Ring all_reduce works in place and needs a contiguous tensor")
+        if (link := groups.single_link) is not None:
+            return _single(groups.start_all_reduce(tensor, link, op), async_op, tensor)
         flat = tensor.view(-1)
         total = flat.numel()
 
