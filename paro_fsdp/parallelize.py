@@ -96,7 +96,8 @@ def paro_parallelize(
             :data:`~paro_fsdp.comm.registry.COMM_NAMES`: ``"default"`` (the backend's, in two
             phases) or ``"ho_ring"`` (hierarchical overlapping rings).
         mp_policy: FSDP2's mixed precision policy.
-        reshard_after_forward: passed to ``fully_shard``.
+        reshard_after_forward: passed to ``fully_shard`` (P=N units never reshard after forward:
+            on their 1-rank mesh that would only copy the parameters once more in backward).
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
@@ -133,7 +134,9 @@ def paro_parallelize(
     state = EngineState(effective, requested, groups, make_collectives(comm, groups),
                         compute_dtype=mp_policy.param_dtype if mp_policy is not None else None)
     fsdp_mesh = _param_mesh(groups, effective.param)
-    kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward}
+    # P=N units live on a 1-rank mesh, where resharding after forward only frees a copy of the
+    # parameters that backward would make again at once.
+    kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward and effective.param is not Granularity.N}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in blocks:
