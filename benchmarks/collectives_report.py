@@ -132,13 +132,18 @@ def generate(raw: dict) -> list[str]:
     return lines + [END]
 
 
-def render(raw: dict, doc: Path) -> None:
-    """Write the generated results into ``doc`` between the markers (creating it if needed)."""
-    generated = "\n".join(generate(raw))
-    if doc.exists() and BEGIN in (text := doc.read_text()) and END in text:
-        head, rest = text.split(BEGIN, 1)
-        content = head + generated + rest.split(END, 1)[1]
+def write_generated(doc: Path, generated: str, begin: str, end: str, title: str) -> None:
+    """Put ``generated`` (which starts with ``begin`` and ends with ``end``) into ``doc`` in place
+    of its marked part, keeping the hand-written text around it; a new doc gets ``title``."""
+    if doc.exists() and begin in (text := doc.read_text()) and end in text:
+        head, rest = text.split(begin, 1)
+        content = head + generated + rest.split(end, 1)[1]
     else:
-        content = f"# Collectives benchmark\n\n{generated}\n"
+        content = f"# {title}\n\n{generated}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(content)
+
+
+def render(raw: dict, doc: Path) -> None:
+    """Write the generated results into ``doc`` between the markers (creating it if needed)."""
+    write_generated(doc, "\n".join(generate(raw)), BEGIN, END, "Collectives benchmark")

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
+from benchmarks.collectives_report import write_generated
 from paro_fsdp.formulas import Topology, comm_bytes, memory_bytes
 from paro_fsdp.strategy import ParoStrategy
 from paro_fsdp.transitions import phase_plan
@@ -720,11 +721,5 @@ def render(raw: dict, doc: Path) -> None:
         plots["loss"] = "benchmarks/e2e_loss.png"
     if plot_scaling(scaling_rows(raw["runs"]), image_dir / "e2e_scaling.png"):
         plots["scaling"] = "benchmarks/e2e_scaling.png"
-    generated = "\n".join(generate(raw, plots))
-    if doc.exists() and BEGIN in (text := doc.read_text()) and END in text:
-        head, rest = text.split(BEGIN, 1)
-        content = head + generated + rest.split(END, 1)[1]
-    else:
-        content = f"# End-to-end benchmark: torchtitan on the emulated cluster\n\n{generated}\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(content)
+    write_generated(doc, "\n".join(generate(raw, plots)), BEGIN, END,
+                    "End-to-end benchmark: torchtitan on the emulated cluster")
