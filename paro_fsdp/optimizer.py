@@ -27,8 +27,9 @@ class ParoOptimizer(torch.optim.Optimizer):
     Mixed precision as in the paper: when the model's ``mp_policy.param_dtype`` is narrower
     than its parameters and P is coarser than O, the inner optimizer steps fp32 masters of the
     slices instead, the parameters at P are stored in ``param_dtype`` from construction on, and
-    sync_p moves that dtype. The model's state dict then carries the masters (gathered to P),
-    and loading one refreshes them, so checkpoints stay exact across strategies.
+    sync_p moves that dtype. The model's state dict then carries the masters (gathered to P,
+    so ``state_dict()`` is a collective every rank calls, as DCP does), and loading one refreshes
+    them, so checkpoints stay exact across strategies.
 
     ``param_groups`` follow the outer, model-level parameters, so LR schedulers and
     ``torch.distributed.checkpoint.state_dict`` work as for any optimizer. ``state_dict``
