@@ -524,6 +524,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _save(fig, path: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_pareto(runs: list[dict], path: Path) -> bool:
     import matplotlib
 
@@ -565,10 +574,7 @@ def plot_pareto(runs: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -598,10 +604,7 @@ def plot_losses(runs: list[dict], path: Path, key: tuple | None = None) -> tuple
     ax.set_ylabel("loss")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return key
 
 
@@ -630,10 +633,7 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     eff.set_ylim(0, 1.1)
     eff.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
