@@ -12,6 +12,7 @@ slices back to P (``sync_p``). Which collectives each move runs is
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,12 @@ class EngineState:
     optimizer: object | None = None
     divide_factor: float | None = None  # None: the mean over all n ranks
     compute_dtype: torch.dtype | None = None  # the mixed-precision policy's param_dtype
+    # sync_p's in flight at once (None: all). The rest wait in the queue, in the order forward
+    # reads them, and start as earlier ones are consumed: a small collective issued between the
+    # step and the next forward (a loss or token-count all-reduce) then waits behind at most
+    # this many units on a shared link, not behind the whole update.
+    sync_p_window: int | None = 2
+    sync_p_queue: deque[tuple["Unit", torch.Tensor]] = field(default_factory=deque)
 
     @property
     def stats(self) -> CommStats:
@@ -59,10 +66,29 @@ class EngineState:
     def grads_ready(self) -> bool:
         return all(u.optim_grad is not None for u in self.units if u.layout.regions)
 
+    @property
+    def forward_order(self) -> list["Unit"]:
+        """Units in the order forward first reads them: the root (its unshard opens forward), then the blocks."""
+        return self.units[-1:] + self.units[:-1]
+
     def wait_params(self) -> None:
-        """Finish every unit's sync_p (in unit order, the same on every rank)."""
-        for unit in self.units:
+        """Finish every unit's sync_p (in forward order, the same on every rank)."""
+        for unit in self.forward_order:
             unit.wait_params()
+
+    def issue_params(self, through: "Unit | None" = None) -> None:
+        """Start queued sync_p's while fewer than ``sync_p_window`` are in flight, and at least
+        up to ``through``. Called at the same program points on every rank, so every rank starts
+        them in the same order."""
+        queue = self.sync_p_queue
+        needed = through is not None and any(u is through for u, _ in queue)
+        while queue:
+            if not needed and self.sync_p_window is not None and \
+                    sum(u.params_in_flight for u in self.units) >= self.sync_p_window:
+                return
+            unit, compact = queue.popleft()
+            unit.start_params(compact)
+            needed = needed and unit is not through
 
 
 def start(t: Transition, x: torch.Tensor, state: EngineState, *, columns: bool,
@@ -168,24 +194,35 @@ class Unit:
         return bool(gather(self.state.strategy.optim, self.state.strategy.param).steps)
 
     def sync_params(self, compact: torch.Tensor) -> None:
-        """Start bringing the O-granularity parameter slices (``compact``) to every P copy.
+        """Bring the O-granularity parameter slices (``compact``) to every P copy (queued, see
+        ``EngineState.sync_p_window``; call in forward order).
 
         The gather stays in flight until :meth:`wait_params`, which runs before anything reads
         the parameters again (FSDP2's next all-gather of this unit, a state dict, a load).
         """
         self.wait_params()
+        self.state.sync_p_queue.append((self, compact))
+        self.state.issue_params()
+
+    def start_params(self, compact: torch.Tensor) -> None:
         s = self.state.strategy
         with phase("sync_p"):
             self._sync_p = start(gather(s.optim, s.param), compact, self.state, columns=True)
 
+    @property
+    def params_in_flight(self) -> bool:
+        return self._sync_p is not None
+
     def wait_params(self) -> None:
-        """Finish this unit's sync_p, if one is in flight: its parameters are current afterwards."""
+        """Finish this unit's sync_p, if one is queued or in flight: its parameters are current afterwards."""
+        self.state.issue_params(through=self)
         if self._sync_p is None:
             return
         (row, pending), self._sync_p = self._sync_p, None
         pending.wait()
         for region in self.layout.regions:
             region.local_flat().copy_(row[region.offset : region.offset + region.numel])
+        self.state.issue_params()
 
     # Gradient path: N --grad_reduce--> G (accumulated) --sync_g--> O. FSDP2 produces P; where
     # P is finer than G (G < P), the first part of sync_g runs inside FSDP2's reduce-scatter.

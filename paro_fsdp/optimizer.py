@@ -67,6 +67,8 @@ class ParoOptimizer(torch.optim.Optimizer):
                 inner_groups[owner[id(sl.region.param)]]["params"].append(view)
             self._units.append((unit, slices, views))
         self._masters = [entry for entry in self._units if entry[0].keeps_master_apart]
+        order = {id(unit): i for i, unit in enumerate(self._engine.forward_order)}
+        self._sync_order = sorted(self._units, key=lambda entry: order[id(entry[0])])  # as the next forward reads
         if self._masters:
             fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
             names = {id(p): name for name, p in model.named_parameters()}
@@ -102,7 +104,7 @@ class ParoOptimizer(torch.optim.Optimizer):
                 view.grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
         self._sync_hyperparameters()
         self.inner.step()
-        for unit, slices, views in self._units:
+        for unit, slices, views in self._sync_order:
             if unit.syncs_params:  # else the views updated the only copy in place
                 compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
                 unit.sync_params(compact.to(self._engine.compute_dtype) if unit.keeps_master_apart else compact)

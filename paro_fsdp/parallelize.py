@@ -80,6 +80,7 @@ def paro_parallelize(
     comm: str = DEFAULT,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
+    sync_p_window: int | None = 2,
 ) -> nn.Module:
     """Shard ``model`` for a PaRO strategy on ``mesh`` = (dp_replicate, dp_shard) = (groups, ranks per group).
 
@@ -98,6 +99,12 @@ def paro_parallelize(
         mp_policy: FSDP2's mixed precision policy.
         reshard_after_forward: passed to ``fully_shard`` (P=N units never reshard after forward:
             on their 1-rank mesh that would only copy the parameters once more in backward).
+        sync_p_window: how many units' parameter updates (sync_p) are on the wire at once
+            after ``optimizer.step()``; the others start, in forward order, as the next forward
+            consumes the earlier ones. A bounded window keeps small collectives issued between
+            the step and the next forward (a loss or token-count all-reduce) from waiting behind
+            the whole update on a shared link; the link stays busy as long as it is slower
+            than forward. ``None``: all at once.
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
@@ -105,8 +112,8 @@ def paro_parallelize(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: the model is already parallelized, the mesh, strategy or ``comm`` is
-            invalid, or a block is not a submodule of ``model``.
+        ValueError: the model is already parallelized, the mesh, strategy, ``comm`` or
+            ``sync_p_window`` is invalid, or a block is not a submodule of ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -115,6 +122,9 @@ def paro_parallelize(
             f"{type(model).__name__} is already parallelized (paro_parallelize or fully_shard); "
             f"parallelize a freshly built model once"
         )
+    if sync_p_window is not None and (isinstance(sync_p_window, bool) or not isinstance(sync_p_window, int)
+                                      or sync_p_window < 1):
+        raise ValueError(f"sync_p_window must be a positive int or None (all at once), got {sync_p_window!r}")
     mesh = validate_mesh(mesh)
     requested = ParoStrategy.parse(strategy)
     check_comm(comm)
@@ -132,7 +142,8 @@ def paro_parallelize(
 
     groups = MeshGroups(mesh)
     state = EngineState(effective, requested, groups, make_collectives(comm, groups),
-                        compute_dtype=mp_policy.param_dtype if mp_policy is not None else None)
+                        compute_dtype=mp_policy.param_dtype if mp_policy is not None else None,
+                        sync_p_window=sync_p_window)
     fsdp_mesh = _param_mesh(groups, effective.param)
     # P=N units live on a 1-rank mesh, where resharding after forward only frees a copy of the
     # parameters that backward would make again at once.

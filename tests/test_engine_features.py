@@ -320,6 +320,46 @@ def _divide_factor() -> dict:
     return out
 
 
+def _sync_p_window() -> dict:
+    """A bounded sync_p window: the same training, at most that many units in flight after the
+    step, the rest started in forward order (root first) as forward consumes them."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    out = {}
+    for code in ("IIG", "NIG"):
+        runs = {}
+        for window in (None, 1, 2):
+            torch.manual_seed(0)
+            model = Net()  # the head stays with the root, which forward reads first
+            model = paro_parallelize(model, mesh, code, blocks=[model.inp, *model.layers], sync_p_window=window)
+            state = paro_state(model)
+            started: list[int] = []
+            for i, unit in enumerate(state.units):
+                start = unit.start_params
+                unit.start_params = lambda compact, _start=start, _i=i: (started.append(_i), _start(compact))[1]
+            opt = ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+            in_flight, losses = [], []
+            for s in range(3):
+                loss = loss_fn(model, batch(s, 0, rank))
+                losses.append(loss.item())
+                loss.backward()
+                opt.step()
+                in_flight.append(sum(u.params_in_flight for u in state.units))
+                opt.zero_grad()
+            full = get_model_state_dict(model, options=FULL)  # waits for the last step's queue
+            runs[window] = {"losses": losses, "in_flight": in_flight, "queued": len(state.sync_p_queue),
+                            "first_started": started[:1], "started": len(started), "units": len(state.units),
+                            "params": full}
+        base = runs[None]
+        out[code] = {w: {**{k: v for k, v in r.items() if k != "params"},
+                         "diff": _max_diff(r["params"], base["params"])} for w, r in runs.items()}
+    try:
+        paro_parallelize(Net(), mesh, "IIG", sync_p_window=0)
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
 def _errors() -> dict:
     """Bad input raises an exception that names the problem."""
     msgs = {}
@@ -361,6 +401,7 @@ def _all(path: str) -> dict:
         "tensor_parallel": _tensor_parallel(),
         "ho_ring": _ho_ring(),
         "divide_factor": _divide_factor(),
+        "sync_p_window": _sync_p_window(),
         "errors": _errors(),
     }
 
@@ -472,3 +513,14 @@ def test_strategy_parsing():
             ParoStrategy.parse(code)
     with pytest.raises(TypeError):
         ParoStrategy.parse(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("code", ["IIG", "NIG"])
+def test_sync_p_window(results, code):
+    runs = results[0]["sync_p_window"][code]
+    for window, run in runs.items():
+        assert run["diff"] == 0.0 and run["losses"] == runs[None]["losses"]
+        assert run["queued"] == 0 and run["started"] == 3 * run["units"]  # every update started once, per step
+        assert run["first_started"] == [run["units"] - 1]  # the root: the next forward reads it first
+        assert max(run["in_flight"]) == (run["units"] if window is None else window)
+    assert "sync_p_window" in results[0]["sync_p_window"]["error"]
