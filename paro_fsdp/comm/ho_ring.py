@@ -18,6 +18,7 @@ in program order, so concurrent operations match across ranks whatever order the
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -66,9 +67,10 @@ def _check_same(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
 class HORingWork(dist.Work):
     """Handle of an asynchronous HO-Ring collective (a real ``dist.Work`` for FSDP and c10d).
 
-    ``wait()`` finishes the last phase on the collectives' side stream and makes the current
-    stream wait for it; it may be called in any order relative to other handles. It also hands
-    other collectives' deferred completions to FSDP2, which only waits on a ``dist.Work``.
+    ``wait()`` runs the phases that follow the inter-group one on the collectives' side stream
+    and makes the current stream wait for them; as it issues collectives, every rank must wait
+    for its handles in the same order. It also hands other collectives' deferred completions
+    to FSDP2, which only waits on a ``dist.Work``.
     """
 
     def __init__(self, finish: Callable[[], None], result: Sequence[torch.Tensor]) -> None:
@@ -148,7 +150,14 @@ class HORingCollectives:
 
     def _run(self, issue: Callable[[], Callable[[], None]], async_op: bool,
              result: Sequence[torch.Tensor]) -> HORingWork | None:
-        """Issue every collective on the side stream now; finish now or at ``wait()``."""
+        """Issue the collectives on the side stream; finish now or at ``wait()``.
+
+        ``issue`` starts every phase up to the inter-group one and returns ``finish``, which
+        starts the intra-group phases that read the inter-group results, chunk by chunk as
+        each arrives (that is the overlap), and waits. So with ``async_op`` the inter-group
+        phase is in flight while the caller computes, and every rank must wait for its
+        handles in the same order.
+        """
         dm = self._device_module
         if self._stream is None:
             self._stream = dm.Stream()
@@ -157,10 +166,11 @@ class HORingCollectives:
         side.wait_stream(caller)
         with dm.stream(side):
             finish = issue()
+        context = contextvars.copy_context()  # the phases started at wait() count under the issuing phase
 
         def complete() -> None:
             with dm.stream(side):
-                finish()
+                context.run(finish)
             dm.current_stream().wait_stream(side)
 
         if async_op:
@@ -191,12 +201,12 @@ class HORingCollectives:
             for a, b in bounds:
                 column = src.new_empty(g * (b - a))
                 inter.append((column, groups.start_all_gather(column, src[a:b], INTER)))
-            intra = []
-            for (a, b), (column, step) in zip(bounds, inter):
-                step.wait()
-                intra.append(groups.start_all_gather_columns(out[:, :, a:b], column))
 
             def finish() -> None:
+                intra = []
+                for (a, b), (column, step) in zip(bounds, inter):
+                    step.wait()
+                    intra.append(groups.start_all_gather_columns(out[:, :, a:b], column))
                 for step in intra:
                     step.wait()
             return finish
@@ -267,12 +277,12 @@ class HORingCollectives:
             for piece, step in reduce:
                 step.wait()
                 across.append((piece, groups.start_all_reduce(piece, INTER)))
-            gather = []
-            for (a, b), (piece, step) in zip(bounds, across):
-                step.wait()
-                gather.append(groups.start_all_gather(work[a:b], piece, INTRA))
 
             def finish() -> None:
+                gather = []
+                for (a, b), (piece, step) in zip(bounds, across):
+                    step.wait()
+                    gather.append(groups.start_all_gather(work[a:b], piece, INTRA))
                 for step in gather:
                     step.wait()
                 if work is not flat:
