@@ -281,14 +281,18 @@ def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
     return argv
 
 
-def cluster_target(spec: dict, dump_folder: str) -> list[str]:
-    """What each node's torchrun runs: this module's worker (rank 0 of each node echoed) with the trainer's args."""
+def cluster_target(spec: dict, dump_folder: str, module: str = "benchmarks.e2e") -> list[str]:
+    """What each node's torchrun runs: ``module``'s worker (rank 0 of each node echoed) with the trainer's args."""
     return ["--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-            "-m", "benchmarks.e2e", "--worker", "--", *torchtitan_args(spec, dump_folder)]
+            "-m", module, "--worker", "--", *torchtitan_args(spec, dump_folder)]
 
 
-def launch(spec: dict, args: argparse.Namespace, log_dir: Path) -> dict:
-    """One run on a fresh emulated cluster; a record whose status says whether it worked and why not."""
+def launch(spec: dict, args: argparse.Namespace, log_dir: Path, module: str = "benchmarks.e2e") -> dict:
+    """One run on a fresh emulated cluster; a record whose status says whether it worked and why not.
+
+    ``module`` is the worker each rank runs (``--worker``): this one, or one that instruments
+    the trainer before it calls :func:`run_worker`.
+    """
     from paro_fsdp.cluster import ClusterError, EmulatedCluster
 
     record = {**spec, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()[0]}
@@ -301,7 +305,7 @@ def launch(spec: dict, args: argparse.Namespace, log_dir: Path) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="paro-e2e-") as dump, open(log_path, "w") as log, \
                 EmulatedCluster(spec["nodes"], spec["ranks"], spec["rate"]) as cluster:
-            outcome = cluster.run(cluster_target(spec, dump), timeout=args.timeout,
+            outcome = cluster.run(cluster_target(spec, dump, module), timeout=args.timeout,
                                   echo=lambda line: (log.write(line + "\n"), log.flush()))
     except (ClusterError, ValueError, OSError) as e:
         return {**record, "status": "failed", "reason": f"cluster: {e}", "log": str(log_path)}

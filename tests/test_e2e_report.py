@@ -196,3 +196,18 @@ def test_torchrun_root_cause_names_the_rank():
     node1 = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-01-01_00:00:00",
              "  rank      : 6 (local_rank: 2)", "  exitcode  : -6 (pid: 30786)  (SIGABRT)", "  error_file: <N/A>"]
     assert failure_reason([[], node1], [-9, 1], False, 80.0) == "exit node0 -9, node1 1: rank 6 exit -6 (SIGABRT)"
+
+
+def test_overlap_phases_parse_from_node_output():
+    from benchmarks import overlap
+
+    def line(step, node, wait_p):
+        report = {"step": step, "total": 3.0, "pre": 0.1, "fb": [1.0, 0.5], "clip": 0.2, "optim": 0.1,
+                  "post": 0.4, "wait_g": 0.15, "wait_p": wait_p}
+        return f"[node{node}] [rank0]:[overlap] {json.dumps(report)}"
+
+    log = "\n".join(line(s, n, 0.1 * s) for s in range(1, 6) for n in (0, 1))
+    phases = overlap.parse(log, warmup=2)  # steps 3-5 on both nodes
+    assert phases["wait_p"] == pytest.approx(0.4) and phases["fb"] == pytest.approx(1.5)
+    assert phases["fb1"] == pytest.approx(1.0) and phases["post"] == pytest.approx(0.4)
+    assert overlap.parse("no reports", warmup=2) == {}
