@@ -46,18 +46,17 @@ def install_timers() -> None:
     clock = time.perf_counter
     acc: dict[str, Any] = {"wait_g": 0.0, "wait_p": 0.0, "fb": []}
 
-    def timed_wait(method: Any, attr: str, key: str) -> Any:
+    def timed_wait(method: Any, key: str) -> Any:
+        # Every call: a queued sync_p is started inside the wait, and that is waited time too.
         @functools.wraps(method)
         def wrapped(self: Unit) -> None:
-            if getattr(self, attr) is None:
-                return method(self)
             t = clock()
             method(self)
             acc[key] += clock() - t
         return wrapped
 
-    Unit.wait_grads = timed_wait(Unit.wait_grads, "_sync_g", "wait_g")
-    Unit.wait_params = timed_wait(Unit.wait_params, "_sync_p", "wait_p")
+    Unit.wait_grads = timed_wait(Unit.wait_grads, "wait_g")
+    Unit.wait_params = timed_wait(Unit.wait_params, "wait_p")
 
     forward_backward = Trainer.forward_backward_step
 
@@ -142,8 +141,10 @@ flight) and `first fb` (the first micro-batch's forward + backward, where sync_p
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
+        trainer_args = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+        sys.argv = ["torchtitan_patch.train", *trainer_args]  # torchtitan reads it on import
         install_timers()
-        run_worker(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+        run_worker(trainer_args)
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.overlap", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="IIG", help="PaRO strategy code (comma-separated for several) or fsdp/hsdp")

@@ -27,6 +27,7 @@ from benchmarks.e2e_report import (
     scenario_rows,
     step_times,
     summarize,
+    targets,
 )
 
 PARAMS = 6_163_712
@@ -149,6 +150,11 @@ def test_scaling_rows():
             runs.append(_record("IIG", ANY_COMM, "250mbit", slow, nodes=nodes, ranks=2, modes=("scaling",)))
     (row,) = scaling_rows(runs)
     assert {n: round(c["efficiency"], 3) for n, c in row["nodes"].items()} == {1: 1.0, 2: 0.8, 4: 0.5}
+    runs += [_record("fsdp", None, FLOOR_RATE, 1.0, nodes=4, ranks=2, modes=("scaling",)),
+             _record("fsdp", None, "250mbit", 4.0, nodes=4, ranks=2, modes=("scaling",))]
+    (line,) = [t for t in targets(runs) if "scaling efficiency" in t]
+    assert line == ("| debug | PaRO IIG scaling efficiency at 4 nodes, 250mbit (stock FSDP: 0.25) | 0.50 "
+                    "| >= 0.9 | missed |")
 
 
 def test_pareto_front():
