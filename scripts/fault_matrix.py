@@ -13,8 +13,12 @@ every 3 steps, compared with an uninterrupted run of the same strategy. Faults (
 - checkpoint: SIGKILL of rank 0, DCP's coordinator, while step 6's checkpoint is written
   (its shard files written, the checkpoint's .metadata not);
 - after_step: SIGKILL after step 4 (between steps);
+- collective: SIGKILL inside step 5's first HO-Ring collective, once the rank has issued its part;
 - hang: SIGSTOP in the forward of step 5: the rank stays alive, its peers wait in a
-  collective until ``comm.train_timeout_seconds`` (set to 20 s here; torchtitan's default is 100).
+  collective until ``comm.train_timeout_seconds`` (set to 20 s here; torchtitan's default is 100);
+- node: on the emulated cluster (``paro_fsdp.cluster``, 2 nodes x 2 ranks, 1 gbit, one torchrun
+  per node with ``--max-restarts 1``), both ranks of node 1 SIGKILLed in the forward of step 5;
+  node 1's torchrun restarts them, node 0's restarts its own, and the job resumes.
 
 Per cell: outcome, the step resumed from, whether every loss after the restart equals the
 uninterrupted run's, time to detect (fault -> first surviving rank stopped or failing), to
@@ -42,13 +46,16 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "fault_worker.py"
 CONFIG = REPO / "train_configs" / "llama3_debug_paro.toml"
 STEPS, INTERVAL = 8, 3
-FAULTS = {  # name -> (PARO_FAULT point, step, rank)
-    "forward": ("forward", 5, 1),
-    "optimizer": ("optimizer", 5, 1),
-    "checkpoint": ("checkpoint", 6, 0),
-    "after_step": ("after_step", 4, 1),
-    "hang": ("hang", 5, 1),
+FAULTS = {  # name -> (PARO_FAULT point, step, ranks)
+    "forward": ("forward", 5, (1,)),
+    "optimizer": ("optimizer", 5, (1,)),
+    "checkpoint": ("checkpoint", 6, (0,)),
+    "after_step": ("after_step", 4, (1,)),
+    "collective": ("collective", 5, (1,)),
+    "hang": ("hang", 5, (1,)),
+    "node": ("forward", 5, (2, 3)),  # every rank of node 1 of 2 x 2, on the emulated cluster
 }
+CLUSTER_FAULTS = ("node",)
 HANG_TIMEOUT_S = 20
 
 
@@ -63,24 +70,37 @@ def train_args(dump: Path, strategy: str, *extra: str) -> list[str]:
     ]
 
 
-def launch(dump: Path, args: list[str], fault: str = "", timeout: float = 900) -> tuple[int, float, list[dict[str, Any]], str]:
+def launch(dump: Path, args: list[str], fault: str = "", timeout: float = 900,
+           cluster: bool = False) -> tuple[int, float, list[dict[str, Any]], str]:
+    """One job with ``--max-restarts 1``: a standalone torchrun of 4 ranks, or 2 x 2 on the emulated cluster."""
     dump.mkdir(parents=True, exist_ok=True)
     record = dump / "events.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           "--max-restarts", "1", str(WORKER), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PARO_FAULT": fault, "PARO_FAULT_RECORD": str(record)}
+    env = {"PYTHONPATH": str(REPO), "PARO_FAULT": fault, "PARO_FAULT_RECORD": str(record)}
     begin = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = -1, f"timed out after {timeout} s"
+    if cluster:
+        from paro_fsdp.cluster import EmulatedCluster
+
+        with EmulatedCluster(2, 2, "1gbit", max_restarts=1) as nodes:
+            result = nodes.run([str(WORKER), *args], timeout=timeout, env=env, echo=lambda line: None)
+        codes = [n.returncode for n in result.nodes]
+        rc = -1 if result.timed_out else next((c for c in codes if c), 0)
+        tail = "\n".join(line for n in result.nodes for line in n.output[-30:])
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               "--max-restarts", "1", str(WORKER), *args]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, **env})
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired:
+            rc, tail = -1, f"timed out after {timeout} s"
     events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     return rc, time.time() - begin, events, tail
 
 
-def losses(events: list[dict[str, Any]], attempt: int) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in events if e["event"] == "step" and e["attempt"] == attempt}
+def losses(events: list[dict[str, Any]], begin: float = 0.0, end: float = math.inf) -> dict[int, float]:
+    """Rank 0's loss per step, of the steps logged between ``begin`` and ``end`` (wall time)."""
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step" and begin <= e["time"] < end}
 
 
 def measure(name: str, strategy: str, rc: int, events: list[dict[str, Any]], reference: dict[int, float]) -> dict[str, Any]:
@@ -89,22 +109,27 @@ def measure(name: str, strategy: str, rc: int, events: list[dict[str, Any]], ref
     if kill is None:
         return {**cell, "outcome": f"fault did not fire (exit {rc})"}
     t0 = kill["time"]
-    survivors = [e["time"] for e in events if e["attempt"] == 0 and e["event"] in ("sigterm", "exit")
-                 and e["rank"] != kill["rank"] and e["time"] >= t0]
-    restarted = [e["time"] for e in events if e["attempt"] == 1 and e["event"] == "start"]
-    loaded = next((e for e in events if e["attempt"] == 1 and e["event"] == "loaded"), None)
-    before, after = losses(events, 0), losses(events, 1)
+    killed = {e["rank"] for e in events if e["event"] == "kill"}
+    # The restart is the first start after the fault. Under one torchrun it raises every rank's
+    # attempt; across nodes a node restarted for a peer node's failure may keep its count.
+    restarted = [e["time"] for e in events if e["event"] == "start" and e["time"] > t0]
+    t1 = min(restarted, default=math.inf)
+    survivors = [e["time"] for e in events if e["event"] in ("sigterm", "exit")
+                 and e["rank"] not in killed and t0 <= e["time"] < t1]
+    loaded = next((e for e in events if e["event"] == "loaded" and e["time"] > t1), None)
+    before, after = losses(events, end=t0), losses(events, begin=t1)
     last_done = max(before, default=0)
-    caught_up = next((e["time"] for e in events if e["attempt"] == 1 and e["event"] == "step"
+    caught_up = next((e["time"] for e in events if e["event"] == "step" and e["time"] > t1
                       and e["step"] == last_done), None)
     resumed_from = loaded["step"] if loaded and loaded["loaded"] else 0
     compared = [abs(after[s] - reference[s]) / abs(reference[s]) for s in after if s in reference]
     complete = sorted(after) == list(range(resumed_from + 1, STEPS + 1))
     cell.update({
-        "kill_step": kill["step"], "kill_rank": kill["rank"], "last_completed": last_done,
+        "kill_step": kill["step"], "kill_ranks": sorted(killed), "last_completed": last_done,
+        **({"collective": kill["collective"], "phase": kill["phase"]} if "collective" in kill else {}),
         "resumed_from": resumed_from if loaded else None,
         "detect_s": min(survivors) - t0 if survivors else None,
-        "restart_s": min(restarted) - t0 if restarted else None,
+        "restart_s": t1 - t0 if restarted else None,
         "caught_up_s": caught_up - t0 if caught_up else None,
         "steps_lost": last_done - resumed_from if loaded else None,
         "max_rel_loss_diff": max(compared) if compared else None,
@@ -128,22 +153,24 @@ def render(cells: list[dict[str, Any]], wall: float) -> str:
         f"{_s(c.get('detect_s'))} | {_s(c.get('restart_s'))} | {_s(c.get('caught_up_s'))} | {c.get('steps_lost', '-')} |"
         for c in cells
     )
+    hit = "; ".join(f"{c['strategy']}: {c['collective']} ({c['phase']})" for c in cells if c.get("collective"))
     return f"""# Reliability
 
 How a PaRO torchtitan job behaves when a rank fails, and what protects its checkpoints.
 Generated by `scripts/fault_matrix.py` (the table) on this repository's CPU set-up: 4 gloo
 ranks as 2 groups x 2 on one machine, llama3 debug model, {STEPS} steps of 2 micro-batches,
 `seq_len` 64, a checkpoint every {INTERVAL} steps, `torchrun --standalone --max-restarts 1`.
-Times are wall-clock seconds from the fault, on a 2-core machine that other jobs were
-loading heavily (load average 20 to 50) while the matrix ran, so the seconds that involve
-starting 4 trainers (back at fault step) are several times what an idle machine gives;
-detection does not depend on it. {wall / 60:.0f} minutes for the whole matrix.
+Times are wall-clock seconds from the fault, on a 2-core machine. The `forward` to `hang`
+cells were measured while other jobs loaded it heavily (load average 20 to 50), the
+`collective` and `node` cells (added with `--add`) on an idle machine: the seconds that involve
+starting 4 trainers (back at fault step) are several times longer under load, so compare them
+within one set; detection does not depend on it. {wall / 60:.0f} minutes for the whole matrix.
 
 ## Fault matrix
 
-One rank of a running job is killed (SIGKILL) or stopped (SIGSTOP) at the point named;
-torchrun stops the other ranks, restarts all four, and the new job resumes from the latest
-complete checkpoint. "losses equal": every step after the restart has the uninterrupted
+One rank of a running job (for `node`, every rank of one node) is killed (SIGKILL) or
+stopped (SIGSTOP) at the point named; torchrun stops the other ranks, restarts all four, and
+the new job resumes from the latest complete checkpoint. "losses equal": every step after the restart has the uninterrupted
 run's loss to 1e-6 relative (same data order: the dataloader state is in the checkpoint).
 
 | fault | strategy | outcome | resumed from step | detect (s) | restart (s) | back at fault step (s) | steps lost |
@@ -153,8 +180,20 @@ run's loss to 1e-6 relative (same data order: the dataloader state is in the che
 - Faults: `forward`: rank 1 killed in the forward of step 5; `optimizer`: rank 1 killed
   inside step 5's optimizer step (after clipping, before the update); `checkpoint`: rank 0
   (DCP's coordinator) killed while step 6's checkpoint is written (its shard files are, the
-  checkpoint's `.metadata` is not); `after_step`: rank 1 killed after step 4; `hang`: rank 1
+  checkpoint's `.metadata` is not); `after_step`: rank 1 killed after step 4; `collective`:
+  rank 1 killed inside step 5's first inter-node collective, right after it issued its part,
+  so that its peers are mid-collective: an HO-Ring collective (`paro_comm = "ho_ring"`) where
+  the strategy has one, else its own inter-group collective (IIG's transfers each stay on one
+  link, so it runs none); hit: {hit or "-"}; `hang`: rank 1
   stopped in the forward of step 5 (alive, silent), with `comm.train_timeout_seconds = {HANG_TIMEOUT_S}`.
+- `node`: the same job on the emulated cluster (`python -m paro_fsdp.cluster --nodes 2
+  --ranks-per-node 2 --inter-bw 1gbit --max-restarts 1`: two network namespaces, one torchrun
+  each); both ranks of node 1 killed in the forward of step 5. Node 1's torchrun restarts its
+  workers, node 0's restarts its own (they failed on the lost peers), and the two rejoin one
+  rendezvous. Across nodes the workers of one round can disagree on torchrun's restart count
+  (a node whose workers were healthy restarts them for the rejoining node without counting a
+  failure), so the launcher gives every round a fresh store (`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`);
+  do the same on a real multi-node job that sets `--max-restarts`.
 - detect: from the fault to the first surviving rank stopped by torchrun or failing on its
   own (a collective's error). A dead rank is seen by torchrun's agent, which polls its
   workers, within a fraction of a second; a stopped rank only when its peers' collective
@@ -252,11 +291,16 @@ def main() -> None:
                         help="strategies that get the hang fault (each waits out the collective timeout)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RELIABILITY.md")
     parser.add_argument("--from-json", type=Path, help="render --out again from a previous run's JSON")
+    parser.add_argument("--add", action="store_true",
+                        help="merge the cells run now into --out's JSON (same fault and strategy: replaced)")
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         write_doc(args.out, render(saved["cells"], saved["wall_s"]))
         return
+    unknown = set(args.faults.split(",")) - set(FAULTS)
+    if unknown:
+        parser.error(f"--faults: unknown {', '.join(sorted(unknown))}; valid: {', '.join(FAULTS)}")
     begin = time.time()
     cells = []
     with tempfile.TemporaryDirectory(prefix="paro-faults-") as tmp:
@@ -266,23 +310,36 @@ def main() -> None:
             rc, wall, events, tail = launch(root / f"{label}-reference", train_args(root / f"{label}-reference", strategy))
             if rc != 0:
                 sys.exit(f"{label}: the uninterrupted run failed (exit {rc}):\n{tail}")
-            reference = losses(events, 0)
+            reference = losses(events)
             print(f"{label}: uninterrupted run {wall:.0f} s", flush=True)
             for name in args.faults.split(","):
                 if name == "hang" and strategy not in args.hang_strategies.split(","):
                     continue
-                point, step, rank = FAULTS[name]
+                if name == "collective" and strategy == "None":
+                    continue  # stock torchtitan has no HO-Ring collective
+                point, step, ranks = FAULTS[name]
                 extra = ("--comm.train_timeout_seconds", str(HANG_TIMEOUT_S)) if name == "hang" else ()
                 dump = root / f"{label}-{name}"
-                rc, wall, events, tail = launch(dump, train_args(dump, strategy, *extra), f"{point}:{step}:{rank}")
+                fault = ",".join(f"{point}:{step}:{rank}" for rank in ranks)
+                rc, wall, events, tail = launch(dump, train_args(dump, strategy, *extra), fault,
+                                                cluster=name in CLUSTER_FAULTS)
                 cell = measure(name, label, rc, events, reference)
                 cells.append(cell)
                 print(f"{label} {name}: {cell['outcome']} ({wall:.0f} s) {json.dumps(cell)}", flush=True)
                 if not cell["outcome"].startswith("recovered"):
                     print(tail, flush=True)
     wall = time.time() - begin
+    saved_json = args.out.with_suffix(".json")
+    if args.add and saved_json.exists():
+        saved = json.loads(saved_json.read_text())
+        new = {(c["fault"], c["strategy"]) for c in cells}
+        kept = [c for c in saved["cells"] if (c["fault"], c["strategy"]) not in new]
+        order = {name: i for i, name in enumerate(FAULTS)}
+        strategies = list(dict.fromkeys(c["strategy"] for c in kept + cells))
+        cells = sorted(kept + cells, key=lambda c: (strategies.index(c["strategy"]), order[c["fault"]]))
+        wall += saved["wall_s"]
     write_doc(args.out, render(cells, wall))
-    args.out.with_suffix(".json").write_text(json.dumps({"cells": cells, "wall_s": wall}, indent=1))
+    saved_json.write_text(json.dumps({"cells": cells, "wall_s": wall}, indent=1))
     print(f"wrote {args.out}", flush=True)
 
 

@@ -11,6 +11,9 @@ chosen point, as a crashed host or an OOM-killed process would:
 - ``checkpoint``: while step ``step``'s checkpoint is being written (this rank's shard files
   are written, the checkpoint's ``.metadata`` is not);
 - ``after_step``: after step ``step`` and its checkpoint save, before the next step;
+- ``collective``: inside the first inter-node collective of step ``step``, once this rank has
+  issued its part: an HO-Ring collective where the strategy runs one, else the strategy's own
+  inter-group collective; its peers are mid-collective, waiting for data that never comes;
 - ``hang``: like ``forward``, but the rank stops (SIGSTOP) instead of dying: its peers wait in
   a collective until the process group's timeout (``comm.train_timeout_seconds``).
 
@@ -34,6 +37,7 @@ from typing import Any
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 RANK = int(os.environ.get("RANK", "0"))
+POINTS = ("forward", "optimizer", "checkpoint", "after_step", "collective", "hang")
 
 
 def record(event: str, **fields: Any) -> None:
@@ -47,8 +51,8 @@ def record(event: str, **fields: Any) -> None:
         os.fsync(f.fileno())
 
 
-def die(point: str, step: int) -> None:
-    record("kill", point=point, step=step)
+def die(point: str, step: int, **fields: Any) -> None:
+    record("kill", point=point, step=step, **fields)
     os.kill(os.getpid(), signal.SIGSTOP if point == "hang" else signal.SIGKILL)
 
 
@@ -67,7 +71,7 @@ def install() -> None:
     faults = []
     for fault in filter(None, os.environ.get("PARO_FAULT", "").split(",")):
         point_, step_, rank_, *attempt = fault.split(":")
-        if point_ not in ("forward", "optimizer", "checkpoint", "after_step", "hang"):
+        if point_ not in POINTS:
             raise ValueError(f"PARO_FAULT: unknown point {point_!r} in {fault!r}")
         if int(rank_) == RANK and int((attempt or ["0"])[0]) == ATTEMPT:
             faults.append((point_, int(step_)))
@@ -145,6 +149,43 @@ def install() -> None:
         return future
 
     FileSystemWriter.write_data = write_data_with_fault
+
+    if armed and point == "collective":
+        _kill_in_collective(lambda: current["step"] == step, step)
+
+
+def _kill_in_collective(now: Any, step: int) -> None:
+    """Die in the first inter-node collective the engine issues while ``now()`` holds, right
+    after issuing it: inside an HO-Ring collective where the strategy has one (its first
+    inter-group chunk), else in the strategy's own inter-group collective (e.g. IIG's sync_p)."""
+    from paro_fsdp.comm.groups import MeshGroups
+    from paro_fsdp.comm.ho_ring import HORingCollectives
+    from paro_fsdp.comm.stats import INTER, current_phase
+
+    inside = {"ho_ring": ""}
+    for name in ("all_gather", "reduce_scatter", "all_reduce"):
+        method = getattr(HORingCollectives, name)
+
+        def named(self: Any, *args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            inside["ho_ring"] = _name
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                inside["ho_ring"] = ""
+
+        setattr(HORingCollectives, name, functools.wraps(method)(named))
+    for name in ("start_all_gather", "start_reduce_scatter", "start_all_reduce"):
+        method = getattr(MeshGroups, name)
+
+        def issued_then_die(self: Any, *args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            pending = _method(self, *args, **kwargs)
+            link = next((a for a in (*args, *kwargs.values()) if isinstance(a, str)), None)
+            if now() and link == INTER:
+                what = f"HO-Ring {inside['ho_ring']}" if inside["ho_ring"] else _name.removeprefix("start_")
+                die("collective", step, collective=what, phase=current_phase())
+            return pending
+
+        setattr(MeshGroups, name, functools.wraps(method)(issued_then_die))
 
 
 def main() -> None:

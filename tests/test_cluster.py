@@ -235,3 +235,13 @@ def test_node_environment(monkeypatch):
     assert command[:4] == ["ip", "netns", "exec", cluster.topology.nodes[1]]
     assert command[command.index("--local-addr") + 1] == cluster.addresses[1]
     assert command[-3:] == ["-m", "some.module", "--flag"]
+    assert command[command.index("--max-restarts") + 1] == "0"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
+
+
+def test_restarts_get_a_fresh_store_per_round():
+    cluster = EmulatedCluster(2, 2, "250mbit", max_restarts=2)
+    assert cluster.command(0, ["x.py"])[cluster.command(0, ["x.py"]).index("--max-restarts") + 1] == "2"
+    assert cluster.environment(0)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    with pytest.raises(ValueError, match="max_restarts"):
+        EmulatedCluster(2, 2, "250mbit", max_restarts=-1)

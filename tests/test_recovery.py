@@ -10,6 +10,9 @@ Two CPU launches of ``torchrun --max-restarts 2 ... tests/fault_worker.py`` (the
   shard files are on disk, the checkpoint's ``.metadata`` is not); the third attempt runs to
   the end.
 
+Two more jobs: NIG with rank 1 killed inside an HO-Ring collective (its sync_p), and IIG on
+the emulated cluster (2 nodes x 2 ranks, a torchrun per node) with both ranks of node 1 killed.
+
 Both restarts must start (the agent's store keeps the previous attempt's keys: see
 ``torchtitan_patch.elastic``), both must resume from step 3 (the interrupted step-6 save is
 never taken as the latest), and every loss after the resume must equal the uninterrupted
@@ -102,6 +105,52 @@ def test_resumed_losses_equal_an_uninterrupted_run(runs: dict[str, Any]) -> None
     for attempt in (0, 1, 2):
         for step, loss in losses(events, attempt).items():
             assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), (attempt, step, loss, reference[step])
+
+
+def _after_restart(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[int, float]]:
+    """The first kill, and rank 0's losses logged after the first start that followed it."""
+    kill = next(e for e in events if e["event"] == "kill")
+    restart = min(e["time"] for e in events if e["event"] == "start" and e["time"] > kill["time"])
+    return kill, {e["step"]: e["loss"] for e in events if e["event"] == "step" and e["time"] > restart}
+
+
+def test_a_rank_killed_inside_an_ho_ring_collective_recovers(tmp_path: Path) -> None:
+    """NIG's sync_p is a global all-gather, run by HO-Ring (the config's paro_comm): rank 1 dies
+    right after issuing its first inter-group chunk of step 5, its peers mid-collective."""
+    reference, ref_events = launch(tmp_path / "reference", train_args(tmp_path / "reference", STEPS, "NIG"),
+                                   max_restarts=0)
+    _check(reference)
+    faulted, events = launch(tmp_path / "faulted", train_args(tmp_path / "faulted", STEPS, "NIG"),
+                             fault="collective:5:1", max_restarts=1)
+    _check(faulted)
+    kill, after = _after_restart(events)
+    assert kill["collective"].startswith("HO-Ring") and kill["phase"] == "sync_p", kill
+    assert sorted(after) == list(range(4, STEPS + 1))  # resumed from step 3's checkpoint
+    expected = losses(ref_events)
+    for step, loss in after.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), (step, loss, expected[step])
+
+
+def test_a_whole_node_killed_on_the_emulated_cluster_rejoins(runs: dict[str, Any], tmp_path: Path) -> None:
+    """2 nodes x 2 ranks, one torchrun per node with --max-restarts 1: both ranks of node 1 die in
+    step 5's forward; node 1's torchrun restarts them, node 0's its own, and the job resumes."""
+    from paro_fsdp.cluster import EmulatedCluster
+    from paro_fsdp.cluster.network import missing_requirements
+
+    if (reason := missing_requirements()) is not None:
+        pytest.skip(f"emulated cluster unavailable: {reason}")
+    record = tmp_path / "events.jsonl"
+    env = {"PARO_FAULT": "forward:5:2,forward:5:3", "PARO_FAULT_RECORD": str(record)}
+    with EmulatedCluster(2, 2, "1gbit", max_restarts=1) as cluster:
+        result = cluster.run([str(WORKER), *train_args(tmp_path / "dump", STEPS)], timeout=600, env=env,
+                             echo=lambda line: None)
+    assert result.ok, "\n".join(line for node in result.nodes for line in node.output[-40:])
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sorted(e["rank"] for e in events if e["event"] == "kill") == [2, 3]
+    _, after = _after_restart(events)
+    assert sorted(after) == list(range(4, STEPS + 1))
+    for step, loss in after.items():
+        assert loss == pytest.approx(runs["reference"][step], rel=1e-6, abs=0), (step, loss)
 
 
 def test_attempt_prefix_scopes_the_agent_store_by_run_attempt_and_world() -> None:

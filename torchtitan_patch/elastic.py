@@ -19,10 +19,13 @@ shared, the default process group is created on a store scoped to this attempt:
 ``PrefixStore("torchelastic/<run id>/attempt_<TORCHELASTIC_RESTART_COUNT>/world_<WORLD_SIZE>", agent store)``.
 Every process group torchtitan and PaRO create later derives its keys from the default
 group's store, so they are scoped too. Every worker of one attempt gets the same restart
-count from its agent. What this cannot see: an elastic job whose membership changes without
-a failure keeps its restart count; the world size in the prefix covers a changed number of
-workers, and for anything else run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which
-gives every rendezvous round a fresh store (hosted by rank 0).
+count from its agent, but only within one node: across nodes, when one node's workers fail,
+another node restarts its own either because they failed too (its restart count goes up) or
+because a node waits to rejoin (it does not), so the workers of one rendezvous round can
+disagree on the count. The same holds for elastic membership changes. Multi-node jobs with
+``--max-restarts`` must run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives
+every rendezvous round a fresh store (hosted by rank 0, no prefix needed);
+:func:`attempt_store` warns when they do not (``paro_fsdp.cluster`` sets it).
 
 Timeouts. After the first step torchtitan shortens the collectives' timeout to
 ``comm.train_timeout_seconds`` so that a rank that hangs (alive but silent) fails the job in
@@ -70,6 +73,12 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     prefix = attempt_prefix()
     if prefix is None:
         return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 \
+            and os.environ.get("RANK") == "0":
+        warnings.warn(
+            "torchrun --max-restarts on several nodes shares the agent's store across restarts, and the nodes' "
+            "workers can disagree on the restart count that scopes it: a restart may then hang at start-up. "
+            "Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node.", stacklevel=2)
     store = dist.TCPStore(
         host_name=os.environ["MASTER_ADDR"],
         port=int(os.environ["MASTER_PORT"]),

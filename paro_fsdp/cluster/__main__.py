@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks-per-node", type=int, default=2, help="torchrun --nproc-per-node, default 2")
     p.add_argument("--inter-bw", default="1gbit",
                    help="rate of each node's link, each direction, in tc units (e.g. 250mbit, 1gbit)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun --max-restarts on every node: a node whose workers fail restarts them "
+                        "and the job resumes (default 0: a failure ends the run)")
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
     p.add_argument("--link-down", nargs=3, action="append", default=[], metavar=("NODE", "DELAY", "DURATION"),
                    help="cut NODE's link DELAY seconds after launch (or after --link-down-after) for DURATION "
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _on_signal)
     try:
-        with EmulatedCluster(args.nodes, args.ranks_per_node, args.inter_bw, subnet=args.subnet) as cluster:
+        with EmulatedCluster(args.nodes, args.ranks_per_node, args.inter_bw, subnet=args.subnet,
+                             max_restarts=args.max_restarts) as cluster:
             print(f"[cluster] {args.nodes} nodes x {args.ranks_per_node} ranks, link {args.inter_bw} "
                   f"each way, nodes at {', '.join(cluster.addresses)}", flush=True)
             result = cluster.run(target, timeout=args.timeout, faults=faults)

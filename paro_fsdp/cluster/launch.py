@@ -115,10 +115,13 @@ class EmulatedCluster:
     """
 
     def __init__(self, nodes: int, ranks_per_node: int, inter_bw: str, subnet: str = "10.77.0.0/24",
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, max_restarts: int = 0) -> None:
         if ranks_per_node < 1:
             raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
         self.ranks_per_node = ranks_per_node
+        self.max_restarts = max_restarts
         self.python = python
         self.name = f"{NAMESPACE_PREFIX}{os.getpid()}-{next(_sequence)}"
         self.topology = Topology(self.name, nodes, inter_bw, subnet)
@@ -154,7 +157,7 @@ class EmulatedCluster:
             "--node-rank", str(node), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"{self.addresses[0]}:{RDZV_PORT}", "--rdzv-id", self.name,
             "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", self.addresses[node],
-            "--max-restarts", "0", *target,
+            "--max-restarts", str(self.max_restarts), *target,
         ]
 
     def environment(self, node: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -163,6 +166,12 @@ class EmulatedCluster:
         Binding gloo/NCCL to ``eth0`` makes ranks of the same node reach each other at the node's
         address (through ``lo``) and other nodes through the shaped veth. ``NCCL_HOSTID`` keeps
         NCCL from treating namespaces of one machine as one host (it would use shared memory).
+
+        With restarts, every rendezvous round gets a fresh store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``).
+        When one node's workers fail, the other nodes restart theirs either because they failed
+        too (their restart count goes up) or because a node is waiting to rejoin (it does not),
+        so workers of one round can disagree on the restart count, which scopes the agent's
+        shared store (``torchtitan_patch.elastic``).
         """
         env = dict(os.environ)
         env.update({
@@ -176,6 +185,8 @@ class EmulatedCluster:
             # Each node gets its own GPUs, so LOCAL_RANK picks a device no other node uses.
             first = node * self.ranks_per_node
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(first, first + self.ranks_per_node))
+        if self.max_restarts:
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         env.pop("MASTER_ADDR", None)  # torchrun sets it from the rendezvous
         env.pop("MASTER_PORT", None)
         # Scripts given by path run with their own folder on sys.path; make this project importable.
