@@ -62,7 +62,7 @@ def worker(record: str, every: int, args: list[str]) -> None:
                "rss": rss_bytes()}
         if self.step == 1 or self.step % every == 0:
             gc.collect()
-            row["tensors"] = live_tensors()
+            row["tensors"], row["objects"] = live_tensors(), len(gc.get_objects())
         out.write(json.dumps(row) + "\n")
         out.flush()
         return result
@@ -99,11 +99,13 @@ def report(strategy: str, ranks: list[list[dict[str, Any]]], args: argparse.Name
                          for lo, hi in ((w + 1, 2 * w), (n - w + 1, n))) + " |")
     lines += ["", f"Resident memory grew by at most {max(growth):.1f} MiB on any rank over the {n - w} steps "
               f"after warm-up ({1024 * max(growth) / (n - w):.1f} KiB per step).", "",
-              f"Rank 0 every {w} steps (RSS and live tensors at that step, median wall time of the {w} steps up to it):",
-              "", "| step | RSS MiB | live tensors | median step ms |", "| --- | --- | --- | --- |"]
+              f"Rank 0 every {w} steps (RSS, live tensors and all objects gc tracks at that step, median wall time of the {w} steps up to it):",
+              "", "| step | RSS MiB | live tensors | objects gc tracks | median step ms |",
+              "| --- | --- | --- | --- | --- |"]
     at = {r["step"]: r for r in ranks[0]}
     for step in range(w, n + 1, w):
         lines.append(f"| {step} | {at[step]['rss'] / 2**20:.1f} | {at[step].get('tensors', '-')} | "
+                     f"{at[step].get('objects', '-')} | "
                      f"{1e3 * _median(ranks[0], step - w + 1, step, 'seconds'):.1f} |")
     return "\n".join(lines)
 
