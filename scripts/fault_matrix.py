@@ -257,10 +257,14 @@ Four fixes, all in `torchtitan_patch` (torch and torchtitan are not patched on d
   model or flavor (missing, extra or reshaped parameters), a model-only checkpoint resumed
   as a full one, dataloader state of another data-parallel degree
   (`--checkpoint.exclude_from_loading dataloader`).
-- Tests: `tests/test_recovery.py` (a 4-rank IIG job killed after step 4, then again while
-  saving step 6: two restarts, both resume from step 3, losses equal the uninterrupted run's;
-  about 75 s on an idle 2-core machine) and `tests/test_checkpoint_integrity.py` (one process,
-  about 15 s).
+- Tests: `tests/test_recovery.py`, about 2 min on an idle 2-core machine:
+  - a 4-rank IIG job killed after step 4, then again while saving step 6 (two restarts, both
+    resume from step 3);
+  - NIG with a rank killed inside an HO-Ring collective (its sync_p);
+  - IIG on the emulated cluster with both ranks of one node killed (skipped without root).
+
+  In each, the losses after the resume equal the uninterrupted run's.
+  `tests/test_checkpoint_integrity.py` runs in one process, in about 15 s.
 """
 
 
