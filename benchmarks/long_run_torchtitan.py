@@ -99,7 +99,8 @@ def report(strategy: str, ranks: list[list[dict[str, Any]]], args: argparse.Name
                          for lo, hi in ((w + 1, 2 * w), (n - w + 1, n))) + " |")
     lines += ["", f"Resident memory grew by at most {max(growth):.1f} MiB on any rank over the {n - w} steps "
               f"after warm-up ({1024 * max(growth) / (n - w):.1f} KiB per step).", "",
-              f"Rank 0 every {w} steps (RSS, live tensors and all objects gc tracks at that step, median wall time of the {w} steps up to it):",
+              f"Rank 0 every {w} steps (RSS, live tensors and all objects gc tracks at that step, "
+              f"median wall time of the {w} steps up to it):",
               "", "| step | RSS MiB | live tensors | objects gc tracks | median step ms |",
               "| --- | --- | --- | --- | --- |"]
     at = {r["step"]: r for r in ranks[0]}
