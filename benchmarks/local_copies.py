@@ -120,7 +120,12 @@ def render(before: dict[str, int], after: dict[str, int], label: str) -> str:
         f"rank 0 of 2 groups x 2 ranks (gloo, fp32), {DEPTH} linear units of {DIM}x{DIM} (Psi = {psi:,}, "
         f"{4 * psi / MIB:.2f} MiB of fp32 parameters), A = {ACCUM}, SGD; bytes written by `copy_`, `clone`, `cat`,",
         "`_to_copy` and `contiguous` during one step (forward and backward of every micro-step, the",
-        "optimizer step and its sync_p). Forward and backward copy the same in both versions.",
+        "optimizer step and its sync_p). The model and FSDP2's own code are the same in both versions,",
+        "so the difference is the engine's. What is left: FSDP2's all-gather copy-in on the one-rank meshes",
+        "of P = N units and its reduce-scatter copy-in (P = N), and, where P is coarser than O, sync_p's",
+        "compaction of the O slices and its copy from the gathered row into the parameters. The two-phase global collectives no longer permute blocks (each group's",
+        "blocks are reduced or gathered in place); HO-Ring still permutes per chunk when it cuts a",
+        "collective into several, because a chunk's rows are strided and NCCL and gloo need contiguous buffers.",
         "",
         "| strategy | before (MiB) | after (MiB) | saved |",
         "| --- | ---: | ---: | ---: |",

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = (1, 13, 100)  # elements per rank: one, not divisible by n (uneven chunks), several chunks
 CHUNKS = (1, 3, 16)  # 16 > some sizes: chunks are capped by the data
@@ -50,19 +51,40 @@ def _expect_bytes(stats, intra: int, inter: int, what: str) -> None:
     assert got == (intra, inter), f"{what}: sent (intra, inter) = {got}, expected {(intra, inter)}"
 
 
+class _CopyCounter(TorchDispatchMode):
+    """Bytes written by copy-like ops while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - dispatch protocol
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous"):
+            self.bytes += out.numel() * out.element_size()
+        return out
+
+
+def _copied(collective, *args) -> int:  # noqa: ANN001
+    with _CopyCounter() as counter:
+        collective(*args)
+    return counter.bytes
+
+
 def _check_collectives(mesh, g: int, m: int) -> None:
-    """Every size, dtype, op and chunk count against the flat collective, with byte counts."""
-    from paro_fsdp.comm import HORingCollectives, MeshGroups
+    """Every size, dtype, op and chunk count, HO-Ring and two-phase, against the flat
+    collective, with byte counts."""
+    from paro_fsdp.comm import HierarchicalCollectives, HORingCollectives, MeshGroups
 
     n, rank = g * m, dist.get_rank()
     groups = MeshGroups(mesh)
     stats = groups.stats
-    for chunks in CHUNKS:
-        ho = HORingCollectives(groups, chunks=chunks, min_chunk_bytes=0)
+    candidates = [HORingCollectives(groups, chunks=chunks, min_chunk_bytes=0) for chunks in CHUNKS]
+    for ho in candidates + [HierarchicalCollectives(groups)]:
         for dtype in DTYPES:
             es = torch.tensor([], dtype=dtype).element_size()
             for s in SIZES:
-                case = f"chunks={chunks} dtype={dtype} size={s}"
+                case = f"{ho.name} chunks={getattr(ho, 'chunks', None)} dtype={dtype} size={s}"
                 x = _ints(s, dtype, seed=rank * 1000 + s)
                 out = x.new_empty(n * s)
                 stats.reset()
@@ -78,13 +100,23 @@ def _check_collectives(mesh, g: int, m: int) -> None:
                     assert torch.equal(out, _flat_reduce_scatter(full, op)), f"reduce_scatter {op} {case}"
                     _expect_bytes(stats, (m - 1) * n * s * es // m, (g - 1) * s * es, f"reduce_scatter {case}")
 
-                    t = full[: s * m + 1].clone()  # any size: padded to a multiple of n inside
-                    padded = -(-t.numel() // n) * n
+                    t = full[: s * m + 1].clone()  # any size: padded inside (HO-Ring to n, two-phase to m)
+                    pad = n if isinstance(ho, HORingCollectives) else m
+                    padded = -(-t.numel() // pad) * pad
                     stats.reset()
                     ho.all_reduce(t, op)
                     assert torch.equal(t, _flat_all_reduce(full[: s * m + 1], op)), f"all_reduce {op} {case}"
-                    _expect_bytes(stats, 2 * (m - 1) * padded * es // m, 2 * (g - 1) * padded * es // n,
+                    _expect_bytes(stats, 2 * (m - 1) * padded * es // m, 2 * (g - 1) * (padded // m) * es // g,
                                   f"all_reduce {case}")
+
+    # No full-size permutation copy where each group's blocks are contiguous (the two-phase
+    # collectives, HO-Ring in one chunk); HO-Ring's S-chunks have strided rows and permute.
+    s = 100
+    x, full = _ints(s, torch.float32, seed=rank), _ints(n * s, torch.float32, seed=rank + 1)
+    for ho, expected in ((HierarchicalCollectives(groups), 0), (candidates[0], 0), (candidates[1], 4 * n * s)):
+        what = f"{ho.name} chunks={getattr(ho, 'chunks', None)}"
+        assert _copied(ho.all_gather, x.new_empty(n * s), x) == expected, f"all_gather {what}"
+        assert _copied(ho.reduce_scatter, x.new_empty(s), full) == expected, f"reduce_scatter {what}"
 
     # Real-valued fp32 data: same result up to summation order.
     ho = HORingCollectives(groups, chunks=3, min_chunk_bytes=0)

@@ -171,12 +171,17 @@ class MeshGroups:
                        issued=self._issued("all_reduce", link))
 
     # Columns: in a buffer of n blocks in flat-rank order, viewed (g, m, S), this rank's column
-    # is ``[:, local_index]``, the blocks of every group's rank with its local index. The intra
-    # collectives between a full buffer and columns permute blocks here and nowhere else.
+    # is ``[:, local_index]``, the blocks of every group's rank with its local index. Where each
+    # group's (m, S) rows are contiguous, the intra collectives run once per group block, straight
+    # on the buffer; otherwise (an HO-Ring chunk: S-strided rows) blocks are permuted here.
 
     def start_reduce_scatter_columns(self, output: torch.Tensor, blocks: torch.Tensor) -> "Pending":
         """Intra-group reduce-scatter of ``blocks`` (g, m, S), possibly a strided view, into this
         rank's column: ``output`` (g*S) = sum over the group's ranks of ``blocks[:, local_index]``."""
+        if blocks[0].is_contiguous():
+            by_group = output.view(blocks.shape[0], -1)
+            return _all_of([self.start_reduce_scatter(by_group[j], block.view(-1), INTRA)
+                            for j, block in enumerate(blocks)])
         by_local = blocks.transpose(0, 1).contiguous()  # (m, g, S): block l goes to local rank l
         return self.start_reduce_scatter(output, by_local.view(-1), INTRA)
 
@@ -184,6 +189,10 @@ class MeshGroups:
         """Intra-group all-gather of every rank's ``column`` (g*S) into ``output`` (g, m, S),
         possibly a strided view, so that ``output[:, l]`` is local rank l's column."""
         g, m, s = output.shape
+        if output[0].is_contiguous():
+            by_group = column.view(g, -1)
+            return _all_of([self.start_all_gather(block.view(-1), by_group[j], INTRA)
+                            for j, block in enumerate(output)])
         gathered = column.new_empty(m * g * s)
         pending = self.start_all_gather(gathered, column, INTRA)
 
@@ -235,6 +244,18 @@ class Pending:
                 raise CollectiveError(self._issued, error, dist.get_rank()) from error
         if finish is not None:
             self._context.run(finish)
+
+
+def _all_of(pendings: list[Pending]) -> Pending:
+    """One handle that waits for ``pendings`` in order."""
+    if len(pendings) == 1:
+        return pendings[0]
+
+    def finish() -> None:
+        for pending in pendings:
+            pending.wait()
+
+    return Pending(None, finish)
 
 
 def completed(pending: Pending, async_op: bool) -> Pending | None:
