@@ -209,11 +209,27 @@ def test_overlap_phases_parse_from_node_output():
 
     def line(step, node, wait_p):
         report = {"step": step, "total": 3.0, "pre": 0.1, "fb": [1.0, 0.5], "clip": 0.2, "optim": 0.1,
-                  "post": 0.4, "wait_g": 0.15, "wait_p": wait_p}
+                  "post": 0.4, "wait_g": 0.15, "wait_p": wait_p,
+                  "tx": {w: step * 10**6 for w in overlap.WINDOWS}, "window": {w: 0.5 for w in overlap.WINDOWS}}
         return f"[node{node}] [rank0]:[overlap] {json.dumps(report)}"
 
     log = "\n".join(line(s, n, 0.1 * s) for s in range(1, 6) for n in (0, 1))
     phases = overlap.parse(log, warmup=2)  # steps 3-5 on both nodes
     assert phases["wait_p"] == pytest.approx(0.4) and phases["fb"] == pytest.approx(1.5)
     assert phases["fb1"] == pytest.approx(1.0) and phases["post"] == pytest.approx(0.4)
+    assert phases["tx"]["clip"] == 4 * 10**6 and phases["window"]["last_fb"] == 0.5
     assert overlap.parse("no reports", warmup=2) == {}
+    # 4 MB in 0.5 s on a 128 mbit (16 MB/s) link: busy half the window; floors get no link row.
+    rows = [{"label": "IIG", "rate": r, "status": "ok", "step_times": [3.0], "phases": phases}
+            for r in ("128mbit", "20gbit")]
+    table = overlap.render(rows, "cmd").split("| run | link | first fb")[1]
+    assert "| IIG | 128mbit | 3.81 (50%) |" in table and "20gbit" not in table
+
+
+def test_overlap_link_bytes_between_samples():
+    from benchmarks.overlap import _sent
+
+    samples = [(0.0, 100), (1.0, 150), (2.0, 400)]
+    assert _sent(samples, 0.5, 1.5) == 50  # the last sample at or before each end
+    assert _sent(samples, 1.0, 2.0) == 250 and _sent(samples, 2.5, 3.0) == 0
+    assert _sent(samples, -1.0, 0.5) == 0
