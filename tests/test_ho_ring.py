@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
-from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = (1, 13, 100)  # elements per rank: one, not divisible by n (uneven chunks), several chunks
 CHUNKS = (1, 3, 16)  # 16 > some sizes: chunks are capped by the data
@@ -51,22 +50,10 @@ def _expect_bytes(stats, intra: int, inter: int, what: str) -> None:
     assert got == (intra, inter), f"{what}: sent (intra, inter) = {got}, expected {(intra, inter)}"
 
 
-class _CopyCounter(TorchDispatchMode):
-    """Bytes written by copy-like ops while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - dispatch protocol
-        out = func(*args, **(kwargs or {}))
-        if func._schema.name in ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous"):
-            self.bytes += out.numel() * out.element_size()
-        return out
-
-
 def _copied(collective, *args) -> int:  # noqa: ANN001
-    with _CopyCounter() as counter:
+    from benchmarks.local_copies import CopyCounter
+
+    with CopyCounter() as counter:
         collective(*args)
     return counter.bytes
 
