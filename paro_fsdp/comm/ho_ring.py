@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from paro_fsdp.comm.groups import MeshGroups, Pending, per_mesh
 from paro_fsdp.comm.names import HO_RING
 from paro_fsdp.comm.stats import INTER, INTRA
+from paro_fsdp.comm.streams import keep_for_current_stream
 
 ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 
@@ -149,7 +150,7 @@ class HORingCollectives:
         return _chunk_bounds(units, unit, min(self.chunks, max(1, by_size)))
 
     def _run(self, issue: Callable[[], Callable[[], None]], async_op: bool,
-             result: Sequence[torch.Tensor]) -> HORingWork | None:
+             result: Sequence[torch.Tensor], operands: Sequence[torch.Tensor]) -> HORingWork | None:
         """Issue the collectives on the side stream; finish now or at ``wait()``.
 
         ``issue`` starts every phase up to the inter-group one and returns ``finish``, which
@@ -157,6 +158,11 @@ class HORingCollectives:
         each arrives (that is the overlap), and waits. So with ``async_op`` the inter-group
         phase is in flight while the caller computes, and every rank must wait for its
         handles in the same order.
+
+        ``operands`` (the caller's input and output) are recorded on the side stream: a caller
+        may drop its input as soon as the call returns (the engine hands over FSDP2's reduce
+        buffer), and the allocator must not give that memory to its stream's next tensor
+        before the side stream has read it.
         """
         dm = self._device_module
         if self._stream is None:
@@ -166,6 +172,8 @@ class HORingCollectives:
         side.wait_stream(caller)
         with dm.stream(side):
             finish = issue()
+            for tensor in operands:
+                keep_for_current_stream(tensor)
         context = contextvars.copy_context()  # the phases started at wait() count under the issuing phase
 
         def complete() -> None:
@@ -211,7 +219,7 @@ class HORingCollectives:
                     step.wait()
             return finish
 
-        return self._run(issue, async_op, [output])
+        return self._run(issue, async_op, [output], (output, input))
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
                        op: ReduceOpLike = dist.ReduceOp.SUM, *,
@@ -248,7 +256,7 @@ class HORingCollectives:
                     out.div_(g * m)
             return finish
 
-        return self._run(issue, async_op, [output])
+        return self._run(issue, async_op, [output], (output, input))
 
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOpLike = dist.ReduceOp.SUM, *,
                    async_op: bool = False) -> HORingWork | None:
@@ -291,7 +299,7 @@ class HORingCollectives:
                     flat.div_(n)
             return finish
 
-        return self._run(issue, async_op, [tensor])
+        return self._run(issue, async_op, [tensor], (tensor,))
 
 
 _BY_MESH_LOCK = threading.Lock()
