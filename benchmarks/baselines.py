@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.collectives_report import BACKEND_FLAT, FLAT_RING
+from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
 
 
 class BackendCollectives:
@@ -23,11 +24,11 @@ class BackendCollectives:
     name = BACKEND_FLAT
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        dist.all_gather_single(output, input)
+        all_gather_single(output, input)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
                        op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
-        dist.reduce_scatter_single(output, input, op=op)
+        reduce_scatter_single(output, input, op=op)
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         dist.all_reduce(tensor, op=op)

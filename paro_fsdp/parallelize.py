@@ -66,9 +66,10 @@ def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
     if level is Granularity.G:
         return groups.flat_mesh
     # N: a 1-rank mesh that shares the root mesh, so TP DTensors still compose. Its process
-    # groups are created once per mesh, not once per call.
+    # groups are created once per mesh, not once per call. The dim goes by index: torch 2.11's
+    # _unflatten rejects every dim name it has.
     return per_mesh(mesh, "paro_none", lambda: mesh._unflatten(
-        SHARD_DIM, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"])
+        1, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"])
 
 
 def paro_parallelize(

@@ -8,7 +8,7 @@
 #
 # torch: scripts/setup.sh pins torch==2.13.0; with internet on a Linux x86_64 GPU machine pip
 # resolves that pin to PyPI's default wheel, which is the CUDA build. Without internet, point
-# PYTHON at an interpreter that already has torch 2.13 (CUDA), torchtitan 0.2.2 and pytest;
+# PYTHON at an interpreter that already has torch 2.11-2.13 (CUDA), torchtitan 0.2.2 and pytest;
 # paro-fsdp itself need not be installed (the repository root goes on PYTHONPATH).
 #
 # What runs (details in docs/gpu-check.md): one NCCL rank end to end (engine, optimizer,

@@ -35,6 +35,7 @@ PER_RANK_FLOATS = 1 << 20  # 4 MiB per rank
 ALL_GATHER = textwrap.dedent(f"""
     import os, torch, torch.distributed as dist
     from paro_fsdp.cluster import node_counters
+    from paro_fsdp.comm.torch_compat import all_gather_single
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     def say(line):  # one write per line, so the ranks of a node do not interleave
@@ -45,7 +46,7 @@ ALL_GATHER = textwrap.dedent(f"""
     dist.barrier()
     before = node_counters()
     dist.barrier()  # nobody sends before every rank has read its counters
-    dist.all_gather_single(out, x)
+    all_gather_single(out, x)
     dist.barrier()
     sent = (node_counters() - before).tx
     assert torch.equal(out.view(world, -1)[:, 0], torch.arange(world, dtype=torch.float))

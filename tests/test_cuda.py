@@ -50,6 +50,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.testing._internal.distributed.multi_threaded_pg as mtpg
 
+from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "llama3_debug_paro.toml"
 HAS_CUDA = torch.cuda.is_available()
@@ -177,14 +179,14 @@ def _ints(numel: int, dtype: torch.dtype, seed: int, device: str) -> torch.Tenso
 
 def _flat_all_gather(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(dist.get_world_size() * x.numel())
-    dist.all_gather_single(out, x)
+    all_gather_single(out, x)
     return out
 
 
 def _flat_reduce_scatter(x: torch.Tensor, op: Any) -> torch.Tensor:
     n = dist.get_world_size()
     out = x.new_empty(x.numel() // n, dtype=torch.float32)
-    dist.reduce_scatter_single(out, x.float())
+    reduce_scatter_single(out, x.float())
     return (out / n if op == AVG else out).to(x.dtype)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
+from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
+
 SIZES = (1, 13, 100)  # elements per rank: one, not divisible by n (uneven chunks), several chunks
 CHUNKS = (1, 3, 16)  # 16 > some sizes: chunks are capped by the data
 DTYPES = (torch.float32, torch.bfloat16)
@@ -26,14 +28,14 @@ def _ints(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 def _flat_all_gather(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(dist.get_world_size() * x.numel())
-    dist.all_gather_single(out, x)
+    all_gather_single(out, x)
     return out
 
 
 def _flat_reduce_scatter(x: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     n = dist.get_world_size()
     out = torch.empty(x.numel() // n)
-    dist.reduce_scatter_single(out, x.float())  # gloo has no AVG: sum, then divide
+    reduce_scatter_single(out, x.float())  # gloo has no AVG: sum, then divide
     return (out / n if op == AVG else out).to(x.dtype)
 
 
@@ -184,12 +186,12 @@ def _check_process_group(mesh, g: int, m: int) -> None:
 
     x = _ints(5, torch.float32, seed=rank)
     out = x.new_empty(5 * n)
-    dist.all_gather_single(out, x, group=pg)
+    all_gather_single(out, x, group=pg)
     assert torch.equal(out, _flat_all_gather(x))
     assert stats.get(link=INTER) == (g - 1) * 5 * 4
     full = _ints(3 * n, torch.float32, seed=rank + 50)
     r = torch.empty(3)
-    dist.reduce_scatter_single(r, full, op=AVG, group=pg)
+    reduce_scatter_single(r, full, op=AVG, group=pg)
     assert torch.equal(r, _flat_reduce_scatter(full, AVG))
     t = full.clone()
     dist.all_reduce(t, group=pg)

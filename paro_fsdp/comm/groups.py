@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from paro_fsdp.comm.errors import CollectiveError, Issued, adopt_default_timeout
 from paro_fsdp.comm.stats import INTER, INTRA, CommStats, current_phase
+from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
 
 T = TypeVar("T")
 REPLICATE_DIM = "dp_replicate"
@@ -131,7 +132,7 @@ class MeshGroups:
             output.copy_(input.reshape(-1))
             return Pending(None)
         self.stats.add(link, (k - 1) * input.numel() * input.element_size())
-        return Pending(dist.all_gather_single(output, input, group=self.group(link), async_op=True),
+        return Pending(all_gather_single(output, input, group=self.group(link), async_op=True),
                        issued=self._issued("all_gather", link))
 
     def start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, link: str,
@@ -143,7 +144,7 @@ class MeshGroups:
             return Pending(None)
         self.stats.add(link, (k - 1) * output.numel() * output.element_size())
         if not self._gloo[link]:
-            return Pending(dist.reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True),
+            return Pending(reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True),
                            issued=self._issued("reduce_scatter", link))
         # gloo's reduce_scatter_tensor is an all-reduce plus a copy (twice the bytes): exchange
         # the blocks and sum locally instead.

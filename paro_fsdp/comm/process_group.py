@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from paro_fsdp.comm.groups import per_mesh
 from paro_fsdp.comm.ho_ring import HORingCollectives, HORingWork, collectives_for, supports_reduction
+from paro_fsdp.comm.torch_compat import new_group_in_order
 
 BACKEND = "paro_ho_ring"
 
@@ -96,7 +97,7 @@ class HORingProcessGroup(dist.ProcessGroup):
                               opts: dist.ReduceScatterOptions | None = None) -> dist.Work:
         opts = opts or dist.ReduceScatterOptions()
         if not supports_reduction(opts.reduceOp, output.dtype):
-            return self.wrapped.reduce_scatter_single(output, input, opts)
+            return self.wrapped._reduce_scatter_base(output, input, opts)
         return self.collectives.reduce_scatter(output, input, opts.reduceOp, async_op=True)
 
     _reduce_scatter_base = reduce_scatter_single
@@ -183,8 +184,7 @@ def _new_group(mesh: DeviceMesh) -> HORingProcessGroup:
     _register_backend(mesh.device_type)
     _building.group = HORingProcessGroup(collectives, wrapped)
     try:
-        pg = dist.new_group(ranks, backend=BACKEND, use_local_synchronization=True, sort_ranks=False,
-                            group_desc="paro_ho_ring")
+        pg = new_group_in_order(ranks, backend=BACKEND, use_local_synchronization=True, group_desc="paro_ho_ring")
     finally:
         built, _building.group = _building.group, None
     if pg is not built:

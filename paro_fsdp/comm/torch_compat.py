@@ -1,0 +1,34 @@
+"""The flat-tensor collectives under whichever name the installed torch gives them.
+
+torch 2.13 renamed ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to
+``all_gather_single`` / ``reduce_scatter_single`` and deprecated the old names, while the CUDA
+images clusters run still ship earlier releases (2.11 has only the old names). Every caller in
+paro-fsdp goes through these two, so one library runs on both.
+"""
+
+import inspect
+
+import torch
+import torch.distributed as dist
+
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_NEW_GROUP_KEEPS_ORDER = "sort_ranks" in inspect.signature(dist.new_group).parameters
+
+
+def new_group_in_order(ranks: list[int], **kwargs) -> dist.ProcessGroup:
+    """``dist.new_group`` whose group ranks follow the order of ``ranks``.
+
+    Before torch 2.13 ``new_group`` always sorts the ranks; an ascending list, which every mesh
+    sliced from a row-major root mesh gives, is the only order it can keep.
+    """
+    if _NEW_GROUP_KEEPS_ORDER:
+        return dist.new_group(ranks, sort_ranks=False, **kwargs)
+    if ranks != sorted(ranks):
+        raise NotImplementedError(f"torch {torch.__version__} sorts a process group's ranks, and this "
+                                  f"group needs the order {ranks}; upgrade to torch >= 2.13")
+    return dist.new_group(ranks, **kwargs)
+
+
+__all__ = ["all_gather_single", "new_group_in_order", "reduce_scatter_single"]
