@@ -270,7 +270,9 @@ class Chain(nn.Module):
 def integer_chain() -> Chain:
     """Weights with two entries of +-1 per row and per column (a sum of two signed permutations),
     biases in {-1, 0, 1}: activations and gradients at most double per block, and all stay
-    small integers, exact in fp32 (TF32 included) whatever the summation order."""
+    small integers, exact in fp32 (TF32 included) whatever the summation order. With the
+    batches below, activations stay within 38 and a micro-batch's gradients within 136, so
+    bf16 compute (fp32 reduction) is exact too."""
     gen = torch.Generator().manual_seed(0)
     model = Chain()
     rows = torch.arange(DIM)
@@ -315,17 +317,24 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    """Per strategy: the clipped-by-nothing global norm and every full parameter after one SGD step."""
+def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...],
+                bf16: bool = False) -> dict[str, Any]:
+    """Per strategy: the clipped-by-nothing global norm and every full parameter after one SGD step.
+
+    ``bf16``: compute in bf16 and reduce in fp32 (where P is coarser than O, the parameters at
+    P are then bf16 copies and the fp32 masters live at O).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from paro_fsdp import ParoOptimizer, clip_grad_norm_, paro_parallelize
 
     mesh, rank = _mesh(device, g, m), dist.get_rank()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     out = {}
     for code, comm in cases:
         model = integer_chain().to(device)
-        model = paro_parallelize(model, mesh, code, blocks=list(model.layers), comm=comm)
+        model = paro_parallelize(model, mesh, code, blocks=list(model.layers), comm=comm, mp_policy=policy)
         opt = ParoOptimizer(model, torch.optim.SGD, lr=LR)
         for a in range(ACCUM):
             model.set_requires_gradient_sync(a == ACCUM - 1)
@@ -348,19 +357,21 @@ def _assert_exact(results: list[dict[str, Any]], n: int, what: str) -> None:
                 assert torch.equal(params[name], ref), f"{what} rank {rank} {case}: {name} differs by {diff}"
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_threaded_engine_matches_the_reference_bit_for_bit(device: str) -> None:
-    results = run_threaded(_engine_run, 4, device, 2, 2, ENGINE_CASES, device=device)
-    _assert_exact(results, 4, f"{device} 2x2")
+def test_threaded_engine_matches_the_reference_bit_for_bit(device: str, bf16: bool) -> None:
+    results = run_threaded(_engine_run, 4, device, 2, 2, ENGINE_CASES, bf16, device=device)
+    _assert_exact(results, 4, f"{device} 2x2 {'bf16' if bf16 else 'fp32'}")
 
 
 @needs_cuda
-def test_engine_gradients_survive_a_slow_consumer_stream() -> None:
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_engine_gradients_survive_a_slow_consumer_stream(bf16: bool) -> None:
     # ~5-10 ms per collective on current GPUs: the streams that consume FSDP2's reduce-scatter
     # output fall far behind the reduce-scatter stream, which reuses the freed buffer for the
     # next (identical) block at once. Results must still be exact.
-    results = run_threaded(_engine_run, 4, "cuda", 2, 2, ENGINE_CASES, device="cuda", delay_cycles=10_000_000)
-    _assert_exact(results, 4, "cuda 2x2, collectives delayed on their streams")
+    results = run_threaded(_engine_run, 4, "cuda", 2, 2, ENGINE_CASES, bf16, device="cuda", delay_cycles=10_000_000)
+    _assert_exact(results, 4, f"cuda 2x2 {'bf16' if bf16 else 'fp32'}, collectives delayed on their streams")
 
 
 # Probe and auto on threaded ranks --------------------------------------------------------------
