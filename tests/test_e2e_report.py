@@ -198,6 +198,22 @@ def test_plans():
     assert stock[stock.index("--parallelism.data_parallel_shard_degree") + 1] == "8"
 
 
+def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monkeypatch):
+    """Scaling runs re-measured without --resume still count for the sweep they were part of."""
+    raw, doc = tmp_path / "e2e.json", tmp_path / "BENCHMARKS.md"
+    argv = ["--merge", "--models", "debug", "--topologies", "4x2", "--rates", "250mbit", "--accum", "4",
+            "--configs", "NNG", "--comms", "ho_ring", "--raw", str(raw), "--doc", str(doc), "--logs", str(tmp_path)]
+    args = e2e._resolve(e2e._parser().parse_args(["--only", "sweep", *argv]))
+    keys = [e2e.run_key(s) for s in e2e.sweep_plan(args)]
+    raw.write_text(json.dumps({"runs": [{**s, "status": "ok", "modes": ["sweep"]} for s in e2e.sweep_plan(args)]}))
+    monkeypatch.setattr(e2e, "launch", lambda spec, *_: {**spec, "status": "failed", "reason": "fake"})
+    monkeypatch.setattr(e2e, "render", lambda *_: None)
+    assert e2e.drive(e2e._resolve(e2e._parser().parse_args(["--only", "scaling", "--scaling-config", "NNG:ho_ring",
+                                                            *argv]))) == 1
+    runs = {e2e.run_key(r): r for r in json.loads(raw.read_text())["runs"]}
+    assert all(runs[k]["modes"] == ["scaling", "sweep"] and runs[k]["reason"] == "fake" for k in keys)
+
+
 def test_torchrun_root_cause_names_the_rank():
     node1 = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-01-01_00:00:00",
              "  rank      : 6 (local_rank: 2)", "  exitcode  : -6 (pid: 30786)  (SIGABRT)", "  error_file: <N/A>"]
