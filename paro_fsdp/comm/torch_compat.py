@@ -1,12 +1,14 @@
-"""The flat-tensor collectives under whichever name the installed torch gives them.
+"""What differs between the torch releases paro-fsdp runs on (2.11 to 2.13).
 
 torch 2.13 renamed ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to
-``all_gather_single`` / ``reduce_scatter_single`` and deprecated the old names, while the CUDA
-images clusters run still ship earlier releases (2.11 has only the old names). Every caller in
-paro-fsdp goes through these two, so one library runs on both.
+``all_gather_single`` / ``reduce_scatter_single`` and deprecated the old names, and gave
+``new_group`` a ``sort_ranks`` argument, while the CUDA images clusters run still ship earlier
+releases (2.11 has only the old names and always sorts). Every caller in paro-fsdp goes
+through these, so one library runs on both.
 """
 
 import inspect
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +19,7 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 _NEW_GROUP_KEEPS_ORDER = "sort_ranks" in inspect.signature(dist.new_group).parameters
 
 
-def new_group_in_order(ranks: list[int], **kwargs) -> dist.ProcessGroup:
+def new_group_in_order(ranks: list[int], **kwargs: Any) -> dist.ProcessGroup:
     """``dist.new_group`` whose group ranks follow the order of ``ranks``.
 
     Before torch 2.13 ``new_group`` always sorts the ranks; an ascending list, which every mesh
