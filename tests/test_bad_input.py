@@ -554,3 +554,13 @@ def test_paro_plan_refuses_values_it_cannot_compute_with(cal_files: Path, extra:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as info:
         paro_main(argv)
     assert info.value.code == 2 and expected in err.getvalue(), err.getvalue()
+
+
+def test_a_group_order_torch_cannot_keep_says_which_torch_can(monkeypatch):
+    """Before torch 2.13 ``new_group`` sorts the ranks: a group that needs another order must
+    fail with the order and the fix, not come out silently reordered."""
+    from paro_fsdp.comm import torch_compat
+
+    monkeypatch.setattr(torch_compat, "_NEW_GROUP_KEEPS_ORDER", False)
+    with pytest.raises(NotImplementedError, match=r"needs the order \[2, 0, 1, 3\]; upgrade to torch >= 2.13"):
+        torch_compat.new_group_in_order([2, 0, 1, 3])
