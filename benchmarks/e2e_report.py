@@ -230,9 +230,11 @@ def summarize(run: dict, floor: dict | None = None, reference: dict | None = Non
     elif floor:
         row["floor_status"] = f"{floor['status']}: {floor.get('reason', '')}"
     if reference is not None and reference["status"] == "ok":
-        # This run and its floor against the reference run (the first of the table).
+        # This run and its floor against the reference run (the first of the table). A run of
+        # another step count had another learning-rate schedule: its losses are not comparable.
         diffs = [loss_difference(reference, r) for r in (run, floor)
-                 if r and r["status"] == "ok" and r is not reference]
+                 if r and r["status"] == "ok" and r is not reference
+                 and r.get("steps_requested") == reference.get("steps_requested")]
         if diffs:
             row["loss_diff"] = max(diffs)
     return row
@@ -688,7 +690,7 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
              "optimizer step (PaRO's metrics line; stock runs log none: n/a), so gradient buffers of a coarser "
              "granularity than O, freed once synchronized, are not in it; beside `paro_fsdp.formulas.memory_bytes`; `peak RSS` = torchtitan's memory figure (the process's "
              "peak resident memory). `max loss diff` = largest |loss difference| at any step from the first row "
-             "of the table.", ""]
+             "of the table, for runs of its step count (torchtitan's learning-rate schedule depends on it).", ""]
     lines += ["## Targets", "", *targets(runs), "", "## Reading against the paper", "", *reading(runs), ""]
     if plots.get("pareto"):
         lines += ["## Tokens/s against memory per rank", "", f"![tokens/s vs memory]({plots['pareto']})", ""]

@@ -119,6 +119,11 @@ def test_scenario_rows_floor_fsdp_and_loss():
     assert [r["label"] for r in rows] == ["stock FSDP", "PaRO IIG", "PaRO GGG ho_ring"]
     assert rows[2]["vs_fsdp"] == pytest.approx(2.0) and rows[1]["vs_floor"] == pytest.approx(1.02)
     assert rows[1]["loss_diff"] == pytest.approx(4e-4, abs=1e-9)
+    # A run of another step count (another learning-rate schedule) is not compared.
+    seven = [8.0, 7.3, 5.6, 4.5, 4.0, 3.6, 3.4]
+    longer = [*runs[:4], _record("IIG", ANY_COMM, FLOOR_RATE, 1.0, losses=seven),
+              _record("IIG", ANY_COMM, "250mbit", 1.02, losses=seven)]
+    assert "loss_diff" not in scenario_rows(longer, "debug", 2, 4, 4, "250mbit")[1]
     lines = generate({"runs": runs, "settings": {"config_file": "x.toml", "seq_len": 128, "local_batch": 1, "steps": 6},
                       "command": "python -m benchmarks.e2e --quick", "created": "now", "subset": "--quick subset",
                       "cpus": 2, "elapsed_s": 60.0}, {})
