@@ -335,10 +335,14 @@ def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...],
     for code, comm in cases:
         model = integer_chain().to(device)
         model = paro_parallelize(model, mesh, code, blocks=list(model.layers), comm=comm, mp_policy=policy)
+        computed = []  # the blocks' output dtypes: the policy is in force, else bf16 tests nothing
+        for layer in model.layers:
+            layer.register_forward_hook(lambda _m, _i, y: computed.append(y.dtype))
         opt = ParoOptimizer(model, torch.optim.SGD, lr=LR)
         for a in range(ACCUM):
             model.set_requires_gradient_sync(a == ACCUM - 1)
             chain_loss(model, chain_batch(rank, a), device).backward()
+        assert set(computed) == {torch.bfloat16 if bf16 else torch.float32}, (code, set(computed))
         norm = clip_grad_norm_(model, float("inf"))  # coefficient 1: returns the norm, gradients unchanged
         opt.step()
         opt.state_dict()  # the optimizer's state keys cross ranks as an object collective
