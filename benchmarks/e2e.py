@@ -57,8 +57,11 @@ DEFAULT_RAW = REPO / "docs" / "benchmarks" / "e2e.json"
 CONFIG_FILE = "train_configs/llama3_debug_paro.toml"
 SEQ_LEN, LOCAL_BATCH = 128, 1
 QUICK = {"models": ["debug"], "topologies": ["2x4"], "rates": ["250mbit"], "accum": [4],
-         "configs": ["fsdp", "hsdp", "GGG", "IIG", "NIG"], "comms": ["ho_ring"], "steps": 8}
-FULL = {**FULL_GRID, "configs": None, "comms": ["ho_ring", "default"], "steps": 12}
+         "configs": ["fsdp", "hsdp", "GGG", "IIG", "NIG"], "comms": ["ho_ring"]}
+FULL = {**FULL_GRID, "configs": None, "comms": ["ho_ring", "default"]}
+# Steps per run when --steps is not given: warm-up + 6 (debug) or + 4 (57M, about 10x the compute) timed steps.
+# torchtitan's learning-rate schedule depends on the step count, so losses compare only at equal counts.
+DEFAULT_STEPS = {"debug": 8, "57M": 6}
 SCALING_NODES, SCALING_RANKS, SCALING_ACCUM = (1, 2, 4), 2, 4
 # Host memory a rank needs besides its model states: Python, torch and torchtitan (about 0.6 GiB
 # measured with the debug model) and the unsharded model copy of the layout-independent init.
@@ -72,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="only the 2x4, 250mbit, A=4 debug-model rows: stock FSDP and HSDP, PaRO GGG/IIG/NIG with "
-                        "ho_ring, their floors; 8 steps; no scaling")
+                        "ho_ring, their floors; no scaling")
     p.add_argument("--models", type=_csv(str), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--topologies", type=_csv(str), help="NODESxRANKS, comma-separated (default 2x4,4x2)")
     p.add_argument("--rates", type=_csv(str), help="link rates, tc units (default 250mbit,1gbit)")
@@ -80,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=_csv(str),
                    help=f"{', '.join(STOCK)} (stock torchtitan) and PaRO codes or aliases (default: all 3 + all 14)")
     p.add_argument("--comms", type=_csv(str), help="paro_comm values for strategies with global collectives")
-    p.add_argument("--steps", type=int, help="training steps per run; the first 2 are warm-up (default 12, --quick 8)")
+    p.add_argument("--steps", type=int, help="training steps per run; the first 2 are warm-up (default: "
+                        + ", ".join(f"{m} {n}" for m, n in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--only", choices=("sweep", "scaling"), help="run only the sweep or only the scaling runs")
     p.add_argument("--scaling-config", default="best",
                    help="PaRO strategy[:comm] for the scaling runs; 'best' = fastest PaRO row of the model at 4x2, "
@@ -119,7 +123,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
     for comm in args.comms:
         check_comm(comm, "--comms")
-    if args.steps <= 3:
+    if args.steps is not None and args.steps <= 3:
         raise SystemExit("--steps must be > 3: the first 2 steps are warm-up and a median needs a few more")
     if args.resume:
         args.merge = True
@@ -148,6 +152,10 @@ def _spec(model: str, nodes: int, ranks: int, accum: int, config: str, comm: str
             "local_batch": LOCAL_BATCH, "modes": [mode]}
 
 
+def _steps(args: argparse.Namespace, model: str) -> int:
+    return args.steps if args.steps is not None else DEFAULT_STEPS[model]
+
+
 def _config_comms(config: str, comms: list[str]) -> list[str | None]:
     if config in STOCK:
         return [None]
@@ -167,7 +175,7 @@ def sweep_plan(args: argparse.Namespace) -> list[dict]:
             for accum in sorted(args.accum, reverse=True):
                 for config in args.configs:
                     for comm in _config_comms(config, args.comms):
-                        plan += [_spec(model, nodes, ranks, accum, config, comm, rate, args.steps, "sweep")
+                        plan += [_spec(model, nodes, ranks, accum, config, comm, rate, _steps(args, model), "sweep")
                                  for rate in _rates(nodes, args.rates)]
     return plan
 
@@ -189,7 +197,8 @@ def scaling_plan(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
         code, comm = scaling_config(args, model, runs)
         for config, c in ((code, comm), ("fsdp", None)):
             for nodes in SCALING_NODES:
-                plan += [_spec(model, nodes, SCALING_RANKS, SCALING_ACCUM, config, c, rate, args.steps, "scaling")
+                plan += [_spec(model, nodes, SCALING_RANKS, SCALING_ACCUM, config, c, rate, _steps(args, model),
+                               "scaling")
                          for rate in _rates(nodes, args.rates)]
     return plan
 
@@ -356,7 +365,7 @@ def drive(args: argparse.Namespace) -> int:
            "command": " ".join(["python -m benchmarks.e2e", *sys.argv[1:]]),
            "subset": "--quick subset" if args.quick else "",
            "settings": {"config_file": CONFIG_FILE, "seq_len": SEQ_LEN, "local_batch": LOCAL_BATCH,
-                        "steps": args.steps, "floor_rate": FLOOR_RATE},
+                        "floor_rate": FLOOR_RATE},
            "elapsed_s": 0.0, "runs": []}
     # Every invocation whose runs the file holds: what ran, when, how many launches, how long.
     invocation = {"command": raw["command"], "created": raw["created"], "launches": 0, "elapsed_s": 0.0}

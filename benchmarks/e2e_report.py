@@ -212,7 +212,8 @@ def tokens_per_step(run: dict) -> int:
 def summarize(run: dict, floor: dict | None = None, reference: dict | None = None) -> dict:
     """A table row: times, throughput, bytes and memory beside their formulas, loss, floor ratio."""
     row = {"label": config_label(run["config"], run["comm"]), "status": run["status"], "reason": run.get("reason", ""),
-           "config": run["config"], "comm": run["comm"], "rate": run["rate"], "note": run.get("note", "")}
+           "config": run["config"], "comm": run["comm"], "rate": run["rate"], "note": run.get("note", ""),
+           "steps_requested": run.get("steps_requested")}
     if run["status"] != "ok":
         return row
     times = step_times(run)
@@ -420,6 +421,11 @@ def _scaling_targets(runs: list[dict]) -> list[str]:
                      f"(stock FSDP: {_f(fsdp.get('efficiency'), '.2f', 'not run')}) | {_f(value, '.2f', 'not run')} "
                      f"| >= {goal} | {_verdict(value, goal)} |")
     return lines
+
+
+def _steps_text(rows: list[dict]) -> str:
+    counts = sorted({r["steps_requested"] for r in rows if r.get("steps_requested")})
+    return " or ".join(map(str, counts)) + " steps per run" if counts else "steps per run unknown"
 
 
 def _all_scenarios(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -677,7 +683,7 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
              *([""] if raw.get("invocations") else []),
              f"Each launch: `python -m paro_fsdp.cluster` runs torchtitan (`python -m torchtitan_patch.train`, "
              f"`{s['config_file']}` with overrides) on CPU/gloo ranks, local batch {s['local_batch']}, "
-             f"seq_len {s['seq_len']}, global batch = {s['local_batch']} x ranks x A, {s['steps']} steps, fp32, "
+             f"seq_len {s['seq_len']}, global batch = {s['local_batch']} x ranks x A, fp32, "
              f"no activation checkpointing. Times are node 0's step-to-step wall time of the steps after the first "
              f"{WARMUP_STEPS} (median, min-max); tokens/s = global batch x seq_len / median step. "
              f"`floor` is the same run with every link at {FLOOR_RATE} (the compute floor); `vs floor` = step / floor. "
@@ -700,7 +706,7 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
     for key, rows in _all_scenarios(runs):
         model, nodes, ranks, accum, rate = key
         lines += [f"### llama3 {model} ({MODELS.get(model, model)}), {nodes} nodes x {ranks} ranks, {rate}, "
-                  f"A = {accum}",
+                  f"A = {accum}, {_steps_text(rows)}",
                   "", *table(rows), ""]
     lines += ["## Coverage of the full sweep", "",
               "| model | topology | link | A | configs measured (ok / failed / not run) |", "|---|---|---|---:|---|"]

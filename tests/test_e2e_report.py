@@ -124,7 +124,7 @@ def test_scenario_rows_floor_fsdp_and_loss():
     longer = [*runs[:4], _record("IIG", ANY_COMM, FLOOR_RATE, 1.0, losses=seven),
               _record("IIG", ANY_COMM, "250mbit", 1.02, losses=seven)]
     assert "loss_diff" not in scenario_rows(longer, "debug", 2, 4, 4, "250mbit")[1]
-    lines = generate({"runs": runs, "settings": {"config_file": "x.toml", "seq_len": 128, "local_batch": 1, "steps": 6},
+    lines = generate({"runs": runs, "settings": {"config_file": "x.toml", "seq_len": 128, "local_batch": 1},
                       "command": "python -m benchmarks.e2e --quick", "created": "now", "subset": "--quick subset",
                       "cpus": 2, "elapsed_s": 60.0}, {})
     text = "\n".join(lines)
@@ -132,6 +132,7 @@ def test_scenario_rows_floor_fsdp_and_loss():
     assert "| debug | PaRO GGG tokens/s vs stock FSDP | 2.00x | >= 1.6x | met |" in text
     assert "| 57M | best PaRO tokens/s vs stock HSDP | not run | >= 1.3x | not run |" in text
     assert "HO-Ring vs `paro_comm = \"default\"`: not measured" in text
+    assert "### llama3 debug (debugmodel), 2 nodes x 4 ranks, 250mbit, A = 4, 6 steps per run" in text
 
 
 def test_failed_and_unfit_rows_say_why():
@@ -140,8 +141,7 @@ def test_failed_and_unfit_rows_say_why():
              "reason": "does not fit: about 30.0 GiB for 8 ranks"},
             {**e2e._spec("debug", 2, 4, 4, "GGG", "default", "250mbit", 6, "sweep"), "status": "failed",
              "reason": "exit node0 1: ValueError: boom", "steps": [], "probes": []}]
-    text = "\n".join(generate({"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1,
-                                                          "steps": 6},
+    text = "\n".join(generate({"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1},
                                "command": "c", "created": "now", "cpus": 2, "elapsed_s": 1.0}, {}))
     assert "| PaRO NNN | not run: does not fit: about 30.0 GiB for 8 ranks |" in text
     assert "| PaRO GGG default | failed: exit node0 1: ValueError: boom |" in text
@@ -170,7 +170,7 @@ def test_render_keeps_prose(tmp_path):
     pytest.importorskip("matplotlib")
     runs = [_record("fsdp", None, FLOOR_RATE, 1.0), _record("fsdp", None, "250mbit", 8.0),
             _record("GGG", "ho_ring", FLOOR_RATE, 1.0), _record("GGG", "ho_ring", "250mbit", 4.0)]
-    raw = {"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1, "steps": 6},
+    raw = {"runs": runs, "settings": {"config_file": "x", "seq_len": 128, "local_batch": 1},
            "command": "c", "created": "now", "cpus": 2, "elapsed_s": 1.0}
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(f"# Title\n\nprose before\n\n{BEGIN}\nold\n{END}\n\nprose after\n")
@@ -201,6 +201,10 @@ def test_plans():
     stock = e2e.torchtitan_args(plan[0], "/tmp/x")
     assert "--parallelism.paro_comm" not in stock
     assert stock[stock.index("--parallelism.data_parallel_shard_degree") + 1] == "8"
+    # Each model's own step count unless --steps says otherwise, so the full sweep reproduces the doc's rows.
+    assert {(s["model"], s["steps_requested"]) for s in sweep} == set(e2e.DEFAULT_STEPS.items())
+    assert {s["steps_requested"] for s in e2e.sweep_plan(e2e._resolve(e2e._parser().parse_args(["--steps", "5"])))} \
+        == {5}
 
 
 def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monkeypatch):
