@@ -54,9 +54,13 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         if unit.optim_grad is None:
             continue
         for sl in unit.layout.slices(level):
-            g = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel].double()
+            g = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
             key = tuple(sorted(_model_parallel_dims(sl.region.param)))
-            value = g.square().sum() if two else g.abs().max()
+            if two:  # in fp64 the squares of fp32 values are exact; a dot makes no tensor of them
+                g = g.double()
+                value = torch.dot(g, g)
+            else:
+                value = g.abs().max().double()
             partial[key] = partial[key] + value if two else torch.maximum(partial[key], value)
     op = dist.ReduceOp.SUM if two else dist.ReduceOp.MAX
     dp_group = (state.groups.flat_mesh.get_group() if level is Granularity.G

@@ -84,8 +84,11 @@ def attach(unit: "Unit") -> None:
         return
     # Sums only: the engine divides once, by n. A factor of 1 also keeps FSDP2 from dividing its
     # reduce output in place after the hook, while the engine's reductions may still read it.
+    # On a one-rank mesh (P=N) FSDP2 derives that factor of 1 itself; setting it there would make
+    # FSDP2 copy the unit's gradient through an out-of-place division by 1 at every micro-step.
     module.set_force_sum_reduction_for_comms(True)
-    FSDPModule.set_gradient_divide_factor(module, 1.0)
+    if _param_group(module).mesh_info.shard_mesh_size > 1:
+        FSDPModule.set_gradient_divide_factor(module, 1.0)
     module.set_custom_reduce_scatter(_UnitReduceScatter(unit))
 
     def on_reduced(reduce_output: torch.Tensor) -> None:
