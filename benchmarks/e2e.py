@@ -436,7 +436,8 @@ def list_plan(args: argparse.Namespace) -> int:
 
 
 def run_worker(trainer_args: list[str]) -> None:
-    """torchtitan's trainer, printing at every step line node time and link counters (local rank 0).
+    """torchtitan's trainer, printing at every step line node time, link counters and the process's
+    CPU time, all threads (local rank 0).
 
     The probe is a filter on torchtitan's (root) logger, so it runs when the trainer logs a
     step, after the step's loss has been reduced over all ranks.
@@ -454,8 +455,8 @@ def run_worker(trainer_args: list[str]) -> None:
                 match = step_line.match(str(record.msg))
                 if match:
                     c = node_counters()
-                    print(f"[e2e] step={match[1]} t={time.perf_counter():.6f} tx={c.tx} rx={c.rx} lo={c.loopback}",
-                          flush=True)
+                    print(f"[e2e] step={match[1]} t={time.perf_counter():.6f} tx={c.tx} rx={c.rx} lo={c.loopback} "
+                          f"cpu={time.process_time():.6f}", flush=True)
                 return True
 
         logging.getLogger().addFilter(StepProbe())

@@ -45,7 +45,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*(\S+)\s+grad_norm:\s*(\S+)\s+memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)")
 _PARO = re.compile(r"step:\s*(\d+)\s+paro comm/step intra:\s*([\d.]+)MiB\s+inter:\s*([\d.]+)MiB\s+"
                    r"model state params:\s*([\d.]+)MiB\s+grads:\s*([\d.]+)MiB\s+optim:\s*([\d.]+)MiB")
-_PROBE = re.compile(r"\[e2e\] step=(\d+) t=([\d.]+) tx=(\d+) rx=(\d+) lo=(\d+)")
+_PROBE = re.compile(r"\[e2e\] step=(\d+) t=([\d.]+) tx=(\d+) rx=(\d+) lo=(\d+)(?: cpu=([\d.]+))?")
 _PARAMS = re.compile(r"Model \S+ \S+ size: ([\d,]+) total parameters")
 _APPLIED = re.compile(r"Applied PaRO (\S+)")
 _ERROR = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)")
@@ -103,7 +103,7 @@ def parse_node_output(lines: Iterable[str]) -> dict:
     for raw in lines:
         line = _ANSI.sub("", raw)
         if m := _PROBE.search(line):
-            probes.append([int(m[1]), float(m[2]), int(m[3]), int(m[4]), int(m[5])])
+            probes.append([int(m[1]), float(m[2]), int(m[3]), int(m[4]), int(m[5]), *([float(m[6])] if m[6] else [])])
         elif m := _PARO.search(line):
             fields = ("intra", "inter", "params", "grads", "optim")
             paro[int(m[1])] = {k: float(v) for k, v in zip(fields, m.groups()[1:])}
@@ -166,6 +166,14 @@ def step_times(run: dict) -> list[float]:
     """Seconds of every step after the first ``WARMUP_STEPS``, from node 0's probe timestamps."""
     probes = {p[0]: p[1] for p in run["probes"][0]} if run.get("probes") else {}
     return [probes[k] - probes[k - 1] for k in sorted(probes) if k > WARMUP_STEPS and k - 1 in probes]
+
+
+def cpu_per_step(run: dict) -> float | None:
+    """Median CPU seconds (all threads) node 0's first rank spent per step after the warm-up;
+    None for probes that did not report it."""
+    probes = {p[0]: p[5] for p in run["probes"][0] if len(p) > 5} if run.get("probes") else {}
+    spent = [probes[k] - probes[k - 1] for k in sorted(probes) if k > WARMUP_STEPS and k - 1 in probes]
+    return statistics.median(spent) if spent else None
 
 
 def link_bytes_per_step(run: dict) -> float | None:

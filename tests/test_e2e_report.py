@@ -20,6 +20,7 @@ from benchmarks.e2e_report import (
     generate,
     layout,
     pareto_front,
+    cpu_per_step,
     parse_node_output,
     parse_run,
     render,
@@ -89,6 +90,14 @@ def test_step_times_and_link_bytes_skip_warmup():
     assert row["tokens_s"] == pytest.approx(1 * 128 * 8 * 4 / 2.0)
     assert row["link"] == pytest.approx(1_000_000.5)  # mean of the two nodes (node 1 is 1 byte ahead)
     assert row["memory"] == pytest.approx((2.94 + 2.94 + 5.88) * MIB)
+
+
+def test_cpu_per_step_from_the_probe():
+    probes = [f"[rank0]:[e2e] step={i} t={100 + i}.0 tx=0 rx=0 lo=0 cpu={10 + 0.5 * i * i:.6f}" for i in range(1, 6)]
+    run = parse_run([probes])
+    # Steps 3, 4, 5 spent 2.5, 3.5 and 4.5 CPU seconds; steps 1 and 2 are warm-up.
+    assert cpu_per_step(run) == pytest.approx(3.5)
+    assert cpu_per_step(parse_run([[p.rsplit(" cpu=", 1)[0] for p in probes]])) is None  # an older probe line
 
 
 def test_formulas_per_node_link_and_memory():
@@ -258,3 +267,21 @@ def test_overlap_link_bytes_between_samples():
     assert _sent(samples, 0.5, 1.5) == 50  # the last sample at or before each end
     assert _sent(samples, 1.0, 2.0) == 250 and _sent(samples, 2.5, 3.0) == 0
     assert _sent(samples, -1.0, 0.5) == 0
+
+
+def test_zero_tax_table_per_accumulation():
+    from benchmarks import zero_tax
+
+    def run(median: float, cpu: float | None, note: str = "") -> dict:
+        return {"median_s": median, "cpu_s": cpu, "note": note}
+
+    results = {(1, "fsdp"): [run(0.36, 0.2)], (1, "GGG"): [run(0.32, 0.18)],
+               (1, "ddp"): [run(0.22, 0.1), run(0.21, 0.11)], (1, "NNN"): [run(0.29, 0.14, "exited 1 after its last step")],
+               (4, "fsdp"): [run(1.2, None)], (4, "GGG"): [run(1.1, 0.5)], (4, "ddp"): [run(0.6, 0.3)],
+               (4, "NNN"): [run(0.6, 0.3)]}
+    text = zero_tax.render(results, 4, [1, 4], 10, 2)
+    assert text.startswith(zero_tax.BEGIN) and text.endswith(zero_tax.END)
+    # The best run of each side is compared, and its CPU time is the one shown.
+    assert ("| 1 | PaRO NNN vs stock DDP | 0.210 (0.220, 0.210) | 0.290 (0.290 (exited 1 after its last step)) "
+            "| 0.724x | 0.110 / 0.140 |") in text
+    assert "| 4 | PaRO GGG vs stock FSDP | 1.200 (1.200) | 1.100 (1.100) | 1.091x | - / 0.500 |" in text
