@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_distributed
 from models import Net, batch, loss_fn
@@ -320,6 +321,34 @@ def _divide_factor() -> dict:
     return out
 
 
+class _Divisions(TorchDispatchMode):
+    """Sizes of the tensors made by out-of-place divisions while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - dispatch protocol
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name == "aten::div":
+            self.sizes.append(out.numel())
+        return out
+
+
+def _gradient_divisions() -> dict:
+    """The sizes of unit gradients divided out of place in a backward (FSDP2 copies a one-rank
+    unit's gradient through ``input / factor`` whenever a divide factor is set)."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    out = {}
+    for code in CODES:
+        model = _build(mesh, code)
+        rows = {sum(p.numel() for p in unit.parameters()) for unit in model.units()}
+        with _Divisions() as divisions:
+            loss_fn(model, batch(0, 0, rank)).backward()
+        out[code] = [n for n in divisions.sizes if n in rows]
+    return out
+
+
 def _sync_p_window() -> dict:
     """A bounded sync_p window: the same training, at most that many units in flight after the
     step, the rest started in forward order (root first) as forward consumes them."""
@@ -401,6 +430,7 @@ def _all(path: str) -> dict:
         "tensor_parallel": _tensor_parallel(),
         "ho_ring": _ho_ring(),
         "divide_factor": _divide_factor(),
+        "gradient_divisions": _gradient_divisions(),
         "sync_p_window": _sync_p_window(),
         "errors": _errors(),
     }
@@ -484,6 +514,11 @@ def test_ho_ring_engine_matches_default(results, code):
 def test_gradient_divide_factor(results):
     for code, diff in results[0]["divide_factor"].items():
         assert diff < 1e-5, f"{code}: {diff}"
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_no_gradient_is_divided_out_of_place(results, code):
+    assert results[0]["gradient_divisions"][code] == []
 
 
 def test_bad_input_errors(results):
