@@ -122,7 +122,8 @@ def render(before: dict[str, int], after: dict[str, int], label: str) -> str:
         "`_to_copy` and `contiguous` during one step (forward and backward of every micro-step, the",
         "optimizer step and its sync_p). The model and FSDP2's own code are the same in both versions,",
         "so the difference is the engine's. What is left: FSDP2's all-gather copy-in on the one-rank meshes",
-        "of P = N units and its reduce-scatter copy-in (P = N), and, where P is coarser than O, sync_p's",
+        "of P = N units (once per step: they keep the gathered copy through the accumulation window) and",
+        "its reduce-scatter copy-in (P = N, every micro-step), and, where P is coarser than O, sync_p's",
         "compaction of the O slices and its copy from the gathered row into the parameters. The two-phase global collectives no longer permute blocks (each group's",
         "blocks are reduced or gathered in place); HO-Ring still permutes per chunk when it cuts a",
         "collective into several, because a chunk's rows are strided and NCCL and gloo need contiguous buffers.",
@@ -132,7 +133,8 @@ def render(before: dict[str, int], after: dict[str, int], label: str) -> str:
     ]
     for code, b in before.items():
         a = after[code]
-        lines.append(f"| {code} | {b / MIB:.2f} | {a / MIB:.2f} | {(b - a) / MIB:.2f} MiB ({(b - a) / b:.0%}) |")
+        share = f" ({(b - a) / b:.0%})" if b else ""
+        lines.append(f"| {code} | {b / MIB:.2f} | {a / MIB:.2f} | {(b - a) / MIB:.2f} MiB{share} |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,6 +62,15 @@ class EngineState:
         self.last_microstep = last
         for unit in self.units:
             fsdp_seam.set_fsdp_gradient_sync(unit.module, last or self.strategy.grad is not N)
+            if self.strategy.param is N:
+                # Parameters change only at the step: a P=N unit keeps its gathered copy through
+                # the accumulation window instead of copying it again at every micro-step.
+                fsdp_seam.set_fsdp_reshard_after_backward(unit.module, last)
+
+    def release_gathered_params(self) -> None:
+        """Before the parameters change at a step, free what P=N units keep gathered."""
+        for unit in self.units:
+            unit.release_gathered()
 
     def grads_ready(self) -> bool:
         return all(u.optim_grad is not None for u in self.units if u.layout.regions)
@@ -223,6 +232,17 @@ class Unit:
         for region in self.layout.regions:
             region.local_flat().copy_(row[region.offset : region.offset + region.numel])
         self.state.issue_params()
+
+    def prepare_load(self) -> None:
+        """Before a load writes the parameters: land any sync_p, drop a kept gathered copy."""
+        self.wait_params()
+        self.release_gathered()
+
+    def release_gathered(self) -> None:
+        """Free the gathered copy a P=N unit keeps between micro-steps (after a backward that did
+        not end the window), so that the next forward gathers parameters that have changed."""
+        if self.state.strategy.param is N:
+            fsdp_seam.reshard(self.module)
 
     # Gradient path: N --grad_reduce--> G (accumulated) --sync_g--> O. FSDP2 produces P; where
     # P is finer than G (G < P), the first part of sync_g runs inside FSDP2's reduce-scatter.

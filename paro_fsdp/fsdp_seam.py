@@ -75,6 +75,16 @@ def set_fsdp_gradient_sync(module: FSDPModule, sync: bool) -> None:
     FSDPModule.set_requires_gradient_sync(module, sync, recurse=False)
 
 
+def set_fsdp_reshard_after_backward(module: FSDPModule, reshard: bool) -> None:
+    """Whether FSDP2 frees ``module``'s gathered parameters after the next backward."""
+    FSDPModule.set_reshard_after_backward(module, reshard, recurse=False)
+
+
+def reshard(module: FSDPModule) -> None:
+    """Free ``module``'s gathered parameters, if FSDP2 holds them."""
+    FSDPModule.reshard(module)
+
+
 def attach(unit: "Unit") -> None:
     """Route ``unit``'s FSDP2 gathers, reductions and gradients through the engine."""
     module = unit.module

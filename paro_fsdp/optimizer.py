@@ -99,6 +99,7 @@ class ParoOptimizer(torch.optim.Optimizer):
                 "on the last micro-batch (the default) before optimizer.step()"
             )
         self._engine.wait_params()  # the views are the parameters: the last update must have landed
+        self._engine.release_gathered_params()
         for unit, slices, views in self._units:
             for sl, view in zip(slices, views):
                 view.grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]

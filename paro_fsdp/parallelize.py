@@ -159,6 +159,6 @@ def paro_parallelize(
     state.units = [Unit(mod, state) for mod in [*blocks, model]]
     for unit in state.units:  # a state dict reads, and a load writes, what a sync_p in flight would overwrite
         unit.module.register_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
-        unit.module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
+        unit.module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.prepare_load())
     state.set_last_microstep(True)
     return model

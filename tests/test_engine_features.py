@@ -349,6 +349,32 @@ def _gradient_divisions() -> dict:
     return out
 
 
+P_N_CODES = [c for c in CODES if c.startswith("N")]
+
+
+def _step_after_unsynchronized_backward() -> dict:
+    """P=N units keep their gathered parameters through an accumulation window. A step taken
+    after a backward that did not end the window must still reach the next forward: its loss
+    equals that of a run without that backward (of a zero loss, so the step is the same)."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    out = {}
+    for code in P_N_CODES:
+        losses = []
+        for extra in (False, True):
+            model = _build(mesh, code)
+            opt = ParoOptimizer(model, torch.optim.SGD, lr=0.5)
+            loss_fn(model, batch(0, 0, rank)).backward()
+            if extra:
+                model.set_requires_gradient_sync(False)
+                (0 * loss_fn(model, batch(0, 1, rank))).backward()  # gathers, adds no gradient
+                model.set_requires_gradient_sync(True)
+            opt.step()
+            with torch.no_grad():
+                losses.append(loss_fn(model, batch(1, 0, rank)).item())
+        out[code] = losses
+    return out
+
+
 def _sync_p_window() -> dict:
     """A bounded sync_p window: the same training, at most that many units in flight after the
     step, the rest started in forward order (root first) as forward consumes them."""
@@ -431,6 +457,7 @@ def _all(path: str) -> dict:
         "ho_ring": _ho_ring(),
         "divide_factor": _divide_factor(),
         "gradient_divisions": _gradient_divisions(),
+        "step_after_unsynchronized_backward": _step_after_unsynchronized_backward(),
         "sync_p_window": _sync_p_window(),
         "errors": _errors(),
     }
@@ -519,6 +546,12 @@ def test_gradient_divide_factor(results):
 @pytest.mark.parametrize("code", CODES)
 def test_no_gradient_is_divided_out_of_place(results, code):
     assert results[0]["gradient_divisions"][code] == []
+
+
+@pytest.mark.parametrize("code", P_N_CODES)
+def test_step_after_unsynchronized_backward_reaches_the_next_forward(results, code):
+    without, with_extra = results[0]["step_after_unsynchronized_backward"][code]
+    assert with_extra == without
 
 
 def test_bad_input_errors(results):
