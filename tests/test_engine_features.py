@@ -1,5 +1,5 @@
-"""Clipping, frozen parameters, mixed precision, checkpoints, degenerate meshes and bad input,
-all in one 4-rank gloo process group."""
+"""Clipping, frozen parameters, mixed precision, checkpoints, degenerate meshes, the copies of
+P=N units and bad input, all in one 4-rank gloo process group."""
 
 from __future__ import annotations
 
