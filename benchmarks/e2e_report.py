@@ -162,17 +162,21 @@ def parse_run(outputs: list[list[str]]) -> dict:
 # Summaries
 
 
-def step_times(run: dict) -> list[float]:
-    """Seconds of every step after the first ``WARMUP_STEPS``, from node 0's probe timestamps."""
-    probes = {p[0]: p[1] for p in run["probes"][0]} if run.get("probes") else {}
+def _per_step(run: dict, field: int) -> list[float]:
+    """Increase of node 0's probe ``field`` over every step after the first ``WARMUP_STEPS``."""
+    probes = {p[0]: p[field] for p in run["probes"][0] if len(p) > field} if run.get("probes") else {}
     return [probes[k] - probes[k - 1] for k in sorted(probes) if k > WARMUP_STEPS and k - 1 in probes]
+
+
+def step_times(run: dict) -> list[float]:
+    """Seconds of every step after the warm-up, from node 0's probe timestamps."""
+    return _per_step(run, 1)
 
 
 def cpu_per_step(run: dict) -> float | None:
     """Median CPU seconds (all threads) node 0's first rank spent per step after the warm-up;
     None for probes that did not report it."""
-    probes = {p[0]: p[5] for p in run["probes"][0] if len(p) > 5} if run.get("probes") else {}
-    spent = [probes[k] - probes[k - 1] for k in sorted(probes) if k > WARMUP_STEPS and k - 1 in probes]
+    spent = _per_step(run, 5)
     return statistics.median(spent) if spent else None
 
 

@@ -57,8 +57,8 @@ def run_once(config: str, ranks: int, accum: int, steps: int, timeout: float) ->
     return run
 
 
-def _runs(runs: list[dict], key: str) -> str:
-    return ", ".join(f"{r[key]:.3f}" + (f" ({r['note']})" if r["note"] else "") for r in runs)
+def _runs(runs: list[dict]) -> str:
+    return ", ".join(f"{r['median_s']:.3f}" + (f" ({r['note']})" if r["note"] else "") for r in runs)
 
 
 def render(results: dict[tuple[int, str], list[dict]], ranks: int, accums: list[int], steps: int,
@@ -82,7 +82,7 @@ def render(results: dict[tuple[int, str], list[dict]], ranks: int, accums: list[
             best_a, best_b = min(a, key=lambda r: r["median_s"]), min(b, key=lambda r: r["median_s"])
             cpu = " / ".join("-" if r["cpu_s"] is None else f"{r['cpu_s']:.3f}" for r in (best_a, best_b))
             lines.append(f"| {accum} | {LABELS[paro]} vs {LABELS[stock]} | {best_a['median_s']:.3f} "
-                         f"({_runs(a, 'median_s')}) | {best_b['median_s']:.3f} ({_runs(b, 'median_s')}) "
+                         f"({_runs(a)}) | {best_b['median_s']:.3f} ({_runs(b)}) "
                          f"| {best_a['median_s'] / best_b['median_s']:.3f}x | {cpu} |")
     return "\n".join([*lines, "", END])
 
