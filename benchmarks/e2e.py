@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="keep saved runs that this invocation does not re-measure")
     p.add_argument("--resume", action="store_true",
                    help="with --merge: skip planned runs whose saved result is ok (continue an interrupted sweep)")
-    p.add_argument("--list", action="store_true", help="print the planned runs and a time estimate, run nothing")
+    p.add_argument("--list", action="store_true", help="print the planned runs and a time estimate, run nothing "
+                   "(with --resume: only the runs it would launch)")
     p.add_argument("--render", action="store_true", help="only re-render the doc and plots from the raw results")
     return p
 
@@ -419,6 +420,9 @@ def list_plan(args: argparse.Namespace) -> int:
     plan = [] if args.only == "scaling" else _merge_modes(sweep_plan(args))
     if args.only != "sweep":
         plan = _merge_modes(plan + scaling_plan(args, saved))
+    if args.resume:  # what a resumed sweep would launch, not what it would take from the file
+        done = {run_key(r) for r in saved if r["status"] == "ok"}
+        plan = [s for s in plan if run_key(s) not in done]
     total = 0.0
     for spec in plan:
         seconds = estimate_seconds(spec, saved)

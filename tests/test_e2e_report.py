@@ -232,6 +232,20 @@ def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monke
     assert all(runs[k]["modes"] == ["scaling", "sweep"] and runs[k]["reason"] == "fake" for k in keys)
 
 
+def test_list_with_resume_leaves_out_saved_runs(tmp_path, capsys):
+    raw = tmp_path / "e2e.json"
+    argv = ["--only", "sweep", "--models", "debug", "--topologies", "4x2", "--rates", "250mbit", "--accum", "4",
+            "--configs", "NNG,NIG", "--comms", "ho_ring", "--raw", str(raw), "--list"]
+    plan = e2e.sweep_plan(e2e._resolve(e2e._parser().parse_args(argv)))
+    nng = [{**s, "status": "ok"} for s in plan if s["config"] == "NNG"]
+    raw.write_text(json.dumps({"runs": nng + [{**s, "status": "failed"} for s in plan if s["config"] == "NIG"]}))
+    assert e2e.list_plan(e2e._resolve(e2e._parser().parse_args(argv))) == 0
+    assert "4 launches" in capsys.readouterr().out
+    assert e2e.list_plan(e2e._resolve(e2e._parser().parse_args([*argv, "--resume"]))) == 0
+    listed = capsys.readouterr().out
+    assert "2 launches" in listed and "NNG" not in listed and listed.count("PaRO NIG") == 2
+
+
 def test_torchrun_root_cause_names_the_rank():
     node1 = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-01-01_00:00:00",
              "  rank      : 6 (local_rank: 2)", "  exitcode  : -6 (pid: 30786)  (SIGABRT)", "  error_file: <N/A>"]
