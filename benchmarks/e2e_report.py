@@ -476,17 +476,12 @@ def reading(runs: list[dict]) -> list[str]:
         top = max(vs_fsdp)
         lines.append(f"- Best PaRO vs stock FSDP (ZeRO-3): up to {top[0]:.2f}x ({where(top[1])}, {top[2]}); the paper "
                      f"reports up to {PAPER['vs_zero3']}x over ZeRO-3.")
-    stock_bytes = []
-    for key, rows in _all_scenarios(runs):
-        for r in rows:
-            if r["config"] in STOCK and r.get("link") is not None and r.get("link_formula"):
-                stock_bytes.append(f"{r['label']} {r['link'] / r['link_formula']:.2f}x the "
-                                   f"{STOCK_EQUIVALENT[r['config']]} formula ({where(key)})")
+    stock_bytes = stock_bytes_table(runs)
     if stock_bytes:
-        lines.append("- Bytes on each node's link per step, stock torchtitan vs the PaRO strategy with the same "
-                     "partitioning: " + "; ".join(stock_bytes) + ". Stock HSDP and DDP synchronize gradients across "
-                     "nodes at every micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat "
-                     "over all n ranks.")
+        lines += ["- Bytes on each node's link per step, stock torchtitan over the formula of the PaRO strategy with the "
+                  "same partitioning (range over link rates). Stock HSDP and DDP synchronize gradients across nodes "
+                  "at every micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat over all n "
+                  "ranks.", "", *stock_bytes, ""]
     gains = []
     for key, rows in _all_scenarios(runs):
         by = {(r["config"], r["comm"]): r for r in rows if "tokens_s" in r}
@@ -503,6 +498,32 @@ def reading(runs: list[dict]) -> list[str]:
     else:
         lines.append(f"- HO-Ring vs `paro_comm = \"default\"`: not measured in these runs (no strategy ran with both); "
                      f"the paper reports +{PAPER['ho_ring_gain']:.1%}.")
+    return lines
+
+
+def stock_bytes_table(runs: list[dict]) -> list[str]:
+    """Stock torchtitan's link bytes over the formula: one row per stock config, one column per model, topology
+    and A (the ratio hardly moves with the link rate)."""
+    ratios: dict[tuple, dict[str, list[float]]] = {}
+    for (model, nodes, ranks, accum, _), rows in _all_scenarios(runs):
+        for r in rows:
+            if r["config"] in STOCK and r.get("link") is not None and r.get("link_formula"):
+                column = f"{model} {nodes}x{ranks} A={accum}"
+                ratios.setdefault(column, {}).setdefault(r["config"], []).append(r["link"] / r["link_formula"])
+    if not ratios:
+        return []
+
+    def cell(values: list[float] | None) -> str:
+        if not values:
+            return "-"
+        lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+        return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+    lines = ["| stock run | formula | " + " | ".join(ratios) + " |", "|---|---|" + "---:|" * len(ratios)]
+    for config in STOCK:
+        if any(config in by for by in ratios.values()):
+            lines.append(f"| {config_label(config, None)} | {STOCK_EQUIVALENT[config]} | "
+                         + " | ".join(cell(by.get(config)) for by in ratios.values()) + " |")
     return lines
 
 

@@ -27,6 +27,7 @@ from benchmarks.e2e_report import (
     scaling_rows,
     scenario_rows,
     step_times,
+    stock_bytes_table,
     summarize,
     targets,
 )
@@ -142,6 +143,20 @@ def test_scenario_rows_floor_fsdp_and_loss():
     assert "| 57M | best PaRO tokens/s vs stock HSDP | not run | >= 1.3x | not run |" in text
     assert "HO-Ring vs `paro_comm = \"default\"`: not measured" in text
     assert "### llama3 debug (debugmodel), 2 nodes x 4 ranks, 250mbit, A = 4, 6 steps per run" in text
+
+
+def test_stock_bytes_table_one_column_per_model_topology_and_accumulation():
+    runs = [_record("fsdp", None, "250mbit", 8.0, link=10 * MIB), _record("fsdp", None, "1gbit", 4.0, link=11 * MIB),
+            _record("hsdp", None, "250mbit", 8.0, link=10 * MIB, accum=1),
+            _record("GGG", "ho_ring", "250mbit", 4.0, link=MIB)]
+    fsdp = formula_link_bytes(_record("fsdp", None, "250mbit", 1.0))
+    hsdp = formula_link_bytes(_record("hsdp", None, "250mbit", 1.0, accum=1))
+    table_lines = stock_bytes_table(runs)
+    assert table_lines[0] == "| stock run | formula | debug 2x4 A=4 | debug 2x4 A=1 |"
+    # Link rates fold into a range; a config not run in a column reads "-"; PaRO rows are not stock.
+    assert table_lines[2] == (f"| stock FSDP | GGG | {10 * MIB / fsdp:.2f}-{11 * MIB / fsdp:.2f}x | - |")
+    assert table_lines[3] == f"| stock HSDP | III | - | {10 * MIB / hsdp:.2f}x |"
+    assert len(table_lines) == 4 and stock_bytes_table(runs[3:]) == []
 
 
 def test_failed_and_unfit_rows_say_why():
