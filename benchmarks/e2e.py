@@ -372,6 +372,7 @@ def drive(args: argparse.Namespace) -> int:
     invocation = {"command": raw["command"], "created": raw["created"], "launches": 0, "elapsed_s": 0.0}
     raw["invocations"] = old_raw.get("invocations", []) + [invocation]
     done: dict[tuple, dict] = {}
+    resumable = _saved_ok(saved)
 
     def publish() -> None:
         fresh = set(done)
@@ -386,7 +387,7 @@ def drive(args: argparse.Namespace) -> int:
             if key in done:
                 done[key]["modes"] = sorted(set(done[key]["modes"]) | set(spec["modes"]))
                 continue
-            if args.resume and old and old["status"] == "ok":
+            if args.resume and key in resumable:
                 done[key] = {**old, "modes": sorted(set(old.get("modes", [])) | set(spec["modes"]))}
                 continue
             print(f"[e2e] run {i}/{len(plan)} ...", flush=True)
@@ -415,14 +416,19 @@ def drive(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in done.values()) else 1
 
 
+def _saved_ok(saved: list[dict]) -> set[tuple]:
+    """Keys of the saved runs that ``--resume`` takes from the file instead of launching."""
+    return {run_key(r) for r in saved if r["status"] == "ok"}
+
+
 def list_plan(args: argparse.Namespace) -> int:
     saved = json.loads(args.raw.read_text())["runs"] if args.raw.exists() else []
     plan = [] if args.only == "scaling" else _merge_modes(sweep_plan(args))
     if args.only != "sweep":
         plan = _merge_modes(plan + scaling_plan(args, saved))
     if args.resume:  # what a resumed sweep would launch, not what it would take from the file
-        done = {run_key(r) for r in saved if r["status"] == "ok"}
-        plan = [s for s in plan if run_key(s) not in done]
+        resumable = _saved_ok(saved)
+        plan = [s for s in plan if run_key(s) not in resumable]
     total = 0.0
     for spec in plan:
         seconds = estimate_seconds(spec, saved)

@@ -504,7 +504,7 @@ def reading(runs: list[dict]) -> list[str]:
 def stock_bytes_table(runs: list[dict]) -> list[str]:
     """Stock torchtitan's link bytes over the formula: one row per stock config, one column per model, topology
     and A (the ratio hardly moves with the link rate)."""
-    ratios: dict[tuple, dict[str, list[float]]] = {}
+    ratios: dict[str, dict[str, list[float]]] = {}
     for (model, nodes, ranks, accum, _), rows in _all_scenarios(runs):
         for r in rows:
             if r["config"] in STOCK and r.get("link") is not None and r.get("link_formula"):
