@@ -18,6 +18,8 @@ from benchmarks.e2e_report import (
     formula_link_bytes,
     formula_memory,
     generate,
+    hidden_table,
+    ho_ring_table,
     layout,
     pareto_front,
     cpu_per_step,
@@ -157,6 +159,43 @@ def test_stock_bytes_table_one_column_per_model_topology_and_accumulation():
     assert table_lines[2] == (f"| stock FSDP | GGG | {10 * MIB / fsdp:.2f}-{11 * MIB / fsdp:.2f}x | - |")
     assert table_lines[3] == f"| stock HSDP | III | - | {10 * MIB / hsdp:.2f}x |"
     assert len(table_lines) == 4 and stock_bytes_table(runs[3:]) == []
+
+
+def test_hidden_share_and_bound_from_floor_and_wire_time():
+    # 2 MiB per node per step at 250mbit is 0.0671 s on the wire.
+    link, rate = 2 * MIB, "250mbit"
+    wire = link * 8 / 250e6
+    runs = [_record("hsdp", None, FLOOR_RATE, 1.0), _record("hsdp", None, rate, 1.0 + wire / 2, link=link),
+            _record("NIG", ANY_COMM, FLOOR_RATE, 1.0), _record("NIG", ANY_COMM, rate, 1.0 + wire / 4, link=link),
+            _record("NNG", ANY_COMM, rate, 0.5, link=link)]  # no floor: no hidden share
+    rows = {r["config"]: r for r in scenario_rows(runs, "debug", 2, 4, 4, rate)}
+    assert rows["hsdp"]["wire"] == pytest.approx(wire) and rows["hsdp"]["hidden"] == pytest.approx(0.5, abs=1e-4)
+    assert rows["NIG"]["hidden"] == pytest.approx(0.75, abs=1e-4) and rows["NIG"]["vs_bound"] == pytest.approx(1 + wire / 4)
+    assert "hidden" not in rows["NNG"]
+    # The best PaRO run of the scenario (NNG, fastest) has no floor: the scenario has no row.
+    assert hidden_table(runs) == []
+    lines = hidden_table(runs[:4])
+    assert lines[2] == (f"| debug 2x4 250mbit A=4 | {wire:.2f} | PaRO NIG: 0.75 / {1 + wire / 4:.2f}x "
+                        f"| - | 0.50 / {1 + wire / 2:.2f}x | - |")
+    # A step shorter than its wire time is bounded by the wire time.
+    slow_link = [_record("NIG", ANY_COMM, FLOOR_RATE, 0.01), _record("NIG", ANY_COMM, rate, 2 * wire, link=link)]
+    assert scenario_rows(slow_link, "debug", 2, 4, 4, rate)[0]["vs_bound"] == pytest.approx(2.0, abs=1e-4)
+
+
+def test_ho_ring_table_per_rate_with_floors_and_losses():
+    def pair(config: str, rate: str, ho_ring: float, default: float, accum: int = 4) -> list[dict]:
+        return [_record(config, "ho_ring", rate, ho_ring, accum=accum),
+                _record(config, "default", rate, default, accum=accum)]
+
+    runs = [*pair("GGG", "250mbit", 1.0, 1.1), *pair("IIG", "250mbit", 1.0, 0.95), *pair("NIG", "250mbit", 1.0, 1.3),
+            *pair("GGG", FLOOR_RATE, 1.0, 0.9), *pair("GGG", "1gbit", 1.0, 1.2, accum=1),
+            _record("NNG", "ho_ring", "1gbit", 1.0)]  # no two-phase run: no pair
+    lines = ho_ring_table(runs)
+    assert lines[0] == ("| model, topology, A | 250mbit: median, pairs HO-Ring loses | 1gbit: median, pairs HO-Ring "
+                        "loses | 20gbit (floor): median, pairs HO-Ring loses |")
+    assert lines[2] == "| debug 2x4 A=4 | +10.0%, 1 of 3 | - | -10.0%, 1 of 1 |"
+    assert lines[3] == "| debug 2x4 A=1 | - | +20.0%, 0 of 1 | - |"
+    assert len(lines) == 4 and ho_ring_table(runs[-1:]) == []
 
 
 def test_failed_and_unfit_rows_say_why():
