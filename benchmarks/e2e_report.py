@@ -299,10 +299,12 @@ def scenarios(runs: list[dict]) -> list[tuple]:
     """(model, nodes, ranks, accum, rate) of every measured scenario, floors excluded."""
     keys = {(*_scenario(r), r["rate"]) for r in runs
             if r["rate"] != FLOOR_RATE and "sweep" in r.get("modes", ["sweep"])}
-    model_order = list(MODELS)
     # Headline first: per model, 2x4 before 4x2, A = 4 before A = 1, slower links first.
-    return sorted(keys, key=lambda k: (model_order.index(k[0]) if k[0] in model_order else len(model_order), k[1],
-                                       -k[3], _rate_bits(k[4])))
+    return sorted(keys, key=lambda k: (_model_order(k[0]), k[1], -k[3], _rate_bits(k[4])))
+
+
+def _model_order(model: str) -> int:
+    return list(MODELS).index(model) if model in MODELS else len(MODELS)
 
 
 def _rate_bits(rate: str) -> int:
@@ -581,8 +583,7 @@ def ho_ring_table(runs: list[dict]) -> list[str]:
     lines = ["| model, topology, A | " + " | ".join(f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: median, "
                                                     "pairs HO-Ring loses" for rate in rates) + " |",
              "|---|" + "---:|" * len(rates)]
-    model_order = list(MODELS)
-    for (model, nodes, ranks, accum) in sorted(gains, key=lambda k: (model_order.index(k[0]), k[1], -k[3])):
+    for (model, nodes, ranks, accum) in sorted(gains, key=lambda k: (_model_order(k[0]), k[1], -k[3])):
         by = gains[(model, nodes, ranks, accum)]
         cells = [f"{statistics.median(by[rate]):+.1%}, {sum(g < 0 for g in by[rate])} of {len(by[rate])}"
                  if rate in by else "-" for rate in rates]
@@ -594,7 +595,8 @@ def scaling_rows(runs: list[dict]) -> list[dict]:
     """Per model, config and rate: scaling efficiency per node count (floor step / step at the rate)."""
     out = []
     scaling = [r for r in runs if "scaling" in r.get("modes", [])]
-    keys = sorted({(r["model"], r["config"], r["comm"], r["ranks"], r["accum"]) for r in scaling}, key=str)
+    keys = sorted({(r["model"], r["config"], r["comm"], r["ranks"], r["accum"]) for r in scaling},
+                  key=lambda k: (_model_order(k[0]), str(k)))
     for model, config, comm, ranks, accum in keys:
         same = [r for r in scaling if (r["model"], r["config"], r["comm"], r["ranks"], r["accum"]) ==
                 (model, config, comm, ranks, accum)]

@@ -223,6 +223,10 @@ def test_scaling_rows():
     (line,) = [t for t in targets(runs) if "scaling efficiency" in t]
     assert line == ("| debug | PaRO IIG scaling efficiency at 4 nodes, 250mbit (stock FSDP: 0.25) | 0.50 "
                     "| >= 0.9 | missed |")
+    # Models in the sweep's order (debug first), whatever their names sort to.
+    runs += [_record("IIG", ANY_COMM, rate, 1.0, nodes=2, ranks=2, modes=("scaling",), model="57M")
+             for rate in (FLOOR_RATE, "250mbit")]
+    assert [r["model"] for r in scaling_rows(runs)] == ["debug", "debug", "57M"]
 
 
 def test_pareto_front():
