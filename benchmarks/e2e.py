@@ -43,6 +43,7 @@ from benchmarks.e2e_report import (
     formula_link_bytes,
     formula_memory,
     layout,
+    link_bytes_per_step,
     parse_run,
     render,
     run_key,
@@ -67,7 +68,9 @@ SCALING_NODES, SCALING_RANKS, SCALING_ACCUM = (1, 2, 4), 2, 4
 # measured with the debug model) and the unsharded model copy of the layout-independent init.
 RANK_BASE_BYTES = 0.7 * 2**30
 MEMORY_SHARE = 0.85  # of MemAvailable that the ranks of one launch may plan to use
-STARTUP_S = 50.0  # launch overhead per run (imports, rendezvous, model build) on this 2-core machine, for --list
+# Launch overhead per rank (imports, rendezvous, model build) on this 2-core machine, for --list: the saved
+# launches' time beyond their steps is 21 s (debug) and 27 s (57M) at 8 ranks, 8 s at 2.
+STARTUP_PER_RANK_S = 3.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,19 +255,39 @@ def memory_check(spec: dict) -> str | None:
 
 
 def estimate_seconds(spec: dict, runs: list[dict]) -> float:
-    """Rough time of one launch: start-up + steps x (compute + link bytes / rate), from saved floors if any."""
+    """Rough time of one launch: start-up + steps x (compute + link bytes / rate), without overlap.
+
+    Compute is the saved floor of the same run, else the machine's FLOP rate over all saved floors. Link bytes are
+    what the same run sent at another rate, else the formula's times what the same config sent over its formula
+    in saved runs of the other model (stock torchtitan sends up to 7x it)."""
     from paro_fsdp.cluster.network import parse_rate
 
     params = model_params(spec["model"])
-    # Effective FLOP rate of the whole machine from the saved floors (6 x params per token).
-    rates = [tokens_per_step(r) * 6 * r["params"] / statistics.median(step_times(r)) for r in runs
-             if r["rate"] == FLOOR_RATE and r["status"] == "ok" and r.get("params") and step_times(r)]
-    flops = statistics.median(rates) if rates else 2e10  # about what 8 debug-model ranks reach on 2 cores
-    compute = tokens_per_step(spec) * 6 * params / flops
+    ok = [r for r in runs if r["status"] == "ok" and step_times(r)]
+    same = [r for r in ok if run_key(r)[:-1] == run_key(spec)[:-1]]
+    floor = next((r for r in same if r["rate"] == FLOOR_RATE), None)
+    if floor:
+        compute = statistics.median(step_times(floor))
+    else:
+        # Effective FLOP rate of the whole machine from the saved floors (6 x params per token).
+        rates = [tokens_per_step(r) * 6 * r["params"] / statistics.median(step_times(r)) for r in ok
+                 if r["rate"] == FLOOR_RATE and r.get("params")]
+        flops = statistics.median(rates) if rates else 2e10  # about what 8 debug-model ranks reach on 2 cores
+        compute = tokens_per_step(spec) * 6 * params / flops
     link = 0.0
     if spec["rate"] != FLOOR_RATE:
-        link = (formula_link_bytes({**spec, "params": params}) or 0.0) * 8 / parse_rate(spec["rate"])
-    return STARTUP_S + spec["steps_requested"] * (compute + link)
+        measured = [b for b in map(link_bytes_per_step, (r for r in same if r["rate"] != FLOOR_RATE)) if b]
+        if measured:
+            sent = statistics.median(measured)
+        else:
+            like = (spec["config"], spec["nodes"], spec["ranks"], spec["accum"])
+            ratios = [link_bytes_per_step(r) / formula_link_bytes(r) for r in ok
+                      if (r["config"], r["nodes"], r["ranks"], r["accum"]) == like and r["rate"] != FLOOR_RATE
+                      and link_bytes_per_step(r) and formula_link_bytes(r)]
+            sent = (formula_link_bytes({**spec, "params": params}) or 0.0) * (statistics.median(ratios)
+                                                                               if ratios else 1.0)
+        link = sent * 8 / parse_rate(spec["rate"])
+    return STARTUP_PER_RANK_S * spec["nodes"] * spec["ranks"] + spec["steps_requested"] * (compute + link)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +460,8 @@ def list_plan(args: argparse.Namespace) -> int:
               f"{config_label(spec['config'], spec['comm']):24} {spec['rate']:8} {','.join(spec['modes']):14} "
               f"~{seconds / 60:.1f} min")
     print(f"{len(plan)} launches, roughly {total / 3600:.1f} h on this machine "
-          f"(start-up {STARTUP_S:.0f} s each; compute from the saved floors; links at the formula's bytes)")
+          f"(start-up {STARTUP_PER_RANK_S:.0f} s per rank; compute and link bytes from saved runs, else the formula's; "
+          f"no overlap)")
     return 0
 
 

@@ -304,6 +304,25 @@ def test_list_with_resume_leaves_out_saved_runs(tmp_path, capsys):
     assert "2 launches" in listed and "NNG" not in listed and listed.count("PaRO NIG") == 2
 
 
+def test_estimate_from_the_same_run_else_the_configs_ratio_to_its_formula(monkeypatch):
+    monkeypatch.setattr(e2e, "model_params", lambda model: PARAMS)
+    formula = formula_link_bytes(_record("hsdp", None, "250mbit", 1.0))
+    saved = [_record("hsdp", None, FLOOR_RATE, 2.0), _record("hsdp", None, "1gbit", 3.0, link=int(4 * formula))]
+    spec = e2e._spec("debug", 2, 4, 4, "hsdp", None, "250mbit", 6, "sweep")
+    startup = e2e.STARTUP_PER_RANK_S * 8
+    # Its own floor's step (2 s) and the bytes it sent at 1gbit, now at 250mbit.
+    link_s = 4 * formula * 8 / 250e6
+    assert e2e.estimate_seconds(spec, saved) == pytest.approx(startup + 6 * (2.0 + link_s), rel=1e-3)
+    # The 57M run has neither: the debug run's 4x over the formula carries over to the 57M formula.
+    big = e2e._spec("57M", 2, 4, 4, "hsdp", None, "250mbit", 6, "sweep")
+    monkeypatch.setattr(e2e, "model_params", lambda model: PARAMS if model == "debug" else 10 * PARAMS)
+    compute = e2e.estimate_seconds({**big, "rate": FLOOR_RATE}, saved) - startup
+    big_formula = formula_link_bytes({**big, "params": 10 * PARAMS})
+    assert big_formula == pytest.approx(10 * formula)
+    assert e2e.estimate_seconds(big, saved) == pytest.approx(startup + compute + 6 * 4 * big_formula * 8 / 250e6,
+                                                             rel=1e-3)
+
+
 def test_torchrun_root_cause_names_the_rank():
     node1 = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-01-01_00:00:00",
              "  rank      : 6 (local_rank: 2)", "  exitcode  : -6 (pid: 30786)  (SIGABRT)", "  error_file: <N/A>"]
