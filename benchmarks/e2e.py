@@ -362,9 +362,13 @@ def launch(spec: dict, args: argparse.Namespace, log_dir: Path, module: str = "b
     return record
 
 
+def _what(spec: dict) -> str:
+    return (f"{spec['model']} {spec['nodes']}x{spec['ranks']} A={spec['accum']} "
+            f"{config_label(spec['config'], spec['comm'])} @ {spec['rate']}")
+
+
 def _brief(record: dict) -> str:
-    what = (f"{record['model']} {record['nodes']}x{record['ranks']} A={record['accum']} "
-            f"{config_label(record['config'], record['comm'])} @ {record['rate']}")
+    what = _what(record)
     if record["status"] != "ok":
         return f"{what}: {record['status']}: {record.get('reason', '')}"
     times = step_times(record)
@@ -403,7 +407,10 @@ def drive(args: argparse.Namespace) -> int:
         raw["elapsed_s"] = invocation["elapsed_s"] = time.monotonic() - start
         _save(raw, args)
 
-    def run_all(plan: list[dict]) -> None:
+    def to_launch(plan: list[dict]) -> list[dict]:
+        return [s for s in plan if run_key(s) not in done and not (args.resume and run_key(s) in resumable)]
+
+    def run_all(plan: list[dict], part: str) -> None:
         for i, spec in enumerate(plan, 1):
             key = run_key(spec)
             old = next((r for r in saved if run_key(r) == key), None)
@@ -413,7 +420,10 @@ def drive(args: argparse.Namespace) -> int:
             if args.resume and key in resumable:
                 done[key] = {**old, "modes": sorted(set(old.get("modes", [])) | set(spec["modes"]))}
                 continue
-            print(f"[e2e] run {i}/{len(plan)} ...", flush=True)
+            known = [*saved, *done.values()]
+            left = sum(estimate_seconds(s, known) for s in to_launch(plan[i - 1:]))
+            print(f"[e2e] run {i}/{len(plan)}: {_what(spec)}, about {estimate_seconds(spec, known) / 60:.1f} min "
+                  f"(about {left / 60:.0f} min of the {part} left) ...", flush=True)
             done[key] = launch(spec, args, log_dir)
             if old:  # a re-measurement also serves whatever the run it replaces served
                 done[key]["modes"] = sorted(set(done[key]["modes"]) | set(old.get("modes", [])))
@@ -424,10 +434,10 @@ def drive(args: argparse.Namespace) -> int:
     print(f"[e2e] launch logs in {log_dir}", flush=True)
     try:
         if args.only != "scaling":
-            run_all(_merge_modes(sweep_plan(args)))
+            run_all(_merge_modes(sweep_plan(args)), "sweep")
         if args.only != "sweep":
             publish()
-            run_all(_merge_modes(scaling_plan(args, raw["runs"])))
+            run_all(_merge_modes(scaling_plan(args, raw["runs"])), "scaling runs")
     except KeyboardInterrupt:
         print("[e2e] interrupted: keeping the runs finished so far", file=sys.stderr)
         publish()

@@ -274,7 +274,7 @@ def test_plans():
         == {5}
 
 
-def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monkeypatch):
+def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monkeypatch, capsys):
     """Scaling runs re-measured without --resume still count for the sweep they were part of."""
     raw, doc = tmp_path / "e2e.json", tmp_path / "BENCHMARKS.md"
     argv = ["--merge", "--models", "debug", "--topologies", "4x2", "--rates", "250mbit", "--accum", "4",
@@ -288,6 +288,9 @@ def test_a_remeasured_run_keeps_the_modes_of_the_run_it_replaces(tmp_path, monke
                                                             *argv]))) == 1
     runs = {e2e.run_key(r): r for r in json.loads(raw.read_text())["runs"]}
     assert all(runs[k]["modes"] == ["scaling", "sweep"] and runs[k]["reason"] == "fake" for k in keys)
+    # Each launch says what it runs and about how long is left.
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[e2e] run 1/"))
+    assert first.startswith("[e2e] run 1/") and " A=4 " in first and "of the scaling runs left) ..." in first, first
 
 
 def test_list_with_resume_leaves_out_saved_runs(tmp_path, capsys):
