@@ -485,12 +485,11 @@ def reading(runs: list[dict]) -> list[str]:
         top = max(vs_fsdp)
         lines.append(f"- Best PaRO vs stock FSDP (ZeRO-3): up to {top[0]:.2f}x ({where(top[1])}, {top[2]}); the paper "
                      f"reports up to {PAPER['vs_zero3']}x over ZeRO-3.")
-    stock_bytes = stock_bytes_table(runs)
-    if stock_bytes:
-        lines += ["- Bytes on each node's link per step, stock torchtitan over the formula of the PaRO strategy with the "
-                  "same partitioning (range over link rates). Stock HSDP and DDP synchronize gradients across nodes "
-                  "at every micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat over all n "
-                  "ranks.", "", *stock_bytes, ""]
+    lines += _bullet_with_table(
+        "- Bytes on each node's link per step, stock torchtitan over the formula of the PaRO strategy with the same "
+        "partitioning (range over link rates). Stock HSDP and DDP synchronize gradients across nodes at every "
+        "micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat over all n ranks.",
+        stock_bytes_table(runs))
     gains = []
     for key, rows in _all_scenarios(runs):
         by = {(r["config"], r["comm"]): r for r in rows if "tokens_s" in r}
@@ -509,13 +508,16 @@ def reading(runs: list[dict]) -> list[str]:
     else:
         lines.append(f"- HO-Ring vs `paro_comm = \"default\"`: not measured in these runs (no strategy ran with both); "
                      f"the paper reports +{PAPER['ho_ring_gain']:.1%}.")
-    hidden = hidden_table(runs)
-    if hidden:
-        lines += ["- Wire time = link bytes / link rate: the step time the link alone would take. Hidden share = "
-                  "1 - (step - floor) / wire time (1: the link costs nothing; 0: nothing hidden; below 0: the run "
-                  "also waits on the link beyond its bytes; above 1: its floor's launch ran under more load). A step can beat neither its floor nor its wire time; "
-                  "each cell gives hidden share / step over the larger of the two.", "", *hidden, ""]
+    lines += _bullet_with_table(
+        "- Wire time = link bytes / link rate: the step time the link alone would take. Hidden share = 1 - (step - "
+        "floor) / wire time (1: the link costs nothing; 0: nothing hidden; below 0: the run also waits on the link "
+        "beyond its bytes; above 1: its floor's launch ran under more load). A step can beat neither its floor nor "
+        "its wire time; each cell gives hidden share / step over the larger of the two.", hidden_table(runs))
     return lines
+
+
+def _bullet_with_table(bullet: str, table_lines: list[str]) -> list[str]:
+    return [bullet, "", *table_lines, ""] if table_lines else []
 
 
 def stock_bytes_table(runs: list[dict]) -> list[str]:
@@ -559,8 +561,9 @@ def hidden_table(runs: list[dict]) -> list[str]:
         best = best_paro(rows)
         if not best or best.get("hidden") is None:
             continue
-        lines.append(f"| {model} {nodes}x{ranks} {rate} A={accum} | {best['wire']:.2f} | {best['label']}: {cell(best)} | "
-                     + " | ".join(cell(stock_row(rows, config)) for config in STOCK) + " |")
+        stock = " | ".join(cell(stock_row(rows, config)) for config in STOCK)
+        lines.append(f"| {model} {nodes}x{ranks} {rate} A={accum} | {best['wire']:.2f} | {best['label']}: {cell(best)} "
+                     f"| {stock} |")
     return lines if len(lines) > 2 else []
 
 
