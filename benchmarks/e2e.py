@@ -259,7 +259,7 @@ def estimate_seconds(spec: dict, runs: list[dict]) -> float:
 
     Compute is the saved floor of the same run, else the machine's FLOP rate over all saved floors. Link bytes are
     what the same run sent at another rate, else the formula's times what the same config sent over its formula
-    in saved runs of the other model (stock torchtitan sends up to 7x it)."""
+    in other saved runs of its topology and A (stock torchtitan sends up to 7x it)."""
     from paro_fsdp.cluster.network import parse_rate
 
     params = model_params(spec["model"])

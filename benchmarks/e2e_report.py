@@ -788,6 +788,8 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
              f"no activation checkpointing. Times are node 0's step-to-step wall time of the steps after the first "
              f"{WARMUP_STEPS} (median, min-max); tokens/s = global batch x seq_len / median step. "
              f"`floor` is the same run with every link at {FLOOR_RATE} (the compute floor); `vs floor` = step / floor. "
+             "`wire s` = link bytes / link rate (the link's time per step, nothing hidden); `hidden` = 1 - (step - "
+             "floor) / wire s, the share of it hidden behind compute. "
              "A `vs floor` below 1.00x means the floor's launch ran under more load from other work than the "
              "constrained one. `link MiB/step/node` = bytes each node's interface sent per step after the warm-up (mean over nodes, "
              "headers included); `formula` = `paro_fsdp.formulas.comm_bytes` inter-group bytes per rank x ranks per "
