@@ -421,9 +421,9 @@ def drive(args: argparse.Namespace) -> int:
                 done[key] = {**old, "modes": sorted(set(old.get("modes", [])) | set(spec["modes"]))}
                 continue
             known = [*saved, *done.values()]
-            left = sum(estimate_seconds(s, known) for s in to_launch(plan[i - 1:]))
-            print(f"[e2e] run {i}/{len(plan)}: {_what(spec)}, about {estimate_seconds(spec, known) / 60:.1f} min "
-                  f"(about {left / 60:.0f} min of the {part} left) ...", flush=True)
+            etas = [estimate_seconds(s, known) for s in to_launch(plan[i - 1:])]  # this run first
+            print(f"[e2e] run {i}/{len(plan)}: {_what(spec)}, about {etas[0] / 60:.1f} min "
+                  f"(about {sum(etas) / 60:.0f} min of the {part} left) ...", flush=True)
             done[key] = launch(spec, args, log_dir)
             if old:  # a re-measurement also serves whatever the run it replaces served
                 done[key]["modes"] = sorted(set(done[key]["modes"]) | set(old.get("modes", [])))

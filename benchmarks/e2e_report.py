@@ -490,12 +490,8 @@ def reading(runs: list[dict]) -> list[str]:
         "partitioning (range over link rates). Stock HSDP and DDP synchronize gradients across nodes at every "
         "micro-batch (A times per step, PaRO once); stock FSDP's collectives are flat over all n ranks.",
         stock_bytes_table(runs))
-    gains = []
-    for key, rows in _all_scenarios(runs):
-        by = {(r["config"], r["comm"]): r for r in rows if "tokens_s" in r}
-        for (config, comm), r in by.items():
-            if comm == "ho_ring" and (config, "default") in by:
-                gains.append((r["tokens_s"] / by[(config, "default")]["tokens_s"] - 1, key, config))
+    gains = [(gain, (*scenario, rate), config) for gain, scenario, rate, config in ho_ring_gains(runs)
+             if rate != FLOOR_RATE]
     if gains:
         gains.sort()
         mid = statistics.median(g for g, *_ in gains)
@@ -567,19 +563,25 @@ def hidden_table(runs: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def ho_ring_table(runs: list[dict]) -> list[str]:
-    """HO-Ring over the two-phase collectives, tokens/s of the same strategy and scenario: the median per model,
-    topology and A at each link rate, the floors included, and how many of the pairs HO-Ring loses."""
+def ho_ring_gains(runs: list[dict]) -> list[tuple[float, tuple, str, str]]:
+    """``(HO-Ring tokens/s over two-phase - 1, scenario, rate, config)`` of every sweep run measured with both
+    collectives, floors included."""
     medians: dict[tuple, dict[str, float]] = {}  # (scenario, rate, config) -> comm -> median step
     for r in runs:
         if r["status"] == "ok" and r["comm"] in ("ho_ring", "default") and step_times(r) \
                 and "sweep" in r.get("modes", ["sweep"]):
             medians.setdefault((_scenario(r), r["rate"], r["config"]), {})[r["comm"]] = \
                 statistics.median(step_times(r))
+    return [(by["default"] / by["ho_ring"] - 1, scenario, rate, config)
+            for (scenario, rate, config), by in medians.items() if len(by) == 2]
+
+
+def ho_ring_table(runs: list[dict]) -> list[str]:
+    """HO-Ring over the two-phase collectives, tokens/s of the same strategy and scenario: the median per model,
+    topology and A at each link rate, the floors included, and how many of the pairs HO-Ring loses."""
     gains: dict[tuple, dict[str, list[float]]] = {}
-    for (scenario, rate, _), by in medians.items():
-        if len(by) == 2:
-            gains.setdefault(scenario, {}).setdefault(rate, []).append(by["default"] / by["ho_ring"] - 1)
+    for gain, scenario, rate, _ in ho_ring_gains(runs):
+        gains.setdefault(scenario, {}).setdefault(rate, []).append(gain)
     if not gains:
         return []
     rates = sorted({rate for by in gains.values() for rate in by}, key=_rate_bits)
