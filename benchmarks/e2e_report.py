@@ -221,6 +221,12 @@ def tokens_per_step(run: dict) -> int:
     return run["local_batch"] * run["seq_len"] * run["nodes"] * run["ranks"] * run["accum"]
 
 
+def wire_seconds(run: dict) -> float | None:
+    """Seconds the link needs for the run's bytes per step with nothing else on it."""
+    link = link_bytes_per_step(run) if run["rate"] != FLOOR_RATE else None
+    return link * 8 / _rate_bits(run["rate"]) if link else None
+
+
 def summarize(run: dict, floor: dict | None = None, reference: dict | None = None) -> dict:
     """A table row: times, throughput, bytes and memory beside their formulas, loss, floor ratio."""
     row = {"label": config_label(run["config"], run["comm"]), "status": run["status"], "reason": run.get("reason", ""),
@@ -237,8 +243,8 @@ def summarize(run: dict, floor: dict | None = None, reference: dict | None = Non
                rss=max((s["rss_gib"] for s in run["steps"]), default=float("nan")),
                loss=run["steps"][-1]["loss"] if run["steps"] else float("nan"),
                losses=[s["loss"] for s in run["steps"]])
-    if run["rate"] != FLOOR_RATE and row["link"]:
-        row["wire"] = row["link"] * 8 / _rate_bits(run["rate"])  # the link busy with nothing else
+    if wire_seconds(run):
+        row["wire"] = wire_seconds(run)
     if floor and floor["status"] == "ok" and step_times(floor):
         row["floor"] = statistics.median(step_times(floor))
         row["vs_floor"] = median / row["floor"]
@@ -437,10 +443,11 @@ def _scaling_targets(runs: list[dict]) -> list[str]:
         nodes = max(row["nodes"])
         fsdp = next((r["nodes"].get(nodes, {}) for r in rows if r["label"] == "stock FSDP"
                      and (r["model"], r["rate"]) == (row["model"], row["rate"])), {})
-        value = row["nodes"][nodes].get("efficiency")
+        cell = row["nodes"][nodes]
+        value, bound = cell.get("efficiency"), cell.get("bound")
         lines.append(f"| {row['model']} | {row['label']} scaling efficiency at {nodes} nodes, {row['rate']} "
-                     f"(stock FSDP: {_f(fsdp.get('efficiency'), '.2f', 'not run')}) | {_f(value, '.2f', 'not run')} "
-                     f"| >= {goal} | {_verdict(value, goal)} |")
+                     f"(stock FSDP: {_f(fsdp.get('efficiency'), '.2f', 'not run')}) | {_f(value, '.2f', 'not run')}"
+                     f"{f' (bound {bound:.2f})' if bound is not None else ''} | >= {goal} | {_verdict(value, goal)} |")
     return lines
 
 
@@ -596,8 +603,31 @@ def ho_ring_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def once_per_step(run: dict) -> bool:
+    """Whether the run's inter-node traffic is once per step (PARO.md's bytes do not grow with A)."""
+    if run["nodes"] == 1 or not run.get("params"):
+        return False
+    topo, strategy = Topology(run["nodes"], run["ranks"]), formula_strategy(run)
+    inter = {sum(links["inter"] for links in comm_bytes(strategy, topo, run["params"], accum=a).values())
+             for a in (1, 2)}
+    return len(inter) == 1
+
+
+def overlap_bound(run: dict, floor: float) -> float:
+    """The shortest step the run's measured link bytes allow: floor + what the wire needs beyond
+    the compute it can hide behind. Traffic once per step waits for the last micro-batch's
+    gradients under global-norm clipping and must land before the next forward, so it hides
+    behind about floor / A (docs/overlap.md); traffic per micro-batch behind the whole floor."""
+    wire = wire_seconds(run)
+    if not wire:
+        return floor
+    window = floor / run["accum"] if once_per_step(run) else floor
+    return floor + max(0.0, wire - window)
+
+
 def scaling_rows(runs: list[dict]) -> list[dict]:
-    """Per model, config and rate: scaling efficiency per node count (floor step / step at the rate)."""
+    """Per model, config and rate, per node count: scaling efficiency (floor step / step at the
+    rate) and the efficiency ``overlap_bound`` allows."""
     out = []
     scaling = [r for r in runs if "scaling" in r.get("modes", [])]
     keys = sorted({(r["model"], r["config"], r["comm"], r["ranks"], r["accum"]) for r in scaling},
@@ -617,7 +647,7 @@ def scaling_rows(runs: list[dict]) -> list[dict]:
                 if floor and at and floor["status"] == "ok" and at["status"] == "ok":
                     t_floor, t_at = statistics.median(step_times(floor)), statistics.median(step_times(at))
                     cell = {"status": "ok", "floor": t_floor, "step": t_at, "efficiency": t_floor / t_at,
-                            "tokens_s": tokens_per_step(at) / t_at}
+                            "bound": t_floor / overlap_bound(at, t_floor), "tokens_s": tokens_per_step(at) / t_at}
                 elif floor or at:
                     bad = next(r for r in (at, floor) if r and r["status"] != "ok") if any(
                         r and r["status"] != "ok" for r in (at, floor)) else None
@@ -630,14 +660,15 @@ def scaling_rows(runs: list[dict]) -> list[dict]:
 
 def scaling_table(rows: list[dict]) -> list[str]:
     counts = sorted({n for r in rows for n in r["nodes"]})
-    lines = ["| model | config | link | " + " | ".join(f"{n} node(s): step s / floor s / efficiency / tokens/s"
-                                                         for n in counts) + " |",
+    lines = ["| model | config | link | " + " | ".join(f"{n} node(s): step s / floor s / efficiency (bound) / "
+                                                         "tokens/s" for n in counts) + " |",
              "|---|---|---|" + "---:|" * len(counts)]
     for r in rows:
         cells = []
         for n in counts:
             c = r["nodes"].get(n, {"status": "not run"})
-            cells.append(f"{c['step']:.3f} / {c['floor']:.3f} / {c['efficiency']:.2f} / {c['tokens_s']:.0f}"
+            cells.append(f"{c['step']:.3f} / {c['floor']:.3f} / {c['efficiency']:.2f} ({c['bound']:.2f}) / "
+                         f"{c['tokens_s']:.0f}"
                          if c["status"] == "ok" else f"{c['status']}{': ' + c['reason'] if c.get('reason') else ''}")
         lines.append(f"| {r['model']} | {r['label']} | {r['rate']} | " + " | ".join(cells) + " |")
     return lines
@@ -831,7 +862,11 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
     if srows:
         lines += ["Fixed per-rank batch (local batch 1, A as given), 2 ranks per node; efficiency = step time with "
                   f"links at {FLOOR_RATE} / step time at the link rate, per node count (1 node: nothing crosses a "
-                  "link).", "", *scaling_table(srows), ""]
+                  "link). In parentheses, the efficiency the run's measured link bytes allow: floor / (floor + "
+                  "max(0, wire s - window)), where the window is the compute the traffic can hide behind: floor / A "
+                  "for traffic once per step, which global-norm clipping holds until the last micro-batch's "
+                  "gradients and the next forward needs (`docs/overlap.md`), and the whole floor for traffic per "
+                  "micro-batch.", "", *scaling_table(srows), ""]
         if plots.get("scaling"):
             lines += [f"![scaling]({plots['scaling']})", ""]
     else:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import e2e
+from benchmarks import e2e, e2e_report
 from benchmarks.e2e_report import (
     ANY_COMM,
     BEGIN,
@@ -219,15 +219,32 @@ def test_scaling_rows():
             runs.append(_record("IIG", ANY_COMM, "250mbit", slow, nodes=nodes, ranks=2, modes=("scaling",)))
     (row,) = scaling_rows(runs)
     assert {n: round(c["efficiency"], 3) for n, c in row["nodes"].items()} == {1: 1.0, 2: 0.8, 4: 0.5}
+    assert {n: c["bound"] for n, c in row["nodes"].items()} == {1: 1.0, 2: 1.0, 4: 1.0}  # no link bytes
     runs += [_record("fsdp", None, FLOOR_RATE, 1.0, nodes=4, ranks=2, modes=("scaling",)),
              _record("fsdp", None, "250mbit", 4.0, nodes=4, ranks=2, modes=("scaling",))]
     (line,) = [t for t in targets(runs) if "scaling efficiency" in t]
-    assert line == ("| debug | PaRO IIG scaling efficiency at 4 nodes, 250mbit (stock FSDP: 0.25) | 0.50 "
+    assert line == ("| debug | PaRO IIG scaling efficiency at 4 nodes, 250mbit (stock FSDP: 0.25) | 0.50 (bound 1.00) "
                     "| >= 0.9 | missed |")
     # Models in the sweep's order (debug first), whatever their names sort to.
     runs += [_record("IIG", ANY_COMM, rate, 1.0, nodes=2, ranks=2, modes=("scaling",), model="57M")
              for rate in (FLOOR_RATE, "250mbit")]
     assert [r["model"] for r in scaling_rows(runs)] == ["debug", "debug", "57M"]
+
+
+def test_overlap_bound():
+    """One second of wire per step at 250mbit: traffic once per step (IIG) hides behind floor / A
+    only, traffic per micro-batch (stock FSDP, GGG) behind the whole floor."""
+    second = 250_000_000 // 8
+    for config, comm, bound in (("IIG", ANY_COMM, 1.75), ("fsdp", None, 1.0), ("GGG", "ho_ring", 1.0)):
+        run = _record(config, comm, "250mbit", 1.8, link=second)
+        assert e2e_report.overlap_bound(run, 1.0) == pytest.approx(bound), config
+        assert e2e_report.overlap_bound(run, 0.5) == pytest.approx(1.5 - 0.5 / (4 if config == "IIG" else 1))
+    floor = _record("IIG", ANY_COMM, FLOOR_RATE, 1.0, link=second)
+    assert e2e_report.overlap_bound(floor, 1.0) == 1.0
+    rows = scaling_rows([_record("IIG", ANY_COMM, FLOOR_RATE, 1.0, nodes=2, ranks=2, modes=("scaling",)),
+                         _record("IIG", ANY_COMM, "250mbit", 2.0, link=second, nodes=2, ranks=2,
+                                 modes=("scaling",))])
+    assert rows[0]["nodes"][2]["bound"] == pytest.approx(1 / 1.75)
 
 
 def test_pareto_front():
