@@ -243,8 +243,8 @@ def summarize(run: dict, floor: dict | None = None, reference: dict | None = Non
                rss=max((s["rss_gib"] for s in run["steps"]), default=float("nan")),
                loss=run["steps"][-1]["loss"] if run["steps"] else float("nan"),
                losses=[s["loss"] for s in run["steps"]])
-    if wire_seconds(run):
-        row["wire"] = wire_seconds(run)
+    if wire := wire_seconds(run):
+        row["wire"] = wire
     if floor and floor["status"] == "ok" and step_times(floor):
         row["floor"] = statistics.median(step_times(floor))
         row["vs_floor"] = median / row["floor"]
@@ -604,8 +604,9 @@ def ho_ring_table(runs: list[dict]) -> list[str]:
 
 
 def once_per_step(run: dict) -> bool:
-    """Whether the run's inter-node traffic is once per step (PARO.md's bytes do not grow with A)."""
-    if run["nodes"] == 1 or not run.get("params"):
+    """Whether the run's inter-node traffic is once per step (PARO.md's bytes do not grow with A).
+    Stock torchtitan synchronizes gradients at every micro-batch, whatever its partitioning."""
+    if run["config"] in STOCK or run["nodes"] == 1 or not run.get("params"):
         return False
     topo, strategy = Topology(run["nodes"], run["ranks"]), formula_strategy(run)
     inter = {sum(links["inter"] for links in comm_bytes(strategy, topo, run["params"], accum=a).values())
