@@ -865,9 +865,9 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
                   f"links at {FLOOR_RATE} / step time at the link rate, per node count (1 node: nothing crosses a "
                   "link). In parentheses, the efficiency the run's measured link bytes allow: floor / (floor + "
                   "max(0, wire s - window)), where the window is the compute the traffic can hide behind: floor / A "
-                  "for traffic once per step, which global-norm clipping holds until the last micro-batch's "
-                  "gradients and the next forward needs (`docs/overlap.md`), and the whole floor for traffic per "
-                  "micro-batch.", "", *scaling_table(srows), ""]
+                  "for traffic once per step (sync_g waits for the last micro-batch's gradients, the optimizer "
+                  "step under global-norm clipping for all of sync_g, the next forward for sync_p: "
+                  "`docs/overlap.md`), the whole floor for traffic at every micro-batch.", "", *scaling_table(srows), ""]
         if plots.get("scaling"):
             lines += [f"![scaling]({plots['scaling']})", ""]
     else:
