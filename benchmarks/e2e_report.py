@@ -279,12 +279,14 @@ def _scenario(run: dict) -> tuple:
     return run["model"], run["nodes"], run["ranks"], run["accum"]
 
 
-def _order(run: dict) -> tuple:
-    config = run["config"]
+def _config_order(config: str) -> tuple[int, int]:
     stock = STOCK.index(config) if config in STOCK else len(STOCK)
     strategy = ParoStrategy.parse(config) if config not in STOCK else None
-    strategy_order = [s.code for s in ParoStrategy.all_valid()].index(strategy.code) if strategy else -1
-    return stock, strategy_order, str(run["comm"])
+    return stock, [s.code for s in ParoStrategy.all_valid()].index(strategy.code) if strategy else -1
+
+
+def _order(run: dict) -> tuple:
+    return *_config_order(run["config"]), str(run["comm"])
 
 
 def scenario_rows(runs: list[dict], model: str, nodes: int, ranks: int, accum: int, rate: str) -> list[dict]:
@@ -570,17 +572,45 @@ def hidden_table(runs: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def ho_ring_gains(runs: list[dict]) -> list[tuple[float, tuple, str, str]]:
-    """``(HO-Ring tokens/s over two-phase - 1, scenario, rate, config)`` of every sweep run measured with both
-    collectives, floors included."""
-    medians: dict[tuple, dict[str, float]] = {}  # (scenario, rate, config) -> comm -> median step
+def _ho_ring_pairs(runs: list[dict]) -> dict[tuple, dict[str, float]]:
+    """``(scenario, rate, config) -> {"ho_ring": median step, "default": median step}`` of every sweep run
+    measured with both collectives, floors included."""
+    medians: dict[tuple, dict[str, float]] = {}
     for r in runs:
         if r["status"] == "ok" and r["comm"] in ("ho_ring", "default") and step_times(r) \
                 and "sweep" in r.get("modes", ["sweep"]):
             medians.setdefault((_scenario(r), r["rate"], r["config"]), {})[r["comm"]] = \
                 statistics.median(step_times(r))
+    return {key: by for key, by in medians.items() if len(by) == 2}
+
+
+def ho_ring_gains(runs: list[dict]) -> list[tuple[float, tuple, str, str]]:
+    """``(HO-Ring tokens/s over two-phase - 1, scenario, rate, config)`` of every pair in ``_ho_ring_pairs``."""
     return [(by["default"] / by["ho_ring"] - 1, scenario, rate, config)
-            for (scenario, rate, config), by in medians.items() if len(by) == 2]
+            for (scenario, rate, config), by in _ho_ring_pairs(runs).items()]
+
+
+def ho_ring_pairs_table(runs: list[dict]) -> list[str]:
+    """Every HO-Ring / two-phase pair: one row per model, topology, A and strategy, one column per link rate,
+    each cell HO-Ring's median step, the two-phase one, and HO-Ring's tokens/s gain."""
+    pairs = _ho_ring_pairs(runs)
+    if not pairs:
+        return []
+    rates = sorted({rate for _, rate, _ in pairs}, key=_rate_bits)
+    rows = sorted({(scenario, config) for scenario, _, config in pairs},
+                  key=lambda k: (_model_order(k[0][0]), k[0][1], -k[0][3], _config_order(k[1])))
+    lines = ["| model, topology, A | strategy | " + " | ".join(
+                 f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: HO-Ring s / two-phase s, gain" for rate in rates)
+             + " |", "|---|---|" + "---:|" * len(rates)]
+    for scenario, config in rows:
+        model, nodes, ranks, accum = scenario
+        cells = []
+        for rate in rates:
+            by = pairs.get((scenario, rate, config))
+            cells.append(f"{by['ho_ring']:.2f} / {by['default']:.2f}, {by['default'] / by['ho_ring'] - 1:+.1%}"
+                         if by else "-")
+        lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def ho_ring_table(runs: list[dict]) -> list[str]:
@@ -839,6 +869,11 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
         lines += ["## Tokens/s against memory per rank", "", f"![tokens/s vs memory]({plots['pareto']})", ""]
     if plots.get("loss"):
         lines += ["## Loss curves", "", f"![loss curves]({plots['loss']})", ""]
+    pairs = ho_ring_pairs_table(runs)
+    if pairs:
+        lines += ["## HO-Ring against the two-phase collectives, pair by pair", "",
+                  "Median step of the same strategy and scenario with `paro_comm = \"ho_ring\"` and `\"default\"`; "
+                  "gain = HO-Ring's tokens/s over the two-phase one's - 1.", "", *pairs, ""]
     lines += ["## Runs", ""]
     for key, rows in _all_scenarios(runs):
         model, nodes, ranks, accum, rate = key

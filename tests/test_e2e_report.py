@@ -19,6 +19,7 @@ from benchmarks.e2e_report import (
     formula_memory,
     generate,
     hidden_table,
+    ho_ring_pairs_table,
     ho_ring_table,
     layout,
     pareto_front,
@@ -399,3 +400,18 @@ def test_zero_tax_table_per_accumulation():
     assert ("| 1 | PaRO NNN vs stock DDP | 0.210 (0.220, 0.210) | 0.290 (0.290 (exited 1 after its last step)) "
             "| 0.724x | 0.110 / 0.140 |") in text
     assert "| 4 | PaRO GGG vs stock FSDP | 1.200 (1.200) | 1.100 (1.100) | 1.091x | - / 0.500 |" in text
+
+
+def test_ho_ring_pairs_table_one_row_per_strategy():
+    runs = [_record("GGG", "ho_ring", "250mbit", 1.0), _record("GGG", "default", "250mbit", 1.25),
+            _record("NIG", "ho_ring", FLOOR_RATE, 1.0), _record("NIG", "default", FLOOR_RATE, 0.8),
+            _record("NIG", "ho_ring", "250mbit", 2.0), _record("NIG", "default", "250mbit", 2.2),
+            _record("GGG", "default", "250mbit", 3.0, accum=1),  # no HO-Ring run: no pair
+            _record("NNG", "ho_ring", "1gbit", 1.0, model="57M")]
+    lines = ho_ring_pairs_table(runs)
+    assert lines[0] == ("| model, topology, A | strategy | 250mbit: HO-Ring s / two-phase s, gain "
+                        "| 20gbit (floor): HO-Ring s / two-phase s, gain |")
+    # Strategies in the README's order (NIG before GGG), a rate without a pair reads "-".
+    assert lines[2:] == ["| debug 2x4 A=4 | NIG | 2.00 / 2.20, +10.0% | 1.00 / 0.80, -20.0% |",
+                         "| debug 2x4 A=4 | GGG | 1.00 / 1.25, +25.0% | - |"]
+    assert ho_ring_pairs_table(runs[-2:]) == []
