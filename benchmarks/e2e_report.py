@@ -307,8 +307,13 @@ def scenarios(runs: list[dict]) -> list[tuple]:
     """(model, nodes, ranks, accum, rate) of every measured scenario, floors excluded."""
     keys = {(*_scenario(r), r["rate"]) for r in runs
             if r["rate"] != FLOOR_RATE and "sweep" in r.get("modes", ["sweep"])}
-    # Headline first: per model, 2x4 before 4x2, A = 4 before A = 1, slower links first.
-    return sorted(keys, key=lambda k: (_model_order(k[0]), k[1], -k[3], _rate_bits(k[4])))
+    return sorted(keys, key=lambda k: (*_scenario_order(k[:4]), _rate_bits(k[4])))
+
+
+def _scenario_order(scenario: tuple) -> tuple[int, int, int]:
+    """Headline first: per model, 2x4 before 4x2, A = 4 before A = 1."""
+    model, nodes, _, accum = scenario
+    return _model_order(model), nodes, -accum
 
 
 def _model_order(model: str) -> int:
@@ -509,7 +514,7 @@ def reading(runs: list[dict]) -> list[str]:
                   f"{gains[-1][0]:+.1%} ({gains[-1][2]}, {where(gains[-1][1])}), median {mid:+.1%} over "
                   f"{len(gains)} pair(s); the paper reports +{PAPER['ho_ring_gain']:.1%}. Per model, topology "
                   f"and A (on the {FLOOR_RATE} floors the wire costs almost nothing, so what HO-Ring loses there "
-                  "is its own cost):", "", *ho_ring_table(runs), ""]
+                  "is its own cost; every pair: the pair-by-pair section below):", "", *ho_ring_table(runs), ""]
     else:
         lines.append(f"- HO-Ring vs `paro_comm = \"default\"`: not measured in these runs (no strategy ran with both); "
                      f"the paper reports +{PAPER['ho_ring_gain']:.1%}.")
@@ -598,7 +603,7 @@ def ho_ring_pairs_table(runs: list[dict]) -> list[str]:
         return []
     rates = sorted({rate for _, rate, _ in pairs}, key=_rate_bits)
     rows = sorted({(scenario, config) for scenario, _, config in pairs},
-                  key=lambda k: (_model_order(k[0][0]), k[0][1], -k[0][3], _config_order(k[1])))
+                  key=lambda k: (*_scenario_order(k[0]), *_config_order(k[1])))
     lines = ["| model, topology, A | strategy | " + " | ".join(
                  f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: HO-Ring s / two-phase s, gain" for rate in rates)
              + " |", "|---|---|" + "---:|" * len(rates)]
@@ -625,7 +630,7 @@ def ho_ring_table(runs: list[dict]) -> list[str]:
     lines = ["| model, topology, A | " + " | ".join(f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: median, "
                                                     "pairs HO-Ring loses" for rate in rates) + " |",
              "|---|" + "---:|" * len(rates)]
-    for (model, nodes, ranks, accum) in sorted(gains, key=lambda k: (_model_order(k[0]), k[1], -k[3])):
+    for (model, nodes, ranks, accum) in sorted(gains, key=_scenario_order):
         by = gains[(model, nodes, ranks, accum)]
         cells = [f"{statistics.median(by[rate]):+.1%}, {sum(g < 0 for g in by[rate])} of {len(by[rate])}"
                  if rate in by else "-" for rate in rates]
