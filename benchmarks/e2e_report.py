@@ -589,9 +589,18 @@ def _ho_ring_pairs(runs: list[dict]) -> dict[tuple, dict[str, float]]:
     return {key: by for key, by in medians.items() if len(by) == 2}
 
 
+def _gain(by: dict[str, float]) -> float:
+    """HO-Ring's tokens/s over the two-phase one's - 1, from a pair's median steps."""
+    return by["default"] / by["ho_ring"] - 1
+
+
+def _rate_label(rate: str) -> str:
+    return f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}"
+
+
 def ho_ring_gains(runs: list[dict]) -> list[tuple[float, tuple, str, str]]:
-    """``(HO-Ring tokens/s over two-phase - 1, scenario, rate, config)`` of every pair in ``_ho_ring_pairs``."""
-    return [(by["default"] / by["ho_ring"] - 1, scenario, rate, config)
+    """``(_gain, scenario, rate, config)`` of every pair in ``_ho_ring_pairs``."""
+    return [(_gain(by), scenario, rate, config)
             for (scenario, rate, config), by in _ho_ring_pairs(runs).items()]
 
 
@@ -605,14 +614,14 @@ def ho_ring_pairs_table(runs: list[dict]) -> list[str]:
     rows = sorted({(scenario, config) for scenario, _, config in pairs},
                   key=lambda k: (*_scenario_order(k[0]), *_config_order(k[1])))
     lines = ["| model, topology, A | strategy | " + " | ".join(
-                 f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: HO-Ring s / two-phase s, gain" for rate in rates)
+                 f"{_rate_label(rate)}: HO-Ring s / two-phase s, gain" for rate in rates)
              + " |", "|---|---|" + "---:|" * len(rates)]
     for scenario, config in rows:
         model, nodes, ranks, accum = scenario
         cells = []
         for rate in rates:
             by = pairs.get((scenario, rate, config))
-            cells.append(f"{by['ho_ring']:.2f} / {by['default']:.2f}, {by['default'] / by['ho_ring'] - 1:+.1%}"
+            cells.append(f"{by['ho_ring']:.2f} / {by['default']:.2f}, {_gain(by):+.1%}"
                          if by else "-")
         lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | " + " | ".join(cells) + " |")
     return lines
@@ -627,8 +636,8 @@ def ho_ring_table(runs: list[dict]) -> list[str]:
     if not gains:
         return []
     rates = sorted({rate for by in gains.values() for rate in by}, key=_rate_bits)
-    lines = ["| model, topology, A | " + " | ".join(f"{rate}{' (floor)' if rate == FLOOR_RATE else ''}: median, "
-                                                    "pairs HO-Ring loses" for rate in rates) + " |",
+    lines = ["| model, topology, A | " + " | ".join(f"{_rate_label(rate)}: median, pairs HO-Ring loses"
+                                                    for rate in rates) + " |",
              "|---|" + "---:|" * len(rates)]
     for (model, nodes, ranks, accum) in sorted(gains, key=_scenario_order):
         by = gains[(model, nodes, ranks, accum)]
