@@ -143,13 +143,23 @@ class PhasePlan:
         return tuple(s for t in self.transitions for s in t.steps)
 
 
+def _reductions(src: Granularity, dst: Granularity, param: Granularity) -> tuple[Transition, ...]:
+    """``reduce(src, dst)`` as the engine runs it. With P=I, FSDP2 reduce-scatters a unit's
+    gradient over the group (its mesh) before the engine sees it, so an N->G reduction is an
+    intra N->I one followed by an inter I->G one: two single-link collectives, not a global one."""
+    if param is I and src is N and dst is G:
+        return reduce(N, I), reduce(I, G)
+    return (reduce(src, dst),)
+
+
 def phase_plan(strategy: ParoStrategy) -> dict[str, PhasePlan]:
-    """The transitions of each phase of one optimizer step of ``strategy`` (PARO.md's procedure)."""
+    """The transitions of each phase of one optimizer step of ``strategy`` (PARO.md's procedure,
+    split where the engine splits it)."""
     s = strategy
     return {
         # Forward, and backward after resharding.
         "param_gather": PhasePlan((gather(s.param, N),), 2, trainable_only=False),
-        "grad_reduce": PhasePlan((reduce(N, s.grad),), 1, trainable_only=True),
-        "sync_g": PhasePlan((reduce(s.grad, s.optim), complete(s.optim)), 0, trainable_only=True),
+        "grad_reduce": PhasePlan(_reductions(N, s.grad, s.param), 1, trainable_only=True),
+        "sync_g": PhasePlan((*_reductions(s.grad, s.optim, s.param), complete(s.optim)), 0, trainable_only=True),
         "sync_p": PhasePlan((gather(s.optim, s.param),), 0, trainable_only=True),
     }

@@ -39,3 +39,6 @@ def test_global_phases_are_the_hierarchical_ones() -> None:
     assert plans["NNN"]["sync_g"].is_global and plans["NNG"]["sync_g"].is_global
     assert not plans["NNI"]["sync_g"].is_global  # intra reduce-scatter, then an inter all-reduce
     assert not plans["IIG"]["param_gather"].is_global and plans["NIG"]["sync_p"].is_global
+    # With P=I, FSDP2 reduces over the group before the engine reduces across groups.
+    assert not plans["IGG"]["grad_reduce"].is_global and not plans["ING"]["sync_g"].is_global
+    assert plans["NGG"]["grad_reduce"].is_global and plans["NNG"]["sync_g"].is_global
