@@ -398,6 +398,7 @@ def drive(args: argparse.Namespace) -> int:
     # Every invocation whose runs the file holds: what ran, when, how many launches, how long.
     invocation = {"command": raw["command"], "created": raw["created"], "launches": 0, "elapsed_s": 0.0}
     raw["invocations"] = old_raw.get("invocations", []) + [invocation]
+    raw["repeats"] = old_raw.get("repeats", [])  # launches of a run the sweep already holds (the report's repeats)
     done: dict[tuple, dict] = {}
     resumable = _saved_ok(saved)
 

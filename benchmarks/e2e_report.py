@@ -627,6 +627,34 @@ def ho_ring_pairs_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def repeats_table(runs: list[dict], repeats: list[dict]) -> list[str]:
+    """Runs launched twice: each repeat beside the sweep's run of the same strategy and scenario,
+    hours apart, with the difference in tokens/s. It is what a difference between two launches
+    can be on this machine with nothing changed, the scale to read the pair table against."""
+    by_key = {(_scenario(r), r["config"], r["rate"]): r for r in runs if r["status"] == "ok" and step_times(r)}
+    rows = []
+    for repeat in repeats:
+        run = by_key.get((_scenario(repeat), repeat["config"], repeat["rate"]))
+        if run is None or repeat["status"] != "ok" or not step_times(repeat):
+            continue
+        first, second = sorted((run, repeat), key=lambda r: r["created"])
+        a, b = (statistics.median(step_times(r)) for r in (first, second))
+        rows.append((_scenario(repeat), repeat["config"], repeat["rate"], first, second, a / b - 1))
+    if not rows:
+        return []
+    rows.sort(key=lambda k: (*_scenario_order(k[0]), *_config_order(k[1]), _rate_bits(k[2])))
+    diffs = sorted(abs(d) for *_, d in rows)
+    lines = [f"{len(rows)} runs launched twice; |difference| median {statistics.median(diffs):.1%}, "
+             f"largest {diffs[-1]:.1%}.", "",
+             "| model, topology, A | strategy | link | first launch: when, step s | second launch: when, step s "
+             "| second's tokens/s over the first's - 1 |", "|---|---|---|---|---|---:|"]
+    for (model, nodes, ranks, accum), config, rate, first, second, diff in rows:
+        lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | {_rate_label(rate)} "
+                     + "".join(f"| {r['created'][5:16]}, {statistics.median(step_times(r)):.2f} "
+                               for r in (first, second)) + f"| {diff:+.1%} |")
+    return lines
+
+
 def ho_ring_table(runs: list[dict]) -> list[str]:
     """HO-Ring over the two-phase collectives, tokens/s of the same strategy and scenario: the median per model,
     topology and A at each link rate, the floors included, and how many of the pairs HO-Ring loses."""
@@ -888,6 +916,13 @@ def generate(raw: dict, plots: dict[str, str]) -> list[str]:
         lines += ["## HO-Ring against the two-phase collectives, pair by pair", "",
                   "Median step of the same strategy and scenario with `paro_comm = \"ho_ring\"` and `\"default\"`; "
                   "gain = HO-Ring's tokens/s over the two-phase one's - 1.", "", *pairs, ""]
+    repeats = repeats_table(runs, raw.get("repeats", []))
+    if repeats:
+        lines += ["## The same run launched twice", "",
+                  "IGG and ING were launched with both `paro_comm` values before it was known that their "
+                  "collectives do not depend on it (with P = I, FSDP2 reduces gradients inside the group and the "
+                  "engine across groups: no global collective). The `\"default\"` launch is kept here as a "
+                  "repeat of the sweep's run.", "", *repeats, ""]
     lines += ["## Runs", ""]
     for key, rows in _all_scenarios(runs):
         model, nodes, ranks, accum, rate = key

@@ -23,6 +23,7 @@ from benchmarks.e2e_report import (
     ho_ring_table,
     layout,
     pareto_front,
+    repeats_table,
     cpu_per_step,
     parse_node_output,
     parse_run,
@@ -277,8 +278,8 @@ def test_plans():
                                ("NIG", "ho_ring")) for r in (FLOOR_RATE, "250mbit")]
     full = e2e._resolve(e2e._parser().parse_args([]))
     sweep = e2e._merge_modes(e2e.sweep_plan(full))
-    # 2 models x 2 topologies x 2 A x (3 stock + 5 strategies without global collectives + 9 x 2 comms) x 3 rates
-    assert len(sweep) == 2 * 2 * 2 * (3 + 5 + 9 * 2) * 3
+    # 2 models x 2 topologies x 2 A x (3 stock + 7 strategies without global collectives + 7 x 2 comms) x 3 rates
+    assert len(sweep) == 2 * 2 * 2 * (3 + 7 + 7 * 2) * 3
     both = e2e._merge_modes(sweep + e2e.scaling_plan(full, []))
     shared = [s for s in both if s["modes"] == ["scaling", "sweep"]]
     assert shared and all(s["nodes"] == 4 and s["ranks"] == 2 and s["accum"] == 4 for s in shared)
@@ -400,6 +401,21 @@ def test_zero_tax_table_per_accumulation():
     assert ("| 1 | PaRO NNN vs stock DDP | 0.210 (0.220, 0.210) | 0.290 (0.290 (exited 1 after its last step)) "
             "| 0.724x | 0.110 / 0.140 |") in text
     assert "| 4 | PaRO GGG vs stock FSDP | 1.200 (1.200) | 1.100 (1.100) | 1.091x | - / 0.500 |" in text
+
+
+def test_repeats_table_sets_each_repeat_beside_its_run_in_launch_order():
+    run = {**_record("IGG", ANY_COMM, "250mbit", 2.0), "created": "2026-11-26 20:00:00"}
+    earlier = {**_record("IGG", "default", FLOOR_RATE, 1.0), "created": "2026-11-26 08:00:00"}
+    runs = [run, {**_record("IGG", ANY_COMM, FLOOR_RATE, 1.1), "created": "2026-11-26 09:00:00"}]
+    repeats = [{**_record("IGG", "default", "250mbit", 2.5), "created": "2026-11-27 03:00:00"}, earlier,
+               {**_record("ING", "default", "250mbit", 1.0), "created": "2026-11-27 03:00:00"},  # no run: left out
+               {**run, "status": "failed", "comm": "default"}]
+    lines = repeats_table(runs, repeats)
+    assert lines[0] == "2 runs launched twice; |difference| median 14.5%, largest 20.0%."
+    # Rates in order; the first launch is the earlier one, whichever list holds it.
+    assert lines[4:] == ["| debug 2x4 A=4 | IGG | 250mbit | 11-26 20:00, 2.00 | 11-27 03:00, 2.50 | -20.0% |",
+                         "| debug 2x4 A=4 | IGG | 20gbit (floor) | 11-26 08:00, 1.00 | 11-26 09:00, 1.10 | -9.1% |"]
+    assert repeats_table(runs, []) == []
 
 
 def test_ho_ring_pairs_table_one_row_per_strategy():
