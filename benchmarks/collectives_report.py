@@ -6,6 +6,7 @@ profiles) is kept when the results are regenerated.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def _rows(run: dict, collective: str) -> list[dict]:
     return rows
 
 
+def _speedup(ratio: float) -> str:
+    """A speed-up cell; ``-`` where the baseline was left out of the run (nan)."""
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}x"
+
+
 def _table(rows: list[dict]) -> list[str]:
     lines = ["| S (MiB) | implementation | median s | min-max s | algbw MB/s | link MiB/node | formula MiB "
              "| meas/formula | link use | vs backend_flat | vs flat ring |",
@@ -72,7 +78,7 @@ def _table(rows: list[dict]) -> list[str]:
     for r in rows:
         phase = r["impl"] in PROFILE_IMPLS  # not a whole collective: no speedups
         ratio = "-" if not r["formula"] else f"{r['ratio']:.3f}"
-        speedups = "- | -" if phase else f"{r['vs_backend_flat']:.2f}x | {r['vs_flat_ring']:.2f}x"
+        speedups = "- | -" if phase else f"{_speedup(r['vs_backend_flat'])} | {_speedup(r['vs_flat_ring'])}"
         lines.append(f"| {r['size'] // MIB} | {r['impl']} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} "
                      f"| {r['algbw']:.1f} | {r['tx'] / MIB:.2f} | {r['formula'] / MIB:.2f} | {ratio} "
                      f"| {r['link_use']:.0%} | {speedups} |")
@@ -102,9 +108,11 @@ def _targets(raw: dict) -> list[str]:
                     ("vs flat ring", not r["vs_flat_ring"] < t["speedup"]),
                     ("link use", r["link_use"] >= t["link_use"])) if not ok]
                 verdict = "met" if not misses else "missed: " + ", ".join(misses)
-                lines.append(f"| {collective} | {r['size'] // MIB} | {r['impl']} | {r['ratio']:.3f} | {r['vs_backend_flat']:.2f}x "
-                             f"| {r['vs_flat_ring']:.2f}x | {r['link_use']:.0%} | {verdict} |")
-    return lines if found else lines[:1] + ["", "HO-Ring was not measured in this configuration."]
+                lines.append(f"| {collective} | {r['size'] // MIB} | {r['impl']} | {r['ratio']:.3f} "
+                             f"| {_speedup(r['vs_backend_flat'])} | {_speedup(r['vs_flat_ring'])} | {r['link_use']:.0%} "
+                             f"| {verdict} |")
+    return lines if found else lines[:1] + ["", f"No HO-Ring run of at least {t['min_size'] // MIB} MiB on "
+                                                f"{t['topology']} at {t['rate']}: no target applies."]
 
 
 def generate(raw: dict) -> list[str]:

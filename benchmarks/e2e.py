@@ -311,6 +311,8 @@ def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
             "--activation_checkpoint.mode", "none", "--checkpoint.no-enable"]
     if spec["config"] not in STOCK:
         argv += ["--parallelism.paro_comm", "ho_ring" if spec["comm"] == ANY_COMM else spec["comm"]]
+    if spec.get("ho_ring_chunks"):  # benchmarks.ho_ring_depth's runs; the sweep keeps HO-Ring's default
+        argv += ["--parallelism.paro_ho_ring_chunks", str(spec["ho_ring_chunks"])]
     return argv
 
 

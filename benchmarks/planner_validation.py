@@ -236,11 +236,10 @@ def render(raw: dict, doc: Path) -> bool:
         "calibration gave Spearman 0.875 and chose NNG, 47% slower than the measured best.",
     ]
     if s["comm"] == HO_RING:
-        from paro_fsdp.comm.ho_ring import DEFAULT_MIN_CHUNK_BYTES
-        from paro_fsdp.planner.cost import ho_ring_chunks
+        from paro_fsdp.comm.ho_ring import DEFAULT_MIN_CHUNK_BYTES, pipeline_depth
 
         unit_bytes = ev["model"].unit_params * 4
-        chunks = ho_ring_chunks(unit_bytes)
+        chunks = pipeline_depth(unit_bytes)
         lines.append(
             f"- HO-Ring: a unit's global collective here is {unit_bytes / 2**20:.2f} MiB; HO-Ring cuts it into "
             f"{chunks} chunk(s) of at least {DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB, so "

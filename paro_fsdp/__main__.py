@@ -13,7 +13,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_comm
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
 
 GIB = 2**30
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -159,6 +160,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--comm", choices=COMM_NAMES,
                     help=f"global collectives: two phases in sequence ({DEFAULT}) or overlapped ({HO_RING}); "
                          f"default: --config's parallelism.paro_comm, else {DEFAULT}")
+    tr.add_argument("--ho-ring-chunks", type=positive_int,
+                    help=f"with --comm {HO_RING}: its pipeline depth, at most this many chunks per global collective "
+                         f"(default: --config's parallelism.paro_ho_ring_chunks, else {DEFAULT_CHUNKS})")
 
     p.add_argument("--plot", metavar="FILE.png", help="plot memory per rank against step time (needs matplotlib)")
 
@@ -264,11 +268,15 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
             error("--device-tflops needs --tokens (tokens per rank per micro-step) or --config")
         compute = compute_seconds_from_flops(model, tokens, accum,
                                              _scaled("--device-tflops", args.device_tflops, 1e12, "TFLOP/s", error))
+    comm_field = "--comm" if args.comm is not None else "parallelism.paro_comm"
+    chunks_field = "--ho-ring-chunks" if args.ho_ring_chunks is not None else "parallelism.paro_ho_ring_chunks"
     args.comm = _pick(args.comm, job.comm if job else None, DEFAULT)
+    args.ho_ring_chunks = _pick(args.ho_ring_chunks, job.ho_ring_chunks if job else None)
     try:
-        check_comm(args.comm, field="parallelism.paro_comm")
+        check_comm(args.comm, field=comm_field)
+        check_ho_ring_chunks(args.ho_ring_chunks, args.comm, field=chunks_field, comm_field=comm_field)
     except ValueError as e:
-        error(f"--config: {e}")
+        error(str(e))
     return model, cluster, TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute), job
 
 
@@ -276,12 +284,12 @@ def _run_plan(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     from paro_fsdp.planner import describe_assumptions, format_table, plan, plot_pareto  # noqa: PLC0415
 
     model, cluster, setup, job = _plan_inputs(args, error)
-    ranking = plan(model, cluster, setup, args.comm)
+    ranking = plan(model, cluster, setup, args.comm, args.ho_ring_chunks)
     lines = []
     if job is not None:
         lines.append(f"torchtitan: {job.name} {job.flavor} ({args.config}), seq_len {job.seq_len}, "
                      f"local batch {job.local_batch_size}, activation checkpointing {job.activation_checkpoint}")
-    lines += describe_assumptions(model, cluster, setup, args.comm)
+    lines += describe_assumptions(model, cluster, setup, args.comm, args.ho_ring_chunks)
     print("\n".join(f"# {line}" for line in lines))
     print(format_table(ranking))
     best = ranking[0]

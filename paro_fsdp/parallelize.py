@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, per_mesh, validate_mesh
-from paro_fsdp.comm.registry import DEFAULT, check_comm, make_collectives
+from paro_fsdp.comm.registry import DEFAULT, check_comm, check_ho_ring_chunks, make_collectives
 from paro_fsdp.engine import EngineState, Unit
 from paro_fsdp.strategy import Granularity, ParoStrategy
 
@@ -79,6 +79,7 @@ def paro_parallelize(
     *,
     blocks: Sequence[nn.Module] | None = None,
     comm: str = DEFAULT,
+    ho_ring_chunks: int | None = None,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
     sync_p_window: int | None = 2,
@@ -97,6 +98,10 @@ def paro_parallelize(
         comm: the global collectives, one of
             :data:`~paro_fsdp.comm.registry.COMM_NAMES`: ``"default"`` (the backend's, in two
             phases) or ``"ho_ring"`` (hierarchical overlapping rings).
+        ho_ring_chunks: with ``comm="ho_ring"``, its pipeline depth: each global collective is
+            cut into at most this many chunks of at least 1 MiB. More chunks overlap more of the
+            intra-node phase with the inter-node one; each chunk costs its own collectives.
+            ``None``: 16.
         mp_policy: FSDP2's mixed precision policy.
         reshard_after_forward: passed to ``fully_shard`` (P=N units never reshard after forward:
             on their 1-rank mesh that would only copy the parameters once more in backward).
@@ -113,8 +118,8 @@ def paro_parallelize(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: the model is already parallelized, the mesh, strategy, ``comm`` or
-            ``sync_p_window`` is invalid, or a block is not a submodule of ``model``.
+        ValueError: the model is already parallelized, the mesh, strategy, ``comm``,
+            ``ho_ring_chunks`` or ``sync_p_window`` is invalid, or a block is not a submodule of ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -129,6 +134,7 @@ def paro_parallelize(
     mesh = validate_mesh(mesh)
     requested = ParoStrategy.parse(strategy)
     check_comm(comm)
+    check_ho_ring_chunks(ho_ring_chunks, comm)
     g, m = mesh.size(0), mesh.size(1)
     effective = requested.effective_on(g, m)
     if effective != requested:
@@ -142,7 +148,7 @@ def paro_parallelize(
             raise ValueError(f"blocks[{i}] ({type(block).__name__}) is not a submodule of the model")
 
     groups = MeshGroups(mesh)
-    state = EngineState(effective, requested, groups, make_collectives(comm, groups),
+    state = EngineState(effective, requested, groups, make_collectives(comm, groups, ho_ring_chunks=ho_ring_chunks),
                         compute_dtype=mp_policy.param_dtype if mp_policy is not None else None,
                         sync_p_window=sync_p_window)
     fsdp_mesh = _param_mesh(groups, effective.param)

@@ -73,6 +73,7 @@ strategies_field = st.sampled_from(range(10)).flatmap(lambda i: [
 ][i] if i < 2 else st.builds(_case, st.sampled_from(CODES + list(ALIASES) + ["auto", "AUTO", " iig "]), st.booleans()))
 comm_field = mostly(st.sampled_from(["default", "ho_ring"]),
                     st.one_of(st.sampled_from(["ring", "HO_RING", "", " default", 3, None]), st.text(max_size=4)))
+chunks_field = mostly(st.sampled_from([0, 0, 1, 4, 16, 64]), st.sampled_from([-1, -16, True, 2.5, "4", None]))
 memory_field = mostly(st.one_of(st.just(0), st.integers(0, 200), st.floats(0, 1e6)),
                       st.one_of(st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf, -math.inf, True,
                                                                              "8", None, -1])))
@@ -124,6 +125,11 @@ def oracle(f: dict[str, Any]) -> tuple[str, list[tuple[str, str | None]]]:
         bad.append(("parallelism.paro_strategy", repr(f["paro_strategy"])))
     if f["paro_comm"] not in ("default", "ho_ring"):
         bad.append(("parallelism.paro_comm", repr(f["paro_comm"])))
+    chunks = f["paro_ho_ring_chunks"]
+    if not _is_int(chunks) or chunks < 0:
+        bad.append(("parallelism.paro_ho_ring_chunks", repr(chunks)))
+    elif chunks and f["paro_comm"] == "default":
+        bad.append(("parallelism.paro_ho_ring_chunks", repr(chunks)))
     mem = f["paro_device_memory_gib"]
     if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem) or mem < 0:
         bad.append(("parallelism.paro_device_memory_gib", repr(mem)))
@@ -197,10 +203,11 @@ def cal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @EXAMPLES
-@given(strategy=strategies_field, comm=comm_field, memory=memory_field, layout=layouts(),
+@given(strategy=strategies_field, comm=comm_field, chunks=chunks_field, memory=memory_field, layout=layouts(),
        calibration_kind=calibration_kinds, schedule=schedule_field)
 def test_paro_fields_and_degrees_are_accepted_or_refused_naming_the_field(
-    cal_dir: Path, strategy: Any, comm: Any, memory: Any, layout: dict[str, Any], calibration_kind: str, schedule: str
+    cal_dir: Path, strategy: Any, comm: Any, chunks: Any, memory: Any, layout: dict[str, Any], calibration_kind: str,
+    schedule: str
 ) -> None:
     g, m = layout["data_parallel_replicate_degree"], layout["data_parallel_shard_degree"]
     cal_shape = (g, m) if _is_int(g) and _is_int(m) and g >= 1 and m >= 1 else (2, 2)
@@ -208,7 +215,8 @@ def test_paro_fields_and_degrees_are_accepted_or_refused_naming_the_field(
         others = [layout[k] for k in ("tensor_parallel_degree", "pipeline_parallel_degree")]
         if all(_is_int(x) and x >= 1 for x in others) and layout["world_size"] % (g * others[0] * others[1]) == 0:
             cal_shape = (g, max(1, layout["world_size"] // (g * others[0] * others[1])))
-    fields = {"paro_strategy": strategy, "paro_comm": comm, "paro_device_memory_gib": memory,
+    fields = {"paro_strategy": strategy, "paro_comm": comm, "paro_ho_ring_chunks": chunks,
+              "paro_device_memory_gib": memory,
               "paro_calibration": _calibration_file(cal_dir, calibration_kind, *cal_shape),
               "calibration_kind": calibration_kind, "schedule": schedule, **layout}
     job = copy.deepcopy(_base_config())
@@ -238,6 +246,7 @@ def test_paro_fields_and_degrees_are_accepted_or_refused_naming_the_field(
     assert result.strategy is None if code == "auto" else result.strategy.code == code
     assert (result.groups, result.group_size, result.comm) == (*fields["expected_mesh"], comm)
     assert result.device_memory_gib == float(memory)
+    assert result.ho_ring_chunks == (chunks or None)
 
 
 def _job(**fields: Any) -> Any:

@@ -287,6 +287,9 @@ def test_plans():
     assert argv[argv.index("--parallelism.paro_strategy") + 1] == "GGG"
     assert argv[argv.index("--parallelism.paro_comm") + 1] == "ho_ring"
     assert argv[argv.index("--training.global_batch_size") + 1] == "32"
+    assert "--parallelism.paro_ho_ring_chunks" not in argv  # the sweep keeps HO-Ring's default depth
+    deep = e2e.torchtitan_args({**plan[5], "ho_ring_chunks": 4}, "/tmp/x")
+    assert deep[deep.index("--parallelism.paro_ho_ring_chunks") + 1] == "4"
     stock = e2e.torchtitan_args(plan[0], "/tmp/x")
     assert "--parallelism.paro_comm" not in stock
     assert stock[stock.index("--parallelism.data_parallel_shard_degree") + 1] == "8"
@@ -431,3 +434,22 @@ def test_ho_ring_pairs_table_one_row_per_strategy():
     assert lines[2:] == ["| debug 2x4 A=4 | NIG | 2.00 / 2.20, +10.0% | 1.00 / 0.80, -20.0% |",
                          "| debug 2x4 A=4 | GGG | 1.00 / 1.25, +25.0% | - |"]
     assert ho_ring_pairs_table(runs[-2:]) == []
+
+
+def test_ho_ring_depth_table():
+    from benchmarks import ho_ring_depth
+
+    def run(comm, chunks, rate, step_s):
+        return {**_record("GGG", comm, rate, step_s, model="57M"), "ho_ring_chunks": chunks}
+
+    runs = [run(c, k, rate, s) for rate, times in (("250mbit", (20.0, 16.0, 17.0)), (FLOOR_RATE, (8.0, 10.0, 16.0)))
+            for (c, k), s in zip(ho_ring_depth.variants([4, 16]), times)]
+    runs[-1] = {**runs[-1], "status": "failed", "reason": "timeout"}
+    lines = ho_ring_depth.render(runs, ["cmd"]).splitlines()
+    assert lines[0] == ho_ring_depth.BEGIN and lines[-1] == ho_ring_depth.END
+    assert lines[3] == "| model, topology, A | strategy | link | two-phase | HO-Ring, 4 chunks | HO-Ring, 16 chunks |"
+    rows = lines[5:-1]
+    assert rows[0].startswith("| 57M 2x4 A=4 | GGG | 250mbit | 20.00 s (20.00-20.00) | 16.00 s (16.00-16.00), +25.0% |")
+    assert rows[0].endswith("| 17.00 s (17.00-17.00), +17.6% |")
+    assert rows[1].startswith(f"| 57M 2x4 A=4 | GGG | {FLOOR_RATE} (floor) | 8.00 s")
+    assert "10.00 s (10.00-10.00), -20.0%" in rows[1] and rows[1].endswith("| failed: timeout |")

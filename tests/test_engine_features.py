@@ -442,6 +442,9 @@ def _errors() -> dict:
     catch("mesh_names", lambda: paro_parallelize(Net(), wrong, "IIG"))
     catch("strategy", lambda: paro_parallelize(Net(), mesh, "GNN"))
     catch("comm", lambda: paro_parallelize(Net(), mesh, "IIG", comm="nccl"))
+    catch("chunks_without_ho_ring", lambda: paro_parallelize(Net(), mesh, "IIG", ho_ring_chunks=4))
+    catch("chunks", lambda: paro_parallelize(Net(), mesh, "IIG", comm="ho_ring", ho_ring_chunks=0))
+    msgs["chunks_set"] = paro_state(_build(mesh, "GGG", comm="ho_ring", ho_ring_chunks=3)).collectives.chunks
     catch("optimizer", lambda: ParoOptimizer(Net(), torch.optim.AdamW, lr=1e-3))
     twice = _build(mesh, "IIG")
     catch("twice", lambda: paro_parallelize(twice, mesh, "GGG"))
@@ -573,6 +576,9 @@ def test_bad_input_errors(results):
     assert "('a', 'b')" in e["mesh_names"]
     assert "not effective" in e["strategy"] and "IIG" in e["strategy"]
     assert "comm='nccl'" in e["comm"] and "ho_ring" in e["comm"]
+    assert "ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with comm='ho_ring'" in e["chunks_without_ho_ring"]
+    assert "ho_ring_chunks=0 is invalid: HO-Ring's pipeline depth is a positive int" in e["chunks"]
+    assert e["chunks_set"] == 3
     assert "was not wrapped by paro_parallelize" in e["optimizer"]
     assert "already parallelized" in e["twice"]
     assert "blocks[0]" in e["block"]

@@ -12,8 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from dist_utils import run_distributed
 from paro_fsdp.__main__ import main
-from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
-from paro_fsdp.planner.cost import ho_ring_chunks
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
 from paro_fsdp.planner import (
     Calibration,
     Cluster,
@@ -75,6 +74,12 @@ def test_ho_ring_pipelines_only_global_collectives() -> None:
     assert ho.comm_seconds_by_phase["param_gather"] == pytest.approx(
         inter + intra / chunks + chunks * (6 * 0.5 + 6 * 1.0))
     assert ho.comm_bytes == default.comm_bytes and ho.collectives == chunks * default.collectives
+    # A shallower pipeline (ho_ring_chunks) overlaps less and pays fewer latencies.
+    shallow = estimate("GGG", big, SMALL_CLUSTER, setup, comm="ho_ring", ho_ring_chunks=4)
+    assert shallow.comm_seconds_by_phase["param_gather"] == pytest.approx(inter + intra / 4 + 4 * (6 * 0.5 + 6 * 1.0))
+    assert shallow.collectives == 4 * default.collectives
+    with pytest.raises(ValueError, match=r"ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with comm='ho_ring', but comm='default'"):
+        estimate("GGG", big, SMALL_CLUSTER, setup, ho_ring_chunks=4)
     # N->I gradient sync is two dependent collectives: no overlap; N->G is one global reduce-scatter.
     ni_default, ni_ho = (estimate("NNI", big, SMALL_CLUSTER, setup, comm=c) for c in ("default", "ho_ring"))
     assert ni_ho.comm_seconds_by_phase["sync_g"] == pytest.approx(ni_default.comm_seconds_by_phase["sync_g"])
@@ -83,7 +88,7 @@ def test_ho_ring_pipelines_only_global_collectives() -> None:
     # Units of 2 KB are not cut: HO-Ring costs what the two phases in sequence cost.
     assert estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, comm="ho_ring").comm_seconds_by_phase == \
         pytest.approx(estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP).comm_seconds_by_phase)
-    assert [ho_ring_chunks(b) for b in (1000, 2**20, 3 * 2**20, 2**30)] == [1, 1, 3, DEFAULT_CHUNKS]
+    assert [pipeline_depth(b) for b in (1000, 2**20, 3 * 2**20, 2**30)] == [1, 1, 3, DEFAULT_CHUNKS]
 
 
 def test_per_kind_rates() -> None:
@@ -354,6 +359,21 @@ def test_cli_errors(capsys, argv: list[str], message: str) -> None:
         main(CLI + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_ho_ring_chunks_from_the_flag_or_the_toml(capsys, tmp_path) -> None:
+    assert main([*CLI, "--comm", "ho_ring", "--ho-ring-chunks", "4"]) == 0
+    assert "(C <= 4), costs max(intra, inter)" in capsys.readouterr().out
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[model]\nname = "llama3"\nflavor = "debugmodel"\n'
+                   '[parallelism]\nparo_comm = "ho_ring"\nparo_ho_ring_chunks = 2\n')
+    cluster = ["--nodes", "2", "--ranks-per-node", "2", "--intra-bw", "150", "--inter-bw", "3", "--memory", "40"]
+    assert main(["plan", "--config", str(cfg), *cluster]) == 0
+    assert "(C <= 2), costs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", str(cfg), *cluster, "--comm", "default"])
+    assert ("parallelism.paro_ho_ring_chunks=2 is HO-Ring's pipeline depth, valid only with --comm='ho_ring', "
+            "but --comm='default'") in capsys.readouterr().err
 
 
 def test_cli_missing_cluster_flag_and_nothing_fits(capsys) -> None:

@@ -34,6 +34,13 @@ def test_debug_config_parses_to_iig_with_ho_ring() -> None:
     assert (settings.strategy.code, settings.comm, settings.groups, settings.group_size) == ("IIG", "ho_ring", 2, 2)
 
 
+def test_ho_ring_chunks_reach_the_settings() -> None:
+    assert paro_settings(_config(), 4).ho_ring_chunks is None  # 0: HO-Ring's default
+    settings = paro_settings(_config("--parallelism.paro_ho_ring_chunks", "4"), 4)
+    assert settings.ho_ring_chunks == 4
+    assert "PaRO IIG (ho_ring, at most 4 chunks) on 2 group(s) x 2 rank(s)" == settings.describe()
+
+
 def test_command_line_overrides_the_toml_strategy_and_aliases_parse() -> None:
     assert paro_settings(_config("--parallelism.paro_strategy", "NIG"), 4).strategy.code == "NIG"
     assert paro_settings(_config("--parallelism.paro_strategy", "zero3"), 4).strategy.code == "GGG"
@@ -49,6 +56,12 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
         (("--parallelism.paro_strategy", "GIN"), 4, r"paro_strategy='GIN' is invalid.*not effective"),
         (("--parallelism.paro_strategy", "XYZ"), 4, r"paro_strategy='XYZ' is invalid.*Valid codes"),
         (("--parallelism.paro_comm", "ring"), 4, r"paro_comm='ring' is invalid; valid values: default, ho_ring"),
+        (("--parallelism.paro_ho_ring_chunks", "-1"), 4,
+         r"paro_ho_ring_chunks=-1 is invalid: HO-Ring's pipeline depth is a positive int, or 0 for its default \(16\)"),
+        (("--parallelism.paro_comm", "default", "--parallelism.paro_ho_ring_chunks", "4"), 4,
+         r"paro_ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with parallelism.paro_comm='ho_ring', "
+         r"but parallelism.paro_comm='default': set "
+         r"parallelism.paro_comm='ho_ring', or leave parallelism.paro_ho_ring_chunks unset \(0\)"),
         ((), 8, r"replicate_degree \(2\) x data_parallel_shard_degree \(2\) .* = 4, but 8 ranks"),
         (("--parallelism.data_parallel_shard_degree", "-1"), 7, r"world size 7 is not divisible"),
         (("--parallelism.context_parallel_degree", "2"), 4, r"context_parallel_degree=2 is not supported"),

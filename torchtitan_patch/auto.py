@@ -106,10 +106,11 @@ def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_pe
     sizes, setup = plan_inputs(model, job_config, backwards_per_step)
     cluster = cluster_from_calibration(calibration, device_memory)
     try:
-        best, ranking = choose_strategy(sizes, cluster, setup, comm=settings.comm)
+        best, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks)
     except ValueError as e:
         raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
-    lines = [f"# {line}" for line in describe_assumptions(sizes, cluster, setup, settings.comm)]
+    assumptions = describe_assumptions(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks)
+    lines = [f"# {line}" for line in assumptions]
     return best, [*lines, *format_table(ranking).splitlines()]
 
 

@@ -29,6 +29,13 @@ class Parallelism:
     the other) or "ho_ring" (hierarchical overlapping rings: the phases overlap in chunks).
     """
 
+    paro_ho_ring_chunks: int = 0
+    """
+    With paro_comm = "ho_ring": its pipeline depth, at most this many chunks (of at least 1 MiB)
+    per global collective. More chunks hide more of the intra-node phase behind the inter-node
+    one, and each chunk pays its own collectives' latency. 0: HO-Ring's default (16).
+    """
+
     paro_calibration: str = ""
     """
     With paro_strategy = "auto": a link calibration written by `paro probe` (JSON) for this

@@ -79,6 +79,7 @@ def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, paral
         strategy=settings.strategy,
         blocks=_blocks(model),
         comm=settings.comm,
+        ho_ring_chunks=settings.ho_ring_chunks,
         mp_policy=MixedPrecisionPolicy(
             param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, check_ho_ring_chunks
 from paro_fsdp.strategy import ParoStrategy
 
 SUPPORTED_MODELS = ("llama3", "qwen3")
@@ -32,6 +33,7 @@ class ParoSettings:
     auto: bool = False
     calibration: str = ""  # "auto": a `paro probe` file; empty: probe at start-up
     device_memory_gib: float = 0.0  # "auto": memory per rank; 0: ask the device
+    ho_ring_chunks: int | None = None  # HO-Ring's pipeline depth; None: its default
 
     def with_strategy(self, strategy: ParoStrategy) -> ParoSettings:
         return replace(self, strategy=strategy)
@@ -41,7 +43,8 @@ class ParoSettings:
             name = "auto"
         else:
             name = f"{self.strategy}" + (" (chosen by paro_strategy='auto')" if self.auto else "")
-        return f"PaRO {name} ({self.comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
+        comm = self.comm if self.ho_ring_chunks is None else f"{self.comm}, at most {self.ho_ring_chunks} chunks"
+        return f"PaRO {name} ({comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
 def _valid_strategies() -> str:
@@ -166,6 +169,20 @@ def _check_calibration(path: str, groups: int, group_size: int) -> None:
         )
 
 
+def _ho_ring_chunks(par: Any, comm: str) -> int | None:
+    """``parallelism.paro_ho_ring_chunks`` checked against ``comm``; ``None`` for 0 (HO-Ring's default)."""
+    chunks = getattr(par, "paro_ho_ring_chunks", 0)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0:
+        raise ParoConfigError(
+            f"parallelism.paro_ho_ring_chunks={chunks!r} is invalid: HO-Ring's pipeline depth is a positive int, "
+            f"or 0 for its default ({DEFAULT_CHUNKS})"
+        )
+    try:
+        return check_ho_ring_chunks(chunks or None, comm, "parallelism.paro_ho_ring_chunks", "parallelism.paro_comm")
+    except ValueError as e:
+        raise ParoConfigError(f"{e} (0)") from None
+
+
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in valid:
         raise ParoConfigError(f"{section}.{name}={value!r} is invalid; valid values: {', '.join(valid)}")
@@ -190,6 +207,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     calibration, device_memory_gib = _auto_fields(par)
     comm = getattr(par, "paro_comm", DEFAULT)
     _check_choice("parallelism", "paro_comm", comm, COMM_NAMES)
+    ho_ring_chunks = _ho_ring_chunks(par, comm)
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
         raise ParoConfigError(
@@ -227,4 +245,4 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     if strategy is None and calibration:
         _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
-                        device_memory_gib=device_memory_gib)
+                        device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks)

@@ -114,6 +114,22 @@ def _single(pending: Pending, async_op: bool, result: torch.Tensor) -> HORingWor
     return None
 
 
+def pipeline_depth(total_bytes: float, chunks: int = DEFAULT_CHUNKS,
+                   min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES) -> int:
+    """How many chunks HO-Ring cuts a collective of ``total_bytes`` into: at most ``chunks``, each
+    of at least ``min_chunk_bytes`` (0: no minimum), and at least one."""
+    by_size = int(total_bytes // min_chunk_bytes) if min_chunk_bytes else chunks
+    return min(chunks, max(1, by_size))
+
+
+def check_chunks(chunks: object, field: str = "chunks") -> int:
+    """``chunks`` if it is a valid pipeline depth (a positive int), else a ``ValueError`` naming ``field``."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"{field}={chunks!r} is invalid: HO-Ring's pipeline depth is a positive int "
+                         f"(default {DEFAULT_CHUNKS})")
+    return chunks
+
+
 def _chunk_bounds(units: int, unit: int, chunks: int) -> list[tuple[int, int]]:
     """Split ``units`` blocks of ``unit`` elements into at most ``chunks`` contiguous element ranges."""
     if units == 0:
@@ -135,8 +151,7 @@ class HORingCollectives:
 
     def __init__(self, groups: MeshGroups, chunks: int = DEFAULT_CHUNKS,
                  min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES) -> None:
-        if not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        check_chunks(chunks)
         if not isinstance(min_chunk_bytes, int) or min_chunk_bytes < 0:
             raise ValueError(f"min_chunk_bytes must be a non-negative int, got {min_chunk_bytes!r}")
         self.groups = groups
@@ -146,8 +161,7 @@ class HORingCollectives:
         self._stream = None
 
     def _bounds(self, units: int, unit: int, total_bytes: int) -> list[tuple[int, int]]:
-        by_size = total_bytes // self.min_chunk_bytes if self.min_chunk_bytes else self.chunks
-        return _chunk_bounds(units, unit, min(self.chunks, max(1, by_size)))
+        return _chunk_bounds(units, unit, pipeline_depth(total_bytes, self.chunks, self.min_chunk_bytes))
 
     def _run(self, issue: Callable[[], Callable[[], None]], async_op: bool,
              result: Sequence[torch.Tensor], operands: Sequence[torch.Tensor]) -> HORingWork | None:

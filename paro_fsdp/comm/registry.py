@@ -13,10 +13,11 @@ import torch.distributed as dist
 
 from paro_fsdp.comm.groups import MeshGroups
 from paro_fsdp.comm.hierarchical import HierarchicalCollectives
-from paro_fsdp.comm.ho_ring import HORingCollectives
+from paro_fsdp.comm.ho_ring import HORingCollectives, check_chunks
 from paro_fsdp.comm.names import DEFAULT, HO_RING
 
-__all__ = ["COMM_NAMES", "DEFAULT", "HO_RING", "Collectives", "check_comm", "make_collectives"]
+__all__ = ["COMM_NAMES", "DEFAULT", "HO_RING", "Collectives", "check_comm", "check_ho_ring_chunks",
+           "make_collectives"]
 
 
 class Waitable(Protocol):
@@ -68,17 +69,48 @@ def check_comm(name: str, field: str = "comm") -> str:
     return name
 
 
-def make_collectives(name: str, groups: MeshGroups) -> Collectives:
+def check_ho_ring_chunks(chunks: int | None, comm: str, field: str = "ho_ring_chunks",
+                         comm_field: str = "comm") -> int | None:
+    """Validate HO-Ring's pipeline depth for the collectives ``comm``.
+
+    Args:
+        chunks: the depth, or ``None`` for HO-Ring's default.
+        comm: the collectives it would apply to; a depth needs ``"ho_ring"``.
+        field, comm_field: how the caller's user spells both settings.
+
+    Returns:
+        ``chunks``, unchanged.
+
+    Raises:
+        ValueError: ``chunks`` is not ``None`` or a positive int, or is set with other collectives
+            than HO-Ring (which would silently ignore it).
+    """
+    if chunks is None:
+        return None
+    check_chunks(chunks, field)
+    if comm != HO_RING:
+        raise ValueError(f"{field}={chunks} is HO-Ring's pipeline depth, valid only with {comm_field}={HO_RING!r}, "
+                         f"but {comm_field}={comm!r}: set {comm_field}={HO_RING!r}, or leave {field} unset")
+    return chunks
+
+
+def make_collectives(name: str, groups: MeshGroups, *, ho_ring_chunks: int | None = None) -> Collectives:
     """Build the global collectives called ``name`` over ``groups``' mesh.
 
     Args:
         name: one of :data:`COMM_NAMES`.
         groups: the process groups of the (dp_replicate, dp_shard) mesh the collectives span.
+        ho_ring_chunks: with ``"ho_ring"``, its pipeline depth (at most this many chunks per
+            collective); ``None``: its default.
 
     Returns:
-        The collectives object, with its default settings (e.g. HO-Ring's pipeline depth).
+        The collectives object.
 
     Raises:
-        ValueError: ``name`` is not a valid collectives name (see :func:`check_comm`).
+        ValueError: ``name`` or ``ho_ring_chunks`` is invalid (see :func:`check_comm` and
+            :func:`check_ho_ring_chunks`).
     """
-    return _CLASSES[check_comm(name)](groups)
+    check_comm(name)
+    if check_ho_ring_chunks(ho_ring_chunks, name) is not None:
+        return HORingCollectives(groups, chunks=ho_ring_chunks)
+    return _CLASSES[name](groups)

@@ -6,8 +6,8 @@ Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top 
   collective, each link's bytes at the rate of the collective kind that moves them (all-gather,
   reduce-scatter or all-reduce: ``Cluster.bandwidth``);
 - with ``comm="ho_ring"`` a global collective (one that spans both links in a single call) is
-  pipelined in C chunks, as ``HORingCollectives`` cuts it (up to ``DEFAULT_CHUNKS``, none
-  smaller than ``DEFAULT_MIN_CHUNK_BYTES``), and costs ``max(a, b) + min(a, b) / C`` for
+  pipelined in C chunks, as ``HORingCollectives`` cuts it (``pipeline_depth``: up to its
+  pipeline depth, none smaller than ``DEFAULT_MIN_CHUNK_BYTES``), and costs ``max(a, b) + min(a, b) / C`` for
   intra and inter times a and b: the sum when the collective is too small to cut, close to
   ``max`` when it is cut finely; each chunk pays the links' latencies;
 - collectives are issued per FSDP unit (each transformer block, plus the root module that
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
-from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
+from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
 from paro_fsdp.comm.stats import INTER, INTRA
 from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
@@ -79,11 +79,6 @@ class StrategyEstimate:
         return self.compute_seconds + self.comm_seconds
 
 
-def ho_ring_chunks(collective_bytes: float) -> int:
-    """Pipeline depth ``HORingCollectives`` uses for a global collective of this many bytes."""
-    return min(DEFAULT_CHUNKS, max(1, int(collective_bytes // DEFAULT_MIN_CHUNK_BYTES)))
-
-
 def _unit_collective_bytes(phase_name: str, model: ModelSizes, layout: StateBytes) -> float:
     """Full size of one unit's global collective in a phase (what HO-Ring chunks)."""
     unit_trainable = model.unit_params * model.trainable_params / model.params
@@ -95,10 +90,15 @@ def _unit_collective_bytes(phase_name: str, model: ModelSizes, layout: StateByte
 
 
 def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
-             setup: TrainingSetup = TrainingSetup(), comm: str = DEFAULT) -> StrategyEstimate:
-    """Memory per rank and step time of ``strategy`` (see the module docstring for the model)."""
+             setup: TrainingSetup = TrainingSetup(), comm: str = DEFAULT,
+             ho_ring_chunks: int | None = None) -> StrategyEstimate:
+    """Memory per rank and step time of ``strategy`` (see the module docstring for the model).
+
+    ``ho_ring_chunks`` is HO-Ring's pipeline depth with ``comm="ho_ring"`` (``None``: its default).
+    """
     s = ParoStrategy.parse(strategy)
     check_comm(comm)
+    depth = check_ho_ring_chunks(ho_ring_chunks, comm) or DEFAULT_CHUNKS
     topo = Topology(cluster.nodes, cluster.ranks_per_node)
     psi, psi_t = model.params, model.trainable_params
 
@@ -127,7 +127,7 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         times, is_global = plan.times(setup.accum), plan.is_global
         chunks = 1
         if comm == HO_RING and is_global:
-            chunks = ho_ring_chunks(_unit_collective_bytes(phase_name, model, layout))
+            chunks = pipeline_depth(_unit_collective_bytes(phase_name, model, layout), depth)
             transfer = max(intra_t, inter_t) + min(intra_t, inter_t) / chunks
         else:
             transfer = intra_t + inter_t

@@ -27,18 +27,19 @@ def _order(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
 
 
 def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-         comm: str = DEFAULT) -> list[StrategyEstimate]:
+         comm: str = DEFAULT, ho_ring_chunks: int | None = None) -> list[StrategyEstimate]:
     """Estimates for all 14 strategies: those that fit by step time, then those that do not."""
-    return _order([estimate(s, model, cluster, setup, comm) for s in ParoStrategy.all_valid()])
+    return _order([estimate(s, model, cluster, setup, comm, ho_ring_chunks) for s in ParoStrategy.all_valid()])
 
 
 def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-                    comm: str = DEFAULT) -> tuple[ParoStrategy, list[StrategyEstimate]]:
+                    comm: str = DEFAULT, ho_ring_chunks: int | None = None
+                    ) -> tuple[ParoStrategy, list[StrategyEstimate]]:
     """The fastest strategy that fits in device memory, and the full ranking (``plan``'s order).
 
     Raises ``ValueError`` naming the least memory any strategy needs when none fits.
     """
-    ranking = plan(model, cluster, setup, comm)
+    ranking = plan(model, cluster, setup, comm, ho_ring_chunks)
     if not ranking[0].fits:
         smallest = min(ranking, key=lambda e: e.total_memory)
         parts = ", ".join(f"{k} {fmt(v, BINARY)}" for k, v in smallest.memory.items())

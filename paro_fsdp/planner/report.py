@@ -9,7 +9,8 @@ from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import pareto_front
 from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
 
-def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str) -> list[str]:
+def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str,
+                         ho_ring_chunks: int | None = None) -> list[str]:
     """Every input and modelling assumption behind the numbers, one line each."""
     psi, psi_t = model.params, model.trainable_params
     lines = [
@@ -30,7 +31,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"comm = {comm}: a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
         + (", except one global collective (P=G gathers, G=G reductions, N->N and N->G gradient syncs, "
            f"G->N parameter syncs), pipelined in C chunks of >= {DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB "
-           f"(C <= {DEFAULT_CHUNKS}), costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
+           f"(C <= {ho_ring_chunks or DEFAULT_CHUNKS}), costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
            if comm == HO_RING else "")
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "

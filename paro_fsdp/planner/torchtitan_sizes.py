@@ -73,6 +73,7 @@ class TorchtitanJob:
     groups: int | None = None  # parallelism.data_parallel_replicate_degree, when set
     group_size: int | None = None  # parallelism.data_parallel_shard_degree, when set
     comm: str | None = None  # parallelism.paro_comm, when set
+    ho_ring_chunks: int | None = None  # parallelism.paro_ho_ring_chunks, when set and not 0 (HO-Ring's default)
 
     def accum(self, data_parallel: int) -> int:
         """Micro-steps per optimizer step on ``data_parallel`` ranks (torchtitan's rule)."""
@@ -165,4 +166,5 @@ def read_torchtitan_job(path: str | os.PathLike, optim_bytes: int = 8) -> Torcht
         activation_dtype_bytes=precision["mixed_precision_param"],
         groups=degrees["data_parallel_replicate_degree"], group_size=degrees["data_parallel_shard_degree"],
         comm=parallelism.get("paro_comm"),
+        ho_ring_chunks=parallelism.get("paro_ho_ring_chunks") or None,
     )
