@@ -109,8 +109,8 @@ def _targets(raw: dict) -> list[str]:
                     ("link use", r["link_use"] >= t["link_use"])) if not ok]
                 verdict = "met" if not misses else "missed: " + ", ".join(misses)
                 lines.append(f"| {collective} | {r['size'] // MIB} | {r['impl']} | {r['ratio']:.3f} "
-                             f"| {_speedup(r['vs_backend_flat'])} | {_speedup(r['vs_flat_ring'])} | {r['link_use']:.0%} "
-                             f"| {verdict} |")
+                             f"| {_speedup(r['vs_backend_flat'])} | {_speedup(r['vs_flat_ring'])} "
+                             f"| {r['link_use']:.0%} | {verdict} |")
     return lines if found else lines[:1] + ["", f"No HO-Ring run of at least {t['min_size'] // MIB} MiB on "
                                                 f"{t['topology']} at {t['rate']}: no target applies."]
 
