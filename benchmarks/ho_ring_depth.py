@@ -1,7 +1,7 @@
 """HO-Ring's pipeline depth in torchtitan: the same run with ``paro_ho_ring_chunks`` at several depths.
 
     python -m benchmarks.ho_ring_depth                  # 57M, 2x4, A=1, GGG: depths 4 and 16, two-phase
-    python -m benchmarks.ho_ring_depth --configs GGG,IGG --depths 2,4,16 --rates 250mbit,20gbit
+    python -m benchmarks.ho_ring_depth --configs GGG,GNG --depths 2,4,16 --rates 250mbit,20gbit
 
 HO-Ring cuts each global collective into up to ``chunks`` pieces so that one piece's intra-node
 phase runs while the next one's inter-node phase is on the wire. Each piece pays its own
@@ -25,9 +25,10 @@ from pathlib import Path
 from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
 from benchmarks.e2e import REPO, _config, _spec, launch
-from benchmarks.e2e_report import FLOOR_RATE, MODELS, STOCK, step_times
+from benchmarks.e2e_report import FLOOR_RATE, MODELS, STOCK, comm_matters, run_key, step_times
 from paro_fsdp.comm.ho_ring import check_chunks
 from paro_fsdp.comm.registry import DEFAULT, HO_RING
+from paro_fsdp.strategy import ParoStrategy
 
 BEGIN, END = "<!-- ho-ring-depth:begin -->", "<!-- ho-ring-depth:end -->"
 
@@ -43,8 +44,7 @@ def _label(comm: str, chunks: int | None) -> str:
 
 def _key(run: dict) -> tuple:
     """What identifies a run: the same key measured again replaces the old one."""
-    return (run["model"], run["nodes"], run["ranks"], run["accum"], run["config"], run["rate"], run["comm"],
-            run.get("ho_ring_chunks"))
+    return (*run_key(run), run.get("ho_ring_chunks"))
 
 
 def render(runs: list[dict], commands: list[str]) -> str:
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     nodes, ranks = layout
     if bad := [c for c in args.configs if c in STOCK]:
         raise SystemExit(f"--configs {','.join(bad)}: stock runs have no HO-Ring; give PaRO strategy codes")
+    if bad := [c for c in args.configs if not comm_matters(c)]:
+        with_one = ", ".join(s.code for s in ParoStrategy.all_valid() if comm_matters(s.code))
+        raise SystemExit(f"--configs {','.join(bad)}: no global collective, so HO-Ring's depth changes nothing; "
+                         f"give strategies with one ({with_one})")
     try:
         for depth in args.depths:
             check_chunks(depth, "--depths")

@@ -453,3 +453,19 @@ def test_ho_ring_depth_table():
     assert rows[0].endswith("| 17.00 s (17.00-17.00), +17.6% |")
     assert rows[1].startswith(f"| 57M 2x4 A=4 | GGG | {FLOOR_RATE} (floor) | 8.00 s")
     assert "10.00 s (10.00-10.00), -20.0%" in rows[1] and rows[1].endswith("| failed: timeout |")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", "IGG"], "--configs IGG: no global collective, so HO-Ring's depth changes nothing; give strategies "
+                           "with one (NNN, NNG, NIG, NGG, GNG, GIG, GGG)"),
+    (["--configs", "fsdp"], "--configs fsdp: stock runs have no HO-Ring"),
+    (["--depths", "4,0"], "--depths=0 is invalid: HO-Ring's pipeline depth is a positive int (default 16)"),
+    (["--topology", "2x1"], "--topology '2x1': expected NODESxRANKS, both at least 2"),
+])
+def test_ho_ring_depth_refuses_what_it_cannot_measure(tmp_path, argv, message):
+    from benchmarks import ho_ring_depth
+
+    with pytest.raises(SystemExit) as exit_info:
+        ho_ring_depth.main([*argv, "--out", str(tmp_path / "depth.md")])
+    assert message in str(exit_info.value)
+    assert not (tmp_path / "depth.md").exists()
