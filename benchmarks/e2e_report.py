@@ -628,9 +628,10 @@ def ho_ring_pairs_table(runs: list[dict]) -> list[str]:
 
 
 def repeats_table(runs: list[dict], repeats: list[dict]) -> list[str]:
-    """Runs launched twice: each repeat beside the sweep's run of the same strategy and scenario,
-    hours apart, with the difference in tokens/s. It is what a difference between two launches
-    can be on this machine with nothing changed, the scale to read the pair table against."""
+    """Runs launched twice: each repeat beside the sweep's run of the same strategy, scenario and
+    rate (repeats are of strategies whose runs ``paro_comm`` does not change, so it is not matched),
+    hours apart, with the difference in tokens/s. It is what a difference between two launches can
+    be on this machine with nothing changed, the scale to read the pair table against."""
     by_key = {(_scenario(r), r["config"], r["rate"]): r for r in runs if r["status"] == "ok" and step_times(r)}
     rows = []
     for repeat in repeats:
