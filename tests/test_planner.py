@@ -78,7 +78,8 @@ def test_ho_ring_pipelines_only_global_collectives() -> None:
     shallow = estimate("GGG", big, SMALL_CLUSTER, setup, comm="ho_ring", ho_ring_chunks=4)
     assert shallow.comm_seconds_by_phase["param_gather"] == pytest.approx(inter + intra / 4 + 4 * (6 * 0.5 + 6 * 1.0))
     assert shallow.collectives == 4 * default.collectives
-    with pytest.raises(ValueError, match=r"ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with comm='ho_ring', but comm='default'"):
+    with pytest.raises(ValueError, match=r"ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with "
+                                         r"comm='ho_ring', but comm='default'"):
         estimate("GGG", big, SMALL_CLUSTER, setup, ho_ring_chunks=4)
     # N->I gradient sync is two dependent collectives: no overlap; N->G is one global reduce-scatter.
     ni_default, ni_ho = (estimate("NNI", big, SMALL_CLUSTER, setup, comm=c) for c in ("default", "ho_ring"))

@@ -30,8 +30,9 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
         f"comm = {comm}: a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
         + (", except one global collective (P=G gathers; with P=N or G, G=G reductions and N->G gradient "
-           f"syncs; N->N gradient syncs; G->N parameter syncs), pipelined in C chunks of >= {DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB "
-           f"(C <= {ho_ring_chunks or DEFAULT_CHUNKS}), costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
+           "syncs; N->N gradient syncs; G->N parameter syncs), pipelined in C chunks of >= "
+           f"{DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB (C <= {ho_ring_chunks or DEFAULT_CHUNKS}), costs "
+           "max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
            if comm == HO_RING else "")
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
