@@ -638,21 +638,20 @@ def repeats_table(runs: list[dict], repeats: list[dict]) -> list[str]:
         run = by_key.get((_scenario(repeat), repeat["config"], repeat["rate"]))
         if run is None or repeat["status"] != "ok" or not step_times(repeat):
             continue
-        first, second = sorted((run, repeat), key=lambda r: r["created"])
-        a, b = (statistics.median(step_times(r)) for r in (first, second))
-        rows.append((_scenario(repeat), repeat["config"], repeat["rate"], first, second, a / b - 1))
+        launches = sorted(((r["created"], statistics.median(step_times(r))) for r in (run, repeat)))
+        rows.append((_scenario(repeat), repeat["config"], repeat["rate"], launches))
     if not rows:
         return []
     rows.sort(key=lambda k: (*_scenario_order(k[0]), *_config_order(k[1]), _rate_bits(k[2])))
-    diffs = sorted(abs(d) for *_, d in rows)
+    diffs = sorted(abs(first[1] / second[1] - 1) for *_, (first, second) in rows)
     lines = [f"{len(rows)} runs launched twice; |difference| median {statistics.median(diffs):.1%}, "
              f"largest {diffs[-1]:.1%}.", "",
              "| model, topology, A | strategy | link | first launch: when, step s | second launch: when, step s "
              "| second's tokens/s over the first's - 1 |", "|---|---|---|---|---|---:|"]
-    for (model, nodes, ranks, accum), config, rate, first, second, diff in rows:
+    for (model, nodes, ranks, accum), config, rate, (first, second) in rows:
         lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | {_rate_label(rate)} "
-                     + "".join(f"| {r['created'][5:16]}, {statistics.median(step_times(r)):.2f} "
-                               for r in (first, second)) + f"| {diff:+.1%} |")
+                     + "".join(f"| {created[5:16]}, {median:.2f} " for created, median in (first, second))
+                     + f"| {first[1] / second[1] - 1:+.1%} |")
     return lines
 
 

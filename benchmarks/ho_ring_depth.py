@@ -25,7 +25,8 @@ from pathlib import Path
 from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
 from benchmarks.e2e import REPO, _config, _spec, launch
-from benchmarks.e2e_report import FLOOR_RATE, MODELS, STOCK, comm_matters, run_key, step_times
+from benchmarks.e2e_report import (FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters, run_key,
+                                   step_times)
 from paro_fsdp.comm.ho_ring import check_chunks
 from paro_fsdp.comm.registry import DEFAULT, HO_RING
 from paro_fsdp.strategy import ParoStrategy
@@ -58,9 +59,8 @@ def render(runs: list[dict], commands: list[str]) -> str:
              "|---|---|---|" + "---:|" * len(columns)]
     rows: dict[tuple, dict[tuple, dict]] = {}
     for r in runs:
-        key = (r["model"], f"{r['nodes']}x{r['ranks']}", r["accum"], r["config"], r["rate"])
-        rows.setdefault(key, {})[(r["comm"], r.get("ho_ring_chunks"))] = r
-    for (model, topology, accum, config, rate), by in rows.items():
+        rows.setdefault((_scenario(r), r["config"], r["rate"]), {})[(r["comm"], r.get("ho_ring_chunks"))] = r
+    for ((model, nodes, ranks, accum), config, rate), by in rows.items():
         base = by.get((DEFAULT, None))
         base_s = statistics.median(step_times(base)) if base and base["status"] == "ok" else None
         cells = []
@@ -75,8 +75,8 @@ def render(runs: list[dict], commands: list[str]) -> str:
                 median = statistics.median(times)
                 gain = "" if base_s is None or column == (DEFAULT, None) else f", {base_s / median - 1:+.1%}"
                 cells.append(f"{median:.2f} s ({min(times):.2f}-{max(times):.2f}){gain}")
-        link = f"{rate} (floor)" if rate == FLOOR_RATE else rate
-        lines.append(f"| {model} {topology} A={accum} | {config} | {link} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | {_rate_label(rate)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join([*lines, END])
 
 
