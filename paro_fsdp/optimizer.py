@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,7 +10,8 @@ import torch.nn as nn
 
 from paro_fsdp import fsdp_seam, optimizer_state
 from paro_fsdp.engine import EngineState
-from paro_fsdp.optimizer_state import UnitSlices, compact_slices, ensure_inner_state, gather_to_params, slice_of
+from paro_fsdp.master_state import MasterStateDict
+from paro_fsdp.optimizer_state import UnitSlices, compact_slices, ensure_inner_state
 from paro_fsdp.parallelize import paro_state
 
 
@@ -71,9 +71,7 @@ class ParoOptimizer(torch.optim.Optimizer):
         self._sync_order = sorted(self._units, key=lambda entry: order[id(entry[0])])  # as the next forward reads
         if self._masters:
             fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
-            names = {id(p): name for name, p in model.named_parameters()}
-            model.register_state_dict_post_hook(functools.partial(self._masters_into_state_dict, names))
-            model.register_load_state_dict_pre_hook(functools.partial(self._masters_from_state_dict, names))
+            MasterStateDict(model, self._masters, self._engine.strategy)
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
         ensure_inner_state(self.inner, self._all_views())
         # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
@@ -110,23 +108,6 @@ class ParoOptimizer(torch.optim.Optimizer):
                 compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
                 unit.sync_params(compact.to(self._engine.compute_dtype) if unit.keeps_master_apart else compact)
         return None
-
-    # The model's state dict holds the masters, not the compute-dtype copies at P: checkpoints keep
-    # full precision and load under any strategy.
-
-    def _masters_into_state_dict(self, names: dict[int, str], module: nn.Module, state_dict: dict[str, Any],
-                                 prefix: str, local_metadata: Any) -> None:
-        for unit, slices, masters in self._masters:
-            for param, value in gather_to_params(unit, slices, masters, self._engine.strategy):
-                state_dict[prefix + names[id(param)]] = value
-
-    def _masters_from_state_dict(self, names: dict[int, str], module: nn.Module, state_dict: dict[str, Any],
-                                 prefix: str, *_: Any) -> None:
-        for _, slices, masters in self._masters:
-            for sl, master in zip(slices, masters):
-                value = state_dict.get(prefix + names[id(sl.region.param)])
-                if value is not None:
-                    master.copy_(slice_of(value, sl))
 
     def state_bytes(self) -> int:
         """Bytes of per-element optimizer state on this rank: the moments, and the fp32 masters

@@ -1,5 +1,6 @@
 """The paper's mixed-precision layout: a bf16 copy at P and the fp32 master at O, for all 14
-strategies in one 2x2 gloo process group; checkpoints across layouts and from stock FSDP2."""
+strategies in one 2x2 gloo process group; checkpoints across layouts and from stock FSDP2, and
+under the module wrappers torchtitan applies (activation checkpointing, torch.compile)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -26,6 +28,7 @@ from paro_fsdp.formulas import Topology
 from paro_oracle import TRAINING_PHASES, comm_bytes
 
 CODES = [str(s) for s in ParoStrategy.all_valid()]
+MASTERS_APART = [str(s) for s in ParoStrategy.all_valid() if s.param < s.optim]  # P coarser than O
 BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 FULL = StateDictOptions(full_state_dict=True)
 STEPS, ACCUM, DIM = 3, 2, 16  # rows divide by n = 4: no padding in the byte and memory counts
@@ -35,16 +38,28 @@ def _mesh(g: int, m: int):
     return init_device_mesh("cpu", (g, m), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
-def _model(mesh, code: str, policy: MixedPrecisionPolicy = BF16):
+def _model(mesh, code: str, policy: MixedPrecisionPolicy = BF16, wrap: bool = False):
+    """The test model under ``code``; ``wrap`` puts torchtitan's wrappers around its units first:
+    activation checkpointing alone, activation checkpointing then compile (torchtitan's order),
+    compile alone."""
     torch.manual_seed(0)
     model = Net(dim=DIM, depth=2, in_features=DIM, out_features=DIM)
+    if wrap:
+        model.layers[0] = checkpoint_wrapper(model.layers[0], preserve_rng_state=False)
+        model.layers[1] = torch.compile(checkpoint_wrapper(model.layers[1], preserve_rng_state=False), backend="eager")
+        model.head = torch.compile(model.head, backend="eager")
     return paro_parallelize(model, mesh, code, blocks=model.units(), mp_policy=policy)
 
 
 def _copy_is_cast_master(model) -> bool:
     """Every rank's copy at P equals its master (the model state dict's value) cast, bit for bit."""
     masters = get_model_state_dict(model)
-    return all(torch.equal(masters[name].to_local().to(p.dtype), p.to_local()) for name, p in model.named_parameters())
+    return all(torch.equal(masters[_fqn(name)].to_local().to(p.dtype), p.to_local()) for name, p in model.named_parameters())
+
+
+def _fqn(name: str) -> str:
+    """A parameter's name without the wrappers' segments, as checkpoints key it."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _train(model, opt, steps: int, start: int = 0) -> list[float]:
@@ -143,6 +158,29 @@ def _checkpoints(path: str) -> dict:
     return out
 
 
+def _wrapped_masters() -> dict:
+    """For each strategy with its master apart: the same training with and without wrappers, then
+    a load of values no run has; the state dicts' keys, and how far their values differ."""
+    mesh, out = _mesh(2, 2), {}
+    clean_keys = set(Net(dim=DIM, depth=2, in_features=DIM, out_features=DIM).state_dict())
+    for code in MASTERS_APART:
+        plain, wrapped = _model(mesh, code), _model(mesh, code, wrap=True)
+        for model in (plain, wrapped):
+            _train(model, ParoOptimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1), 2)
+        want, got = get_model_state_dict(plain, options=FULL), get_model_state_dict(wrapped, options=FULL)
+        target = {k: v + 0.125 for k, v in get_model_state_dict(wrapped).items()}
+        set_model_state_dict(wrapped, target)
+        loaded = get_model_state_dict(wrapped, options=FULL)
+        out[code] = {
+            "keys": sorted(got), "clean_keys": sorted(clean_keys),
+            "dtypes": sorted({str(v.dtype) for v in got.values()}),
+            "trained": max((got[k] - want[k]).abs().max().item() for k in want),
+            "loaded": max((loaded[k] - (want[k] + 0.125)).abs().max().item() for k in want),
+            "copy_is_cast_master": _copy_is_cast_master(wrapped),
+        }
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs():
     return run_distributed(_all_strategies, 4)
@@ -185,3 +223,13 @@ def test_checkpoints_keep_the_masters():
         assert r["ggg_dtype"] == "torch.float32"
         assert r["iig_to_ggg"] == 0.0 and r["ggg_to_iig"] == 0.0 and r["stock_to_iig"] == 0.0, r
         assert r["copy_is_cast_master"] and r["resume"] == 0.0, r
+
+
+def test_masters_keep_the_parameters_fqns_under_activation_checkpointing_and_compile():
+    assert len(MASTERS_APART) == 8
+    for per_rank in run_distributed(_wrapped_masters, 4):
+        for code, r in per_rank.items():
+            assert r["keys"] == r["clean_keys"], (code, r["keys"])
+            assert r["dtypes"] == ["torch.float32"], code
+            assert r["trained"] == 0.0, (code, r)  # the wrappers change no value
+            assert r["loaded"] == 0.0 and r["copy_is_cast_master"], (code, r)  # a load reaches the masters
