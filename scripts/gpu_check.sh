@@ -14,7 +14,8 @@
 # What runs (details in docs/gpu-check.md): one NCCL rank end to end (engine, optimizer,
 # clipping, DCP checkpoint, probe and object collectives on an NCCL-only process group), the
 # single-rank `paro probe` refusal, torchtitan's debug model on one GPU with paro_strategy set
-# and with auto, and several ranks in one process on the GPU (HO-Ring, the engine bit for bit,
+# (fp32, and the shipped GPU configs' bf16 + activation checkpointing + compile) and with auto,
+# and several ranks in one process on the GPU (HO-Ring, the engine bit for bit,
 # the probe, auto, and the stream-safety test with collectives delayed on their streams).
 set -uo pipefail
 cd "$(dirname "$0")/.."

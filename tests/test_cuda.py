@@ -11,12 +11,14 @@ scripts/gpu_check.sh`` runs this file on a GPU machine (and then fails if CUDA i
   barrier and timing reduction, object collectives). The CPU variant runs it on gloo.
 - ``paro probe``: on one GPU there is no link to measure, so the CLI refuses a single rank;
   the measurement itself runs on 2 x 2 threaded ranks with CUDA tensors.
-- torchtitan's debug run on one GPU with ``paro_strategy`` set (and ``auto``, which needs two
+- torchtitan's debug run on one GPU with ``paro_strategy`` set, in fp32 and with the shipped
+  GPU configs' bf16 + activation checkpointing + compile (and ``auto``, which needs two
   data-parallel ranks and must say so); the ``auto`` choice and its broadcast on 2 x 2
   threaded ranks.
 - Threaded ranks (torch's threaded process group: one thread per rank, one process, one
   GPU): HO-Ring equals the flat collective; the engine's gradients and SGD step equal a CPU
-  reference bit for bit. The model's weights and data are small integers, so every product
+  reference bit for bit, in fp32, bf16 and bf16 under activation checkpointing (the fp32
+  masters at O read back under the parameters' own names). The model's weights and data are small integers, so every product
   and sum is exact in fp32 whatever the order and device.
 - Stream safety: the same engine check with every collective delayed on the stream it was
   issued on (``torch.cuda._sleep``), as a slow link delays NCCL. The engine's consumers of
@@ -318,12 +320,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...],
-                bf16: bool = False) -> dict[str, Any]:
+                bf16: bool = False, ac: bool = False) -> dict[str, Any]:
     """Per strategy: the clipped-by-nothing global norm and every full parameter after one SGD step.
 
     ``bf16``: compute in bf16 and reduce in fp32 (where P is coarser than O, the parameters at
-    P are then bf16 copies and the fp32 masters live at O).
+    P are then bf16 copies and the fp32 masters live at O). ``ac``: every block under
+    activation checkpointing's wrapper, as torchtitan applies it; the state dict must still use
+    the reference's (clean) names.
     """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -334,6 +339,9 @@ def _engine_run(device: str, g: int, m: int, cases: tuple[tuple[str, str], ...],
     out = {}
     for code, comm in cases:
         model = integer_chain().to(device)
+        if ac:
+            for i, layer in enumerate(model.layers):
+                model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
         model = paro_parallelize(model, mesh, code, blocks=list(model.layers), comm=comm, mp_policy=policy)
         computed = []  # the blocks' output dtypes: the policy is in force, else bf16 tests nothing
         for layer in model.layers:
@@ -361,11 +369,12 @@ def _assert_exact(results: list[dict[str, Any]], n: int, what: str) -> None:
                 assert torch.equal(params[name], ref), f"{what} rank {rank} {case}: {name} differs by {diff}"
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("bf16", "ac"), [(False, False), (True, False), (True, True)],
+                         ids=["fp32", "bf16", "bf16-activation-checkpointing"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_threaded_engine_matches_the_reference_bit_for_bit(device: str, bf16: bool) -> None:
-    results = run_threaded(_engine_run, 4, device, 2, 2, ENGINE_CASES, bf16, device=device)
-    _assert_exact(results, 4, f"{device} 2x2 {'bf16' if bf16 else 'fp32'}")
+def test_threaded_engine_matches_the_reference_bit_for_bit(device: str, bf16: bool, ac: bool) -> None:
+    results = run_threaded(_engine_run, 4, device, 2, 2, ENGINE_CASES, bf16, ac, device=device)
+    _assert_exact(results, 4, f"{device} 2x2 {'bf16' if bf16 else 'fp32'}{' AC' if ac else ''}")
 
 
 @needs_cuda
@@ -644,6 +653,21 @@ def test_torchtitan_debug_run_with_paro_on_one_gpu(tmp_path: Path) -> None:
     assert sorted(losses) == [1, 2, 3, 4, 5], log[-4000:]
     assert all(math.isfinite(v) for v in losses.values()) and losses[5] < losses[1], losses
     assert (tmp_path / "checkpoint" / "step-5").is_dir(), "the full checkpoint (model and PaRO optimizer) was saved"
+
+
+@needs_cuda
+def test_torchtitan_bf16_with_activation_checkpointing_and_compile_on_one_gpu(tmp_path: Path) -> None:
+    """The shipped GPU configs' feature set (bf16, selective AC, compile, full checkpoints) on one GPU."""
+    proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "IIG", "--parallelism.paro_comm", "ho_ring",
+                               "--training.mixed_precision_param", "bfloat16",
+                               "--activation_checkpoint.mode", "selective", "--compile.enable",
+                               "--compile.components", "model,loss",
+                               "--checkpoint.enable", "--checkpoint.interval", "5",
+                               "--checkpoint.no-last-save-model-only")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1], (losses, log[-4000:])
+    assert (tmp_path / "checkpoint" / "step-5" / ".metadata").is_file()
 
 
 @needs_cuda
