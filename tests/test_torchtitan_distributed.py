@@ -9,7 +9,9 @@ steps), and the last rank writes what it measured to a JSON file the tests read:
   (parameters and optimizer state after each load equal those saved; training continues on
   the uninterrupted run's losses); qwen3 with PaRO vs stock; ``paro_strategy = "auto"``
   (links probed at start-up, the ranking logged, the chosen strategy trained);
-- 8 ranks: TP=2 and PP=2, each with PaRO IIG 2x2 vs torchtitan's stock HSDP 2x2.
+- 8 ranks: TP=2 and PP=2, each with PaRO IIG 2x2 vs torchtitan's stock HSDP 2x2, and each with
+  IIG in bf16 under selective activation checkpointing, a step-1 checkpoint loaded into the
+  running trainer replaying step 2 exactly.
 """
 
 from __future__ import annotations
@@ -110,11 +112,20 @@ def _scenarios_8(root: Path) -> dict[str, Any]:
     tp = ["--parallelism.tensor_parallel_degree", "2"]
     pp = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
           "--training.global_batch_size", "8"]
-    return {
+    out: dict[str, Any] = {
         f"{name}_{(strategy or 'stock').lower()}": run(args(root / f"{name}_{strategy}", 2, (2, 2), strategy, *extra))["losses"]
         for name, extra in (("tp", tp), ("pp", pp))
         for strategy in (None, "IIG")
     }
+    # bf16 copies at P under activation checkpointing, in TP-sharded and pipeline-stage model
+    # parts: the masters' checkpoint keys and their load, replayed from a step-1 checkpoint.
+    bf16_ac = ["--training.mixed_precision_param", "bfloat16", "--checkpoint.enable", "--checkpoint.interval", "1",
+               "--checkpoint.no-last-save-model-only"]
+    for name, extra in (("tp", tp), ("pp", pp)):
+        got = run(args(root / f"{name}_bf16_ac", 2, (2, 2), "IIG", *extra, *bf16_ac, ac="selective"),
+                  replay_from=1, snapshot_end=False)
+        out[f"{name}_bf16_ac"] = {"losses": curve(got["losses"]), "replayed": curve(got["replayed"])}
+    return out
 
 
 # ----------------------------------------------------------------------------- test side
@@ -210,6 +221,14 @@ def test_tensor_parallel_composes_with_paro(eight: dict[str, Any]) -> None:
 
 def test_pipeline_parallel_composes_with_paro(eight: dict[str, Any]) -> None:
     assert_close(curve(eight["pp_iig"]), curve(eight["pp_stock"]))
+
+
+@pytest.mark.parametrize("name", ["tp", "pp"])
+def test_bf16_with_activation_checkpointing_composes_with_tp_and_pp_and_replays(eight: dict[str, Any],
+                                                                                name: str) -> None:
+    got = eight[f"{name}_bf16_ac"]
+    assert len(got["losses"]) == 2 and got["losses"][1] < got["losses"][0], got
+    assert got["replayed"] == pytest.approx(got["losses"][1:], rel=1e-6, abs=0), got
 
 
 if __name__ == "__main__":

@@ -84,18 +84,18 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, str]:
 
 
 def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None = None,
-        snapshot_loaded: bool = False, replay_from: int | None = None) -> dict[str, Any]:
+        snapshot_loaded: bool = False, replay_from: int | None = None,
+        snapshot_end: bool = True) -> dict[str, Any]:
     """Train with torchtitan's trainer (after loading its checkpoint, if any).
 
     ``stop_after`` interrupts the run after that step and saves a checkpoint, as a job that
     is stopped and will be resumed. Snapshots are taken right after loading ("loaded", only
     when asked: reading a fresh optimizer's state initializes it), at step ``snapshot_at``
-    ("at") and at the end ("end"). ``replay_from`` then loads the checkpoint saved at that
+    ("at") and at the end ("end", unless ``snapshot_end`` is off). ``replay_from`` then loads the checkpoint saved at that
     step into the same trainer and trains to the end again: "replayed" holds those losses and
     "replayed_from" the step the load restored. "compiled" says whether the model's modules
     were ``torch.compile``'d.
     """
-    import torch
     from torch._dynamo.eval_frame import OptimizedModule
     from torchtitan.config import ConfigManager
     from torchtitan.train import Trainer
@@ -122,7 +122,8 @@ def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None 
         out["loaded"] = snapshot(trainer)
     last = trainer.job_config.training.steps if stop_after is None else stop_after
     _train(trainer, last, out, snapshot_at)
-    out["end"] = snapshot(trainer)
+    if snapshot_end:
+        out["end"] = snapshot(trainer)
     if replay_from is not None:
         trainer.checkpointer.load(step=replay_from)
         out["replayed_from"], out["replayed"] = trainer.step, {}
@@ -132,8 +133,6 @@ def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None 
     trainer.close()
     del trainer
     gc.collect()
-    if out["compiled"]:
-        torch._dynamo.reset()  # the next run compiles afresh: never a recompile-limit fallback to eager
     return out
 
 
@@ -173,6 +172,7 @@ def launch(script: str, world: int, tmp: Path, *extra: str) -> dict[str, Any]:
 def rank_main(scenarios: Callable[[Path], dict[str, Any]], root: Path, result: Path) -> None:
     """A launched rank: CPU mode where there is no accelerator, then ``scenarios(root)``; the last
     rank (the last pipeline stage, where the loss is) writes what it returned to ``result``."""
+    import torch
     import torch.distributed as dist
     from torchtitan.tools.logging import init_logger
 
@@ -180,6 +180,10 @@ def rank_main(scenarios: Callable[[Path], dict[str, Any]], root: Path, result: P
 
     if not accelerator_available():
         enable_cpu_mode()
+    # Runs one after another reuse compiled blocks where their guards hold; one that needs more
+    # recompiles than this fails rather than silently running eagerly.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     init_logger()
     out = scenarios(root)
     if dist.get_rank() == dist.get_world_size() - 1:
