@@ -30,36 +30,25 @@ from typing import Any
 
 import pytest
 
+from titan_runs import args
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "train_configs" / "llama3_debug_paro.toml"
 WORKER = Path(__file__).resolve().parent / "fault_worker.py"
 STEPS, INTERVAL = 7, 3
 
 
 def train_args(dump: Path, steps: int, strategy: str = "IIG", interval: int = INTERVAL) -> list[str]:
-    return [
-        "--job.config_file", str(CONFIG),
-        "--job.dump_folder", str(dump),
-        "--training.steps", str(steps),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "1",
-        "--training.global_batch_size", "8",  # 2 micro-batches per step on 4 ranks
-        "--lr_scheduler.warmup_steps", "1",
-        "--metrics.no-enable-tensorboard",
-        "--activation_checkpoint.mode", "none",
-        "--parallelism.paro_strategy", strategy,
-        "--checkpoint.enable",
-        "--checkpoint.interval", str(interval),
-    ]
+    """The debug job on 2 x 2 ranks, 2 micro-batches per step, a checkpoint every ``interval`` steps."""
+    return args(dump, steps, (2, 2), strategy, "--checkpoint.enable", "--checkpoint.interval", str(interval))
 
 
-def launch(dump: Path, args: list[str], fault: str = "", max_restarts: int = 2,
+def launch(dump: Path, argv: list[str], fault: str = "", max_restarts: int = 2,
            timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     """One torchrun of 4 ranks; returns the process and the worker's event records."""
     dump.mkdir(parents=True, exist_ok=True)
     record = dump / "events.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           "--max-restarts", str(max_restarts), str(WORKER), *args]
+           "--max-restarts", str(max_restarts), str(WORKER), *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PARO_FAULT": fault, "PARO_FAULT_RECORD": str(record)}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
