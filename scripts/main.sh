@@ -9,7 +9,7 @@
 #   bash scripts/main.sh --parallelism.paro_strategy None # stock torchtitan HSDP, same layout
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh >/dev/null
 # Console output of rank 0 only (torchtitan logs on every rank).
 exec .venv/bin/torchrun --standalone --nproc-per-node 4 --local-ranks-filter 0 --role rank --tee 3 \
   -m torchtitan_patch.train \

@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.testing._internal.distributed.multi_threaded_pg as mtpg
 
+from conftest import needs_torchtitan
 from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,6 +430,7 @@ def _auto_choice(device: str, model: nn.Module, job: Any) -> str:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@needs_torchtitan
 def test_threaded_auto_broadcasts_rank0s_choice_or_error(device: str, tmp_path: Path) -> None:
     from torchtitan.config import ConfigManager
 
@@ -644,6 +646,7 @@ def _torchtitan(dump: Path, *extra: str) -> tuple[subprocess.CompletedProcess, d
 
 
 @needs_cuda
+@needs_torchtitan
 def test_torchtitan_debug_run_with_paro_on_one_gpu(tmp_path: Path) -> None:
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "IIG", "--parallelism.paro_comm", "ho_ring",
                                "--checkpoint.enable", "--checkpoint.interval", "5")
@@ -656,6 +659,7 @@ def test_torchtitan_debug_run_with_paro_on_one_gpu(tmp_path: Path) -> None:
 
 
 @needs_cuda
+@needs_torchtitan
 def test_torchtitan_bf16_with_activation_checkpointing_and_compile_on_one_gpu(tmp_path: Path) -> None:
     """The shipped GPU configs' feature set (bf16, selective AC, compile, full checkpoints) on one GPU."""
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "IIG", "--parallelism.paro_comm", "ho_ring",
@@ -671,6 +675,7 @@ def test_torchtitan_bf16_with_activation_checkpointing_and_compile_on_one_gpu(tm
 
 
 @needs_cuda
+@needs_torchtitan
 def test_torchtitan_auto_on_one_gpu_says_it_needs_two_ranks(tmp_path: Path) -> None:
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "auto")
     assert proc.returncode != 0 and not losses

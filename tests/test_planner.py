@@ -10,6 +10,7 @@ import pytest
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 
+from conftest import needs_torchtitan
 from dist_utils import run_distributed
 from paro_fsdp.__main__ import main
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
@@ -289,6 +290,7 @@ def test_sizes_from_model() -> None:
         sizes_from_model(nn.Linear(2, 2))
 
 
+@needs_torchtitan
 def test_torchtitan_config(tmp_path) -> None:
     cfg = tmp_path / "job.toml"
     cfg.write_text('[model]\nname = "llama3"\nflavor = "debugmodel"\n'
@@ -362,6 +364,7 @@ def test_cli_errors(capsys, argv: list[str], message: str) -> None:
     assert message in capsys.readouterr().err
 
 
+@needs_torchtitan
 def test_cli_ho_ring_chunks_from_the_flag_or_the_toml(capsys, tmp_path) -> None:
     assert main([*CLI, "--comm", "ho_ring", "--ho-ring-chunks", "4"]) == 0
     assert "(C <= 4), costs max(intra, inter)" in capsys.readouterr().out
