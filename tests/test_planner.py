@@ -22,6 +22,7 @@ from paro_fsdp.planner import (
     TrainingSetup,
     choose_strategy,
     cluster_from_calibration,
+    describe_assumptions,
     compute_seconds_from_flops,
     estimate,
     fit_link,
@@ -173,6 +174,18 @@ def test_degenerate_meshes() -> None:
     iii = estimate("III", SMALL_MODEL, one_rank, SMALL_SETUP)
     assert iii.effective.code == "NNN" and iii.intra_bytes == 0 and iii.collectives == \
         estimate("NNN", SMALL_MODEL, one_rank, SMALL_SETUP).collectives
+
+
+def test_assumptions_state_the_dtypes_each_layout_moves() -> None:
+    def dtypes(model: ModelSizes) -> str:
+        return next(line for line in describe_assumptions(model, SMALL_CLUSTER, SMALL_SETUP, "default")
+                    if line.startswith("dtypes"))
+
+    fp32 = dtypes(SMALL_MODEL)
+    assert "all-gathers 4" in fp32 and "sync_g 4" in fp32 and "master lives at O" not in fp32
+    bf16 = dtypes(dataclasses.replace(SMALL_MODEL, gather_bytes=2))
+    assert "all-gathers 2" in bf16 and "copy at P is 2-byte and the 4-byte master lives at O" in bf16
+    assert "(K = 12)" in bf16
 
 
 def test_pareto_front() -> None:

@@ -9,6 +9,18 @@ from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import pareto_front
 from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
 
+def _dtypes(model: ModelSizes) -> str:
+    """The dtypes line; where the compute dtype is narrower, the paper's layout for P coarser than O."""
+    compute, master = model.wire_param_bytes, model.param_bytes
+    line = (f"dtypes (bytes/element): params {master}, grads {model.grad_bytes}, optimizer K = {model.optim_bytes}; "
+            f"all-gathers {compute}, gradient reductions {model.wire_grad_bytes}, sync_g {model.master_bytes}, "
+            "sync_p the dtype of the copy at P")
+    if compute < master:
+        line += (f"; where P is coarser than O the copy at P is {compute}-byte and the {master}-byte master "
+                 f"lives at O with the moments (K = {model.optim_bytes + master})")
+    return line
+
+
 def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str,
                          ho_ring_chunks: int | None = None) -> list[str]:
     """Every input and modelling assumption behind the numbers, one line each."""
@@ -16,9 +28,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
     lines = [
         f"model: Psi = {psi:,} parameters, Psi' = {psi_t:,} trainable ({psi_t / psi:.4g} of Psi), "
         f"{model.blocks} blocks of up to {model.unit_params:,.0f} parameters",
-        f"dtypes (bytes/element): params {model.param_bytes}, grads {model.grad_bytes}, optimizer K = "
-        f"{model.optim_bytes}; all-gathers {model.wire_param_bytes}, gradient reductions {model.wire_grad_bytes}, "
-        f"once-per-step syncs {model.master_bytes}",
+        _dtypes(model),
         f"cluster: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks = {cluster.world} ranks; per rank: intra "
         f"{fmt(cluster.intra_bw, DECIMAL)}/s + {fmt(cluster.intra_latency, SECONDS)} per collective, inter "
         f"{fmt(cluster.inter_bw, DECIMAL)}/s + {fmt(cluster.inter_latency, SECONDS)} per collective; "
