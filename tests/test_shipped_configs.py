@@ -11,7 +11,7 @@ falling loss and save complete checkpoints; the same command started over a copy
 checkpoint must resume and log the same step-3 loss.
 
 A setting that cannot run on CPU is turned off by name in :data:`CPU_UNSUPPORTED`, and the test
-warns which, for which file.
+warns which, for which file. The README's ``paro plan --config`` command must read every file too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from paro_fsdp.strategy import ParoStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
@@ -121,3 +123,17 @@ def test_shipped_config_trains_saves_and_resumes(config: Path, tmp_path: Path) -
     shutil.copytree(tmp_path / "run" / folder / "step-2", resumed_dump / folder / "step-2")
     resumed = _losses(_train(config, [*overrides, "--job.dump_folder", str(resumed_dump)], world))
     assert resumed == {3: losses[3]}, f"{config.name}: resumed {resumed}, uninterrupted {losses}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_paro_plan_reads_the_shipped_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from paro_fsdp.__main__ import main
+
+    settings = tomllib.loads(config.read_text())
+    assert main(["plan", "--config", str(config), "--intra-bw", "150", "--inter-bw", "3", "--memory", "80",
+                 "--device-tflops", "400"]) == 0
+    out = capsys.readouterr().out
+    assert f"# torchtitan: {settings['model']['name']} {settings['model']['flavor']} ({config})" in out, out[:2000]
+    rows = [line.split() for line in out.splitlines() if line and not line.startswith(("#", "rank", "best"))]
+    assert sorted(r[1] for r in rows) == sorted(str(s) for s in ParoStrategy.all_valid()), out
+    assert out.splitlines()[-1].startswith("best that fits: "), out[-500:]
