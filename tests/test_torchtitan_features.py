@@ -4,9 +4,10 @@ Mixed precision {fp32, bf16} x activation checkpointing {none, selective, full} 
 {off, on}, for IIG (P coarser than O: under bf16 a bf16 copy at P and the fp32 master at O),
 GGG (P == O: the fp32 copy at P is the master) and stock torchtitan HSDP, all on 2 groups x 2
 ranks, on the debug model cut to 2 layers (every feature still applies per block). One torchrun
-of this file runs the 36 cells one after another on one process group, each with one trainer: steps 1 and 2 with a checkpoint after each, then the step-1 checkpoint
-loaded into the same trainer and step 2 trained again (so a load that missed the masters, the
-moments or the data position would change it). Each PaRO cell's losses must equal the stock
+of this file runs the 36 cells one after another on one process group, each with one trainer:
+steps 1 and 2 with a checkpoint after each, then the step-1 checkpoint loaded into the same
+trainer and step 2 trained again (so a load that missed the masters, the moments or the data
+position would change it). Each PaRO cell's losses must equal the stock
 cell's with the same features (rel. 1e-5 in fp32, 1e-3 in bf16), and every cell's step 2 after
 the load must equal its step 2 before it.
 """

@@ -91,10 +91,10 @@ def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None 
     ``stop_after`` interrupts the run after that step and saves a checkpoint, as a job that
     is stopped and will be resumed. Snapshots are taken right after loading ("loaded", only
     when asked: reading a fresh optimizer's state initializes it), at step ``snapshot_at``
-    ("at") and at the end ("end", unless ``snapshot_end`` is off). ``replay_from`` then loads the checkpoint saved at that
-    step into the same trainer and trains to the end again: "replayed" holds those losses and
-    "replayed_from" the step the load restored. "compiled" says whether the model's modules
-    were ``torch.compile``'d.
+    ("at") and at the end ("end", unless ``snapshot_end`` is off). ``replay_from`` then loads
+    the checkpoint saved at that step into the same trainer and trains to the end again:
+    "replayed" holds those losses and "replayed_from" the step the load restored. "compiled"
+    says whether the model's modules were ``torch.compile``'d.
     """
     from torch._dynamo.eval_frame import OptimizedModule
     from torchtitan.config import ConfigManager
