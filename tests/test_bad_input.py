@@ -389,7 +389,7 @@ def test_toml_values_of_the_wrong_type_are_refused_by_field(tmp_path: Path) -> N
 
 
 def test_bad_config_stops_the_launch_before_any_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchtitan_patch.train import _validate_early
+    from torchtitan_patch.v0_2.train import _validate_early
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ParoConfigError, match=r"paro_device_memory_gib=nan is invalid"):

@@ -17,7 +17,8 @@ from paro_fsdp.planner import Calibration, Cluster, LinkFit, plan as plan_all
 from paro_fsdp.strategy import ParoStrategy
 from torchtitan_patch.auto import device_memory_bytes, plan, plan_inputs
 from torchtitan_patch.cpu import CpuDeviceModule
-from torchtitan_patch.data import ReshardGuardDataLoader, load_local_text
+from torchtitan_patch.data import load_local_text
+from torchtitan_patch.v0_2.data import ReshardGuardDataLoader
 from torchtitan_patch.models import GradientSyncDriver
 from torchtitan_patch.settings import ParoConfigError, paro_settings
 

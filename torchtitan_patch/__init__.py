@@ -1,61 +1,20 @@
-"""PaRO for torchtitan 0.2.2, switched on from the job TOML.
+"""PaRO for torchtitan: a version-independent core and one adapter per supported release.
 
-``[experimental] custom_import = "torchtitan_patch"`` imports this package inside torchtitan's
-trainer, before it looks up the model's train spec. Importing it:
+- torchtitan 0.2.2 (``torchtitan_patch.v0_2``): ``[experimental] custom_import =
+  "torchtitan_patch"`` in the job TOML imports this package, which installs that adapter;
+  ``[job] custom_config_module = "torchtitan_patch.job_config"`` adds the PaRO fields.
+- torchtitan 0.3.0 (``torchtitan_patch.v0_3``): ``--module torchtitan_patch.v0_3 --config
+  llama3_debug_paro`` (or a config function of your own that returns a
+  :class:`torchtitan_patch.v0_3.ParoTrainer.Config`); importing this package installs nothing.
 
-- registers train specs for ``llama3`` and ``qwen3`` (torchtitan's ``register_train_spec``:
-  user specs take precedence over built-in ones). They are torchtitan's own specs with a
-  PaRO-aware ``parallelize_fn``, optimizer builder, metrics processor and a dataloader that
-  refuses to reshard its state; with ``parallelism.paro_strategy`` unset each delegates to
-  torchtitan's original, so the run is stock torchtitan. Either way the model parts it returns
-  start from the unsharded model's weights, whatever the layout (:mod:`torchtitan_patch.init`);
-- registers the ``local_text`` dataset (offline text files; see :mod:`torchtitan_patch.data`);
-- routes the trainer's gradient clipping through :mod:`torchtitan_patch.clip`, the one
-  torchtitan function replaced in place (the trainer calls it by module attribute);
-- scopes the default process group's store to the torchrun attempt, so a job restarted by
-  ``torchrun --max-restarts`` starts again (see :mod:`torchtitan_patch.elastic`);
-- checks checkpoints: a checksum manifest after each save, and before each load the files,
-  the model and the data-parallel degree they fit (see :mod:`torchtitan_patch.checkpoint`).
-
-``[job] custom_config_module = "torchtitan_patch.job_config"`` adds the PaRO fields.
-``python -m torchtitan_patch.train`` is ``torchtitan.train`` plus CPU mode.
+``python -m torchtitan_patch.train`` is torchtitan's train script for either release, plus CPU
+mode. The adapter follows the installed torchtitan (:mod:`torchtitan_patch.version`); another
+release stops at import with an error naming the supported ones.
 """
 
-from __future__ import annotations
+from torchtitan_patch.version import adapter, torchtitan_version
 
-import dataclasses
-import importlib
+if torchtitan_version() and adapter() == "v0_2":
+    from torchtitan_patch.v0_2 import install
 
-from torchtitan.protocols.train_spec import register_train_spec
-
-from torchtitan_patch import checkpoint, clip, elastic
-from torchtitan_patch import flavors  # noqa: F401  (adds llama3 flavors, e.g. 57M)
-from torchtitan_patch.data import build_dataloader, register_dataset
-from torchtitan_patch.init import full_tensor_init
-from torchtitan_patch.metrics import build_paro_metrics_processor
-from torchtitan_patch.optimizer import build_paro_optimizers
-from torchtitan_patch.parallelize import paro_parallelize_fn
-from torchtitan_patch.settings import SUPPORTED_MODELS
-
-
-def _register_train_specs() -> None:
-    for name in SUPPORTED_MODELS:
-        stock = importlib.import_module(f"torchtitan.models.{name}").get_train_spec()
-        spec = dataclasses.replace(
-            stock,
-            parallelize_fn=full_tensor_init(paro_parallelize_fn(stock.parallelize_fn)),
-            build_optimizers_fn=build_paro_optimizers,
-            build_metrics_processor_fn=build_paro_metrics_processor,
-            build_dataloader_fn=build_dataloader,
-        )
-        try:
-            register_train_spec(name, spec)
-        except ValueError:  # already registered: this package imported twice, or the user's own spec
-            pass
-
-
-register_dataset()
-_register_train_specs()
-clip.install()
-elastic.install()
-checkpoint.install()
+    install()

@@ -74,6 +74,12 @@ def device_memory_bytes(settings: ParoSettings, device_type: str) -> float:
     return float(module.get_device_properties(module.current_device()).total_memory)
 
 
+def _model_dim(model: nn.Module) -> int:
+    """The hidden size: in ``model_args`` on torchtitan 0.2.2, in the model's ``config`` on 0.3."""
+    args = getattr(model, "model_args", None) or model.config
+    return args.dim
+
+
 def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> tuple[ModelSizes, TrainingSetup]:
     """The planner's model sizes and training setup for ``model`` as this job trains it."""
     training = job_config.training
@@ -84,7 +90,7 @@ def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> t
         gather_bytes=gather, reduce_bytes=TORCH_DTYPE_MAP[training.mixed_precision_reduce].itemsize,
     )
     job = TorchtitanJob(
-        name=job_config.model.name, flavor=job_config.model.flavor, model=sizes, dim=model.model_args.dim,
+        name=job_config.model.name, flavor=job_config.model.flavor, model=sizes, dim=_model_dim(model),
         seq_len=training.seq_len, local_batch_size=training.local_batch_size,
         global_batch_size=training.global_batch_size, activation_checkpoint=job_config.activation_checkpoint.mode,
         activation_dtype_bytes=gather,

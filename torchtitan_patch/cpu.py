@@ -1,6 +1,6 @@
-"""CPU mode for torchtitan 0.2.2: the few shims that let its trainer run on CPU with gloo.
+"""CPU mode: the few shims that let torchtitan's trainer run on CPU with gloo.
 
-torchtitan 0.2.2 assumes an accelerator. This module is the one place that works around
+torchtitan assumes an accelerator. This module is the one place that works around
 that, and only when no accelerator is present; on a GPU machine nothing here is applied and
 the same TOML runs with plain ``-m torchtitan.train``. Each shim, and why:
 
@@ -17,14 +17,17 @@ the same TOML runs with plain ``-m torchtitan.train``. Each shim, and why:
    already divided by the global token count), which FSDP implements with ``PREMUL_SUM``; gloo
    has no ``PREMUL_SUM``. Forcing sum reductions on every FSDP module gives the same result
    (a plain sum, then FSDP's own division, which is 1 here) with ops gloo supports. This is
-   applied by wrapping each train spec's ``parallelize_fn`` (PP passes the same function to
+   applied by wrapping each model's parallelize function (PP passes the same function to
    every stage).
+
+Each adapter's ``cpu`` module applies these the way its release needs, and adds what that
+release needs beyond them (torchtitan 0.3: an attention kernel with a CPU backward).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import importlib
 import os
 import resource
 import sys
@@ -34,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
+
+from torchtitan_patch.version import adapter
 
 
 def accelerator_available() -> bool:
@@ -91,28 +96,8 @@ def force_sum_reductions(model: nn.Module) -> nn.Module:
     return model
 
 
-def _gloo_safe(parallelize_fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    @functools.wraps(parallelize_fn)
-    def wrapped(*args: Any, **kwargs: Any) -> nn.Module:
-        return force_sum_reductions(parallelize_fn(*args, **kwargs))
-
-    return wrapped
-
-
-_enabled = False
-
-
-def enable_cpu_mode() -> None:
-    """Apply the shims above; call before torchtitan's trainer is constructed. Idempotent."""
-    global _enabled
-    if _enabled:
-        return
-    _enabled = True
-    import torchtitan.components.metrics  # noqa: F401  (modules that copy device_* at import)
-    import torchtitan.distributed.parallel_dims  # noqa: F401
-    import torchtitan.distributed.utils  # noqa: F401
-    import torchtitan.protocols.train_spec as train_spec_module
-    import torchtitan.tools.profiling  # noqa: F401
+def point_torchtitan_at_cpu() -> None:
+    """Shim 1 and 2: every loaded torchtitan module, and ``get_device_info`` for later ones, see the CPU."""
     import torchtitan.tools.utils
 
     device_module = CpuDeviceModule()
@@ -125,11 +110,17 @@ def enable_cpu_mode() -> None:
             if getattr(module, "device_module", None) is torch.cuda:
                 module.device_module = device_module
 
-    get_train_spec = train_spec_module.get_train_spec
 
-    @functools.wraps(get_train_spec)
-    def get_gloo_safe_train_spec(name: str):
-        spec = get_train_spec(name)
-        return dataclasses.replace(spec, parallelize_fn=_gloo_safe(spec.parallelize_fn))
+def gloo_safe(parallelize_fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Shim 3 for a model's parallelize function: its FSDP modules reduce with SUM."""
 
-    train_spec_module.get_train_spec = get_gloo_safe_train_spec
+    @functools.wraps(parallelize_fn)
+    def wrapped(*args: Any, **kwargs: Any) -> nn.Module:
+        return force_sum_reductions(parallelize_fn(*args, **kwargs))
+
+    return wrapped
+
+
+def enable_cpu_mode() -> None:
+    """Apply the installed torchtitan adapter's CPU mode; call before its trainer is built. Idempotent."""
+    importlib.import_module(f"torchtitan_patch.{adapter()}.cpu").enable_cpu_mode()

@@ -204,24 +204,40 @@ def _agree(job_config: Any, needed: int) -> tuple[int, bool]:
     return seed, all(f for _, f, _ in everyone)
 
 
-def full_tensor_init(parallelize_fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Wrap a train spec's ``parallelize_fn`` so the parts it returns initialize layout-independently.
+def _unsharded_twin(model: nn.Module) -> nn.Module | None:
+    """A new whole model like ``model``: from ``model_args`` on torchtitan 0.2.2, its ``config`` on 0.3."""
+    args = getattr(model, "model_args", None)
+    if args is not None:
+        return type(model)(args)
+    config = getattr(model, "config", None)
+    return config.build() if hasattr(config, "build") else None
 
-    The unsharded model is rebuilt from the class and ``model_args`` of the (meta, not yet
-    parallelized) model torchtitan passes in; under PP that is a stage, whose class and
-    arguments still describe the whole model. Models without ``model_args`` keep torchtitan's
-    init. Every rank calls this hook alike, and it agrees on the seed and on the memory check
-    with one collective.
+
+def full_tensor_init(parallelize_fn: Callable[..., nn.Module], job: Any = None) -> Callable[..., nn.Module]:
+    """Wrap a model's parallelize function so the parts it returns initialize layout-independently.
+
+    The unsharded model is rebuilt from the (meta, not yet parallelized) model torchtitan passes
+    in; under PP that is a stage, whose ``model_args`` (0.2.2) or ``config`` (0.3) still describe
+    the whole model. Other models keep torchtitan's init. Every rank calls this hook alike, and
+    it agrees on the seed and on the memory check with one collective.
+
+    Args:
+        parallelize_fn: a train spec's ``parallelize_fn(model, parallel_dims, job_config)``
+            (0.2.2), or a model spec's ``parallelize_fn(model, *, parallel_dims, ...)`` (0.3).
+        job: for 0.3, the run's config as :func:`torchtitan_patch.v0_3.config.job_view`
+            presents it; 0.2.2 passes its job config to the function.
     """
 
     @functools.wraps(parallelize_fn)
-    def parallelize(model: nn.Module, parallel_dims: Any, job_config: Any) -> nn.Module:
-        model_cls, model_args = type(model), getattr(model, "model_args", None)
-        part = parallelize_fn(model, parallel_dims, job_config)
-        if not enabled(job_config) or model_args is None or not hasattr(part, "init_weights"):
+    def parallelize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        job_config = job if job is not None else args[1]
+        full = None
+        if enabled(job_config):  # built before parallelize_fn turns the model's class into FSDP's
+            with torch.device("meta"), tt_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
+                full = _unsharded_twin(model)
+        part = parallelize_fn(model, *args, **kwargs)
+        if full is None or not hasattr(part, "init_weights"):
             return part
-        with torch.device("meta"), tt_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
-            full = model_cls(model_args)
         seed, fits = _agree(job_config, _nbytes(full))
         if fits:
             # An instance attribute: the trainer calls part.init_weights(buffer_device=...).

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
 from paro_fsdp import comm_stats, memory_stats
@@ -27,10 +26,19 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / _MIB:.2f}MiB"
 
 
-class ParoMetricsProcessor(MetricsProcessor):
-    """``MetricsProcessor`` that adds PaRO's communication and memory figures to each log."""
+class ParoMetrics:
+    """Mixin for torchtitan's ``MetricsProcessor``: adds PaRO's figures to each log.
+
+    Each adapter's processor puts it before the release's ``MetricsProcessor`` and says where
+    that release keeps ``metrics.log_freq`` (:attr:`log_freq`).
+    """
 
     _last_logged_step: int | None = None
+
+    @property
+    def log_freq(self) -> int:
+        """``metrics.log_freq`` of the job."""
+        raise NotImplementedError
 
     def paro_metrics(self, steps: int) -> dict[str, float]:
         """This rank's PaRO figures per step over the last ``steps`` steps; resets the byte counters."""
@@ -62,10 +70,10 @@ class ParoMetricsProcessor(MetricsProcessor):
         extra_metrics: dict[str, Any] | None = None,
     ) -> None:
         if self._last_logged_step is None:  # first log of this run (maybe resumed): steps since the last multiple
-            steps = (step - 1) % self.job_config.metrics.log_freq + 1
+            steps = (step - 1) % self.log_freq + 1
         else:
             steps = step - self._last_logged_step
-        paro = self.paro_metrics(max(1, steps))
+        paro = self.paro_metrics(max(1, steps))  # type: ignore[attr-defined]
         self._last_logged_step = step
         super().log(step, global_avg_loss, global_max_loss, grad_norm, {**(extra_metrics or {}), **paro})
         if paro:
@@ -79,9 +87,3 @@ class ParoMetricsProcessor(MetricsProcessor):
                 f"optim: {_mib(paro['paro/memory_optim_bytes'])}{color.reset}"
             )
 
-
-def build_paro_metrics_processor(
-    job_config: Any, parallel_dims: Any, model_args: Any = None, tag: str | None = None
-) -> ParoMetricsProcessor:
-    """A train spec ``build_metrics_processor_fn`` (torchtitan's signature)."""
-    return ParoMetricsProcessor(job_config, parallel_dims, tag)

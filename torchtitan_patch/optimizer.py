@@ -1,56 +1,44 @@
-"""torchtitan's optimizer container for PaRO models: one ``ParoOptimizer`` per model part."""
+"""What torchtitan's optimizer container does differently for PaRO models, on any release.
+
+Each adapter's container (``ParoOptimizersContainer``) builds one
+:class:`paro_fsdp.ParoOptimizer` per model part from its release's optimizer config and mixes
+this in before the release's ``OptimizersContainer``.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import torch
-import torch.nn as nn
-from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
-from torchtitan.config import Optimizer as OptimizerConfig
-from torchtitan.distributed import ParallelDims
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from paro_fsdp import ParoOptimizer
-from torchtitan_patch.models import PARO_MODELS, paro_models
+from torchtitan_patch.models import PARO_MODELS
 
-_OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}  # torchtitan's choices
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class ParoOptimizersContainer(OptimizersContainer):
-    """``OptimizersContainer`` whose optimizers step only this rank's optimizer-state partition.
+class ParoOptimizers:
+    """Mixin for an ``OptimizersContainer`` of ``ParoOptimizer``s (``model_parts`` / ``optimizers`` alike).
 
-    Checkpointing is inherited: ``get/set_optimizer_state_dict`` exchange each state at the
-    parameter's sharding, so DCP reshards it across strategies and group layouts.
+    - ``zero_grad`` starts an optimizer step, so the gradient-sync drivers restart their count.
+    - State dicts go through ``torch.distributed.checkpoint.state_dict``, flattened by parameter
+      name: each state at its parameter's sharding, so DCP reshards it across strategies and
+      group layouts, and a checkpoint holds the same keys whichever torchtitan release wrote it.
     """
 
-    def __init__(self, model_parts: list[nn.Module], optimizer_cls: type, optimizer_kwargs: dict[str, Any]) -> None:
-        self.model_parts = model_parts
-        self.optimizers = [ParoOptimizer(model, optimizer_cls, **optimizer_kwargs) for model in model_parts]
-        self._validate_length(len(model_parts))
-        params = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
-        self._post_init(params, optimizer_kwargs)
-
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        # A step starts here: the micro-batch count of the gradient-sync driver restarts.
         for model in self.model_parts:
             PARO_MODELS[model].reset()
-        super().zero_grad(*args, **kwargs)
+        super().zero_grad(*args, **kwargs)  # type: ignore[misc]
 
+    def state_dict(self) -> dict[str, Any]:
+        func = functools.partial(get_optimizer_state_dict, options=_FLAT)
+        return {k: v for sd in map(func, self.model_parts, self.optimizers) for k, v in sd.items()}
 
-def build_paro_optimizers(
-    model_parts: list[nn.Module], optimizer_config: OptimizerConfig, parallel_dims: ParallelDims, ft_manager: Any = None
-) -> OptimizersContainer:
-    """A train spec ``build_optimizers_fn``: PaRO's container for PaRO models, torchtitan's otherwise."""
-    if not paro_models(model_parts):
-        return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-    if optimizer_config.name not in _OPTIMIZERS:
-        raise ValueError(f"optimizer.name={optimizer_config.name!r} is not supported; valid: {', '.join(_OPTIMIZERS)}")
-    kwargs = {  # the keyword arguments torchtitan's build_optimizers passes
-        "lr": optimizer_config.lr,
-        "betas": (optimizer_config.beta1, optimizer_config.beta2),
-        "eps": optimizer_config.eps,
-        "weight_decay": optimizer_config.weight_decay,
-        "fused": optimizer_config.implementation == "fused",
-        "foreach": optimizer_config.implementation == "foreach",
-    }
-    return ParoOptimizersContainer(model_parts, _OPTIMIZERS[optimizer_config.name], kwargs)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for model, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state_dict, options=_FLAT)

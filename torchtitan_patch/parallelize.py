@@ -1,20 +1,16 @@
-"""The parallelize hook: torchtitan's TP / AC / compile, then PaRO in place of FSDP/HSDP/DDP.
+"""PaRO in place of torchtitan's FSDP/HSDP/DDP step, for any torchtitan release.
 
-torchtitan's model ``parallelize_fn`` applies tensor parallelism, activation checkpointing
-and compile, then wraps data parallelism. :func:`paro_parallelize_fn` runs that same
-function with the data-parallel degrees hidden (so it stops before the FSDP/HSDP/DDP
-step), then hands the model to :func:`paro_fsdp.paro_parallelize` on the
-``(dp_replicate, dp_shard)`` mesh. With ``paro_strategy = "auto"`` the planner chooses the
-strategy in between (:mod:`torchtitan_patch.auto`). Pipeline parallelism calls the hook once
-per stage. With ``paro_strategy`` unset, the stock function runs untouched. Every wrapped model
-is registered in :mod:`torchtitan_patch.models`, which drives its gradient sync.
+torchtitan's model parallelize function applies tensor parallelism, activation checkpointing
+and compile, then wraps data parallelism. Each adapter's parallelize hook runs that function
+without its data-parallel step (how depends on the release) and then calls
+:func:`parallelize_with_paro`: the strategy (with ``paro_strategy = "auto"``, the planner's
+choice, :mod:`torchtitan_patch.auto`), then :func:`paro_fsdp.paro_parallelize` on the
+``(dp_replicate, dp_shard)`` mesh. Pipeline parallelism calls the hook once per stage. Every
+wrapped model is registered in :mod:`torchtitan_patch.models`, which drives its gradient sync.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
@@ -50,15 +46,18 @@ def paro_mesh(parallel_dims: ParallelDims) -> DeviceMesh:
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """torchtitan's FSDP units: embeddings, each transformer block, the output projection.
 
-    With tied embeddings the shared weight must sit in one unit, so both stay with the root.
+    The projection is ``output`` in torchtitan 0.2.2 and ``lm_head`` in 0.3; weight tying is a
+    field of ``model_args`` in 0.2.2 and of the model in 0.3. With tied embeddings the shared
+    weight must sit in one unit, so both stay with the root.
     """
-    tied = getattr(getattr(model, "model_args", None), "enable_weight_tying", False)
+    tied = getattr(getattr(model, "model_args", model), "enable_weight_tying", False)
+    head = getattr(model, "output", None) or getattr(model, "lm_head", None)
     blocks: list[nn.Module] = []
     if getattr(model, "tok_embeddings", None) is not None and not tied:
         blocks.append(model.tok_embeddings)
     blocks.extend(model.layers.values())
-    if getattr(model, "output", None) is not None and not tied:
-        blocks.append(model.output)
+    if head is not None and not tied:
+        blocks.append(head)
     return blocks
 
 
@@ -95,21 +94,10 @@ def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, paral
     return model
 
 
-def paro_parallelize_fn(stock: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """A train spec ``parallelize_fn``: ``stock`` as is, or ``stock`` without DP and then PaRO."""
-
-    @functools.wraps(stock)
-    def parallelize(model: nn.Module, parallel_dims: ParallelDims, job_config: Any) -> nn.Module:
-        settings = paro_settings(job_config, parallel_dims.world_size)
-        if settings is None:
-            return stock(model, parallel_dims, job_config)
-        without_dp = copy.copy(parallel_dims)  # shares the built meshes (TP, PP, ...)
-        without_dp.dp_replicate = without_dp.dp_shard = 1
-        model = stock(model, without_dp, job_config)
-        mesh = paro_mesh(parallel_dims)
-        if settings.auto:
-            settings = settings.with_strategy(auto_strategy(model, settings, mesh, parallel_dims, job_config))
-        return apply_paro(model, settings, mesh, parallel_dims, job_config)
-
-    return parallelize
-
+def parallelize_with_paro(model: nn.Module, settings: ParoSettings, parallel_dims: ParallelDims,
+                          job_config: Any) -> nn.Module:
+    """PaRO on a model part that torchtitan has already TP/AC/compile-transformed (``auto`` resolved first)."""
+    mesh = paro_mesh(parallel_dims)
+    if settings.auto:
+        settings = settings.with_strategy(auto_strategy(model, settings, mesh, parallel_dims, job_config))
+    return apply_paro(model, settings, mesh, parallel_dims, job_config)

@@ -1,0 +1,73 @@
+"""``ParoTrainer``: torchtitan 0.3's ``Trainer`` with PaRO wired into the extension points it builds from.
+
+A config function returns a ``ParoTrainer.Config`` (:mod:`torchtitan_patch.v0_3.config_registry`
+has ours; a user's own can start from one of those or from ``ParoTrainer.Config(...)`` with the
+fields of any torchtitan config) and ``config.build()``, which ``torchtitan.train`` calls, makes a
+``ParoTrainer``. Before torchtitan's ``__init__`` builds anything it
+
+- checks the PaRO fields against the launch (:func:`torchtitan_patch.settings.paro_settings`)
+  and the SPMD backend;
+- replaces the model spec's ``parallelize_fn`` with PaRO's
+  (:mod:`torchtitan_patch.v0_3.parallelize`) behind layout-independent initial weights
+  (:mod:`torchtitan_patch.init`) and, on CPU, FSDP's sum reductions for gloo; pipeline
+  parallelism reaches the same function through the spec;
+- with PaRO on, builds the optimizers and the metrics from PaRO's versions of torchtitan's
+  configs (same fields).
+
+With ``parallelism.paro_strategy`` unset it trains exactly as torchtitan's ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+from torchtitan_patch import clip, elastic
+from torchtitan_patch.cpu import gloo_safe
+from torchtitan_patch.data import register_dataset
+from torchtitan_patch.init import full_tensor_init
+from torchtitan_patch.settings import paro_settings
+from torchtitan_patch.v0_3.config import ParoDebugConfig, ParoParallelismConfig, check_spmd_backend, job_view
+from torchtitan_patch.v0_3.cpu import cpu_mode_enabled
+from torchtitan_patch.v0_3.metrics import ParoMetricsProcessor
+from torchtitan_patch.v0_3.optimizer import ParoOptimizersContainer
+from torchtitan_patch.v0_3.parallelize import paro_parallelize_fn
+
+
+class ParoTrainer(Trainer):
+    """torchtitan 0.3's ``Trainer``; PaRO replaces its data parallelism when ``parallelism.paro_strategy`` is set."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        parallelism: ParoParallelismConfig = field(default_factory=ParoParallelismConfig)
+        debug: ParoDebugConfig = field(default_factory=ParoDebugConfig)
+
+    def __init__(self, config: Config) -> None:
+        if config.model_spec is None:
+            raise ValueError("ParoTrainer.Config.model_spec is unset; a config function sets it from model_registry")
+        job = job_view(config)
+        settings = paro_settings(job, int(os.environ.get("WORLD_SIZE", "1")))
+        parallelize = full_tensor_init(paro_parallelize_fn(config.model_spec.parallelize_fn, job), job)
+        if cpu_mode_enabled():
+            parallelize = gloo_safe(parallelize)
+        config.model_spec = dataclasses.replace(config.model_spec, parallelize_fn=parallelize)
+        if settings is not None:
+            check_spmd_backend(config.parallelism)
+            config.optimizer = ParoOptimizersContainer.Config.of(config.optimizer)
+            if type(config.metrics) is MetricsProcessor.Config:
+                config.metrics = ParoMetricsProcessor.Config.of(config.metrics)
+            else:
+                logger.warning(f"metrics={type(config.metrics).__qualname__}: PaRO's bytes and memory are not logged")
+        super().__init__(config)
+
+
+def install() -> None:
+    """What a 0.3 run needs before its trainer is built (idempotent): data, clipping, elastic restarts."""
+    register_dataset()
+    clip.install()
+    elastic.install()
