@@ -58,7 +58,7 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["optim_keys"] = sum(k.startswith("optim.state.") for k in iig["at"])
     out["iig_scalars"] = iig["scalars"][2]
     out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
-    out["qwen3_iig"] = run(args(root / "qwen3", 3, (2, 2), "IIG", "--model.name", "qwen3"))["losses"]
+    out["qwen3_iig"] = run(args(root / "qwen3", 3, (2, 2), "IIG", model="qwen3"))["losses"]
     # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
     bf16 = ["--training.mixed_precision_param", "bfloat16"]
     out["bf16_stock"] = run(args(root / "bf16_stock", 3, (1, 4), None, *bf16))["losses"]

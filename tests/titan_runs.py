@@ -20,31 +20,45 @@ from typing import Any
 
 import pytest
 
+from torchtitan_patch.version import adapter
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "llama3_debug_paro.toml"
+ADAPTER = adapter()  # the same scenarios run on torchtitan 0.2.2 (TOML) and 0.3 (config functions)
 LOSS_RTOL = 1e-4  # stock FSDP vs PaRO: same math, different reduction order
 TIMEOUT_S = 900
 
 
 def args(dump: Path, steps: int, dp: tuple[int, int], strategy: str | None, *extra: str,
-         ac: str = "none") -> list[str]:
+         ac: str = "none", model: str = "llama3") -> list[str]:
     """The debug job's command line, shrunk: ``steps`` steps of 2 micro-batches of 64 tokens on a
-    ``dp`` = (groups, ranks per group) layout, under ``strategy`` (None: stock torchtitan)."""
+    ``dp`` = (groups, ranks per group) layout, under ``strategy`` (None: stock torchtitan).
+
+    On torchtitan 0.2.2 it is ``train_configs/llama3_debug_paro.toml`` (``model`` switches
+    ``model.name``); on 0.3 the config function of the same name for ``model``, with the
+    activation-checkpointing mode as tyro's subcommand, which comes last.
+    """
     g, m = dp
+    if ADAPTER == "v0_3":
+        head = ["--module", "torchtitan_patch.v0_3", "--config", f"{model}_debug_paro", "--dump_folder", str(dump)]
+        tail = [f"activation-checkpoint:{ac}"]
+    else:
+        head = ["--job.config_file", str(CONFIG), "--job.dump_folder", str(dump), "--model.name", model,
+                "--activation_checkpoint.mode", ac]
+        tail = []
     return [
-        "--job.config_file", str(CONFIG),
-        "--job.dump_folder", str(dump),
+        *head,
         "--training.steps", str(steps),
         "--training.seq_len", "64",
         "--training.local_batch_size", "1",
         "--training.global_batch_size", str(2 * g * m),  # 2 micro-batches per step
         "--lr_scheduler.warmup_steps", "1",
         "--metrics.no-enable-tensorboard",
-        "--activation_checkpoint.mode", ac,
         "--parallelism.data_parallel_replicate_degree", str(g),
         "--parallelism.data_parallel_shard_degree", str(m),
         "--parallelism.paro_strategy", strategy or "None",
         *extra,
+        *tail,
     ]
 
 
@@ -98,9 +112,14 @@ def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None 
     """
     from torch._dynamo.eval_frame import OptimizedModule
     from torchtitan.config import ConfigManager
-    from torchtitan.train import Trainer
 
-    trainer = Trainer(ConfigManager().parse_args(argv))
+    config = ConfigManager().parse_args(argv)
+    if ADAPTER == "v0_3":
+        trainer = config.build()
+    else:
+        from torchtitan.train import Trainer
+
+        trainer = Trainer(config)
     out: dict[str, Any] = {"losses": {}}
     losses = [out["losses"]]  # where the next logged losses go
     log = trainer.metrics_processor.log
@@ -117,10 +136,10 @@ def run(argv: list[str], stop_after: int | None = None, snapshot_at: int | None 
         backend_log(metrics, step)
 
     trainer.metrics_processor.logger.log = record_scalars
-    trainer.checkpointer.load(step=trainer.job_config.checkpoint.load_step)
+    trainer.checkpointer.load(step=config.checkpoint.load_step)
     if snapshot_loaded:
         out["loaded"] = snapshot(trainer)
-    last = trainer.job_config.training.steps if stop_after is None else stop_after
+    last = config.training.steps if stop_after is None else stop_after
     _train(trainer, last, out, snapshot_at)
     if snapshot_end:
         out["end"] = snapshot(trainer)

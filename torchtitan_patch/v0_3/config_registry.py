@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
-from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.models.llama3 import config_registry as llama3
 from torchtitan.models.qwen3 import config_registry as qwen3
@@ -45,18 +45,26 @@ def paro_config(config: Trainer.Config) -> ParoTrainer.Config:
     return ParoTrainer.Config(**values)
 
 
-def _offline(config: ParoTrainer.Config, dump_folder: str, dataset_path: str | None = None) -> None:
-    """Read ``local_text`` (the shipped corpus unless ``dataset_path``) with the shipped tokenizer."""
+def _paro_job(config: ParoTrainer.Config, dump_folder: str, dataset_path: str | None) -> ParoTrainer.Config:
+    """What every file of ``train_configs/`` sets: the ``local_text`` data (the shipped corpus
+    unless ``dataset_path``), TensorBoard, full checkpoints (resumable, reshardable), no profiler."""
     config.dump_folder = dump_folder
     config.dataloader = HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=dataset_path)
     config.metrics.enable_tensorboard = True
+    config.profiler.enable_profiling = False
+    config.validator.enable = False
+    config.checkpoint.folder = "checkpoint"
+    config.checkpoint.last_save_model_only = False
+    config.training.max_norm = 1.0
+    config.parallelism.paro_comm = "ho_ring"
+    return config
 
 
-def llama3_debug_paro() -> ParoTrainer.Config:
-    """llama3 debug model, PaRO IIG + HO-Ring on 2 groups x 2 ranks (``train_configs/llama3_debug_paro.toml``)."""
-    config = paro_config(llama3.llama3_debugmodel())
-    _offline(config, "./outputs/llama3_debug_paro")
+def _debug_paro(stock: Trainer.Config, dump_folder: str) -> ParoTrainer.Config:
+    """A debug model, PaRO IIG + HO-Ring on 2 groups x 2 ranks, as ``train_configs/llama3_debug_paro.toml``."""
+    config = _paro_job(paro_config(stock), dump_folder, None)
     config.hf_assets_path = TOKENIZER
+    config.metrics.log_freq = 1
     config.optimizer = default_adamw(lr=3e-3)
     config.optimizer.implementation = "foreach"
     config.lr_scheduler = LRSchedulersContainer.Config(warmup_steps=2, decay_type="cosine", min_lr_factor=0.1)
@@ -68,9 +76,66 @@ def llama3_debug_paro() -> ParoTrainer.Config:
     config.parallelism.data_parallel_replicate_degree = 2
     config.parallelism.data_parallel_shard_degree = 2
     config.parallelism.paro_strategy = "IIG"
-    config.parallelism.paro_comm = "ho_ring"
     config.checkpoint.enable = False
     config.checkpoint.interval = 10
-    config.checkpoint.last_save_model_only = False
+    config.activation_checkpoint = SelectiveAC.Config()
+    config.compile.enable = False
     config.debug.seed = 42
+    return config
+
+
+def llama3_debug_paro() -> ParoTrainer.Config:
+    """llama3 debug model, PaRO IIG + HO-Ring on 2 groups x 2 ranks (``train_configs/llama3_debug_paro.toml``)."""
+    return _debug_paro(llama3.llama3_debugmodel(), "./outputs/llama3_debug_paro")
+
+
+def qwen3_debug_paro() -> ParoTrainer.Config:
+    """qwen3 debug model (tied embeddings), otherwise as :func:`llama3_debug_paro`."""
+    return _debug_paro(qwen3.qwen3_debugmodel(), "./outputs/qwen3_debug_paro")
+
+
+def _large(stock: Trainer.Config, dump_folder: str, global_batch_size: int, groups: int,
+           strategy: str) -> ParoTrainer.Config:
+    """A production run in bf16 on ``groups`` nodes x 8 GPUs, compiled, checkpointed."""
+    config = _paro_job(paro_config(stock), dump_folder, "/data/corpus")  # your .txt / .jsonl files
+    config.metrics.log_freq = 10
+    config.lr_scheduler.warmup_steps = 200
+    config.training.local_batch_size = 1
+    config.training.global_batch_size = global_batch_size
+    config.training.seq_len = 8192
+    config.training.steps = 1000
+    config.training.mixed_precision_param = "bfloat16"
+    config.training.mixed_precision_reduce = "float32"
+    config.parallelism.data_parallel_replicate_degree = groups  # groups = nodes
+    config.parallelism.data_parallel_shard_degree = 8  # ranks per group = GPUs per node (the NVLink domain)
+    config.parallelism.tensor_parallel_degree = 1
+    config.parallelism.paro_strategy = strategy
+    config.checkpoint.enable = True
+    config.compile.enable = True
+    config.compile.components = ["model", "loss"]
+    return config
+
+
+def llama3_8b_paro() -> ParoTrainer.Config:
+    """Llama 3 8B, PaRO IIG + HO-Ring, 4 nodes x 8 GPUs (``train_configs/llama3_8b_paro.toml``).
+
+    bf16 compute: per parameter, a 2-byte copy at P = I and 4-byte gradients at G = I (1/8 of
+    the model per GPU each), the fp32 master and AdamW's moments, 12 bytes at O = G (1/32):
+    2 + 4 + 3 = 9 GB of model state per GPU.
+    """
+    config = _large(llama3.llama3_8b(), "./outputs/llama3_8b_paro", 128, 4, "IIG")
+    config.checkpoint.interval = 500
+    return config
+
+
+def llama3_70b_paro() -> ParoTrainer.Config:
+    """Llama 3 70B, PaRO IGG + HO-Ring, 16 nodes x 8 GPUs (``train_configs/llama3_70b_paro.toml``).
+
+    bf16 compute: per parameter, a 2-byte copy at P = I (1/8 of the model per GPU), 4-byte
+    gradients and the 12 bytes of fp32 master and AdamW's moments at G (1/128):
+    17.5 + 2.2 + 6.6 = 26 GB of model state per GPU.
+    """
+    config = _large(llama3.llama3_70b(), "./outputs/llama3_70b_paro", 256, 16, "IGG")
+    config.activation_checkpoint = FullAC.Config()
+    config.checkpoint.interval = 200
     return config

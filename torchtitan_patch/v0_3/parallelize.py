@@ -59,6 +59,12 @@ def paro_parallelize_fn(stock: Callable[..., nn.Module], job: Any) -> Callable[.
             return stock(model, parallel_dims=parallel_dims, **kwargs)
         with _without_data_parallel(stock):
             model = stock(model, parallel_dims=parallel_dims, **kwargs)
-        return parallelize_with_paro(model, settings, parallel_dims, job)
+        model = parallelize_with_paro(model, settings, parallel_dims, job)
+        if getattr(model, "enable_weight_tying", False):
+            # The trainer's chunked loss calls lm_head after the model's forward. Tied, its weight
+            # is the root unit's, so the root keeps its parameters gathered until its backward, as
+            # the unit torchtitan shards embeddings, norm and lm_head into does.
+            model.set_reshard_after_forward(False, recurse=False)
+        return model
 
     return parallelize
