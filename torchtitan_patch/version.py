@@ -39,6 +39,6 @@ def adapter() -> str:
         found = f"torchtitan {installed} is installed" if installed else "torchtitan is not installed"
         raise UnsupportedTorchtitanError(
             f"{found}; paro-fsdp's torchtitan integration supports torchtitan {' and '.join(SUPPORTED)}: "
-            f"install one (pip install -e '.[torchtitan]' for 0.2.2, '.[torchtitan-0.3]' for 0.3.0)"
+            f"install one (pip install -e '.[torchtitan]' for 0.2.2, '.[torchtitan03]' for 0.3.0)"
         )
     return name

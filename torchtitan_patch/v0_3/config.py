@@ -41,9 +41,19 @@ class ParoDebugConfig(DebugConfig, job_config.Debug):
     pass
 
 
-def check_spmd_backend(parallelism: ParallelismConfig) -> None:
-    """Refuse an ``spmd_backend`` that cannot carry PaRO."""
-    backend = parallelism.spmd_backend
+def check_release_fields(config: Any) -> None:
+    """Refuse the 0.3 settings that cannot carry PaRO: an SPMD backend other than
+    ``partial_dtensor``, and CUDA graphs (on by default on NVIDIA GPUs in 0.3).
+
+    Called with PaRO on; :func:`torchtitan_patch.settings.paro_settings` checks the rest.
+    """
+    if not config.training.disable_cuda_graphs:
+        raise ParoConfigError(
+            "training.disable_cuda_graphs=False is not supported with parallelism.paro_strategy: a captured "
+            "forward/backward replays one micro-batch's collectives, and PaRO's differ between micro-batches "
+            "(the cross-group gradient sync runs after the last one only); set --training.disable_cuda_graphs"
+        )
+    backend = config.parallelism.spmd_backend
     if backend != PARO_SPMD_BACKEND:
         raise ParoConfigError(
             f"parallelism.spmd_backend={backend!r} cannot carry parallelism.paro_strategy: it hands data "

@@ -56,6 +56,7 @@ def _paro_job(config: ParoTrainer.Config, dump_folder: str, dataset_path: str | 
     config.checkpoint.folder = "checkpoint"
     config.checkpoint.last_save_model_only = False
     config.training.max_norm = 1.0
+    config.training.disable_cuda_graphs = True  # PaRO's micro-batches differ (check_release_fields)
     config.parallelism.paro_comm = "ho_ring"
     return config
 

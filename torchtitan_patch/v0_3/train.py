@@ -20,13 +20,13 @@ def _validate_early(args: list[str]) -> None:
     from torchtitan.config import ConfigManager
 
     from torchtitan_patch.settings import paro_settings
-    from torchtitan_patch.v0_3.config import check_spmd_backend, job_view
+    from torchtitan_patch.v0_3.config import check_release_fields, job_view
 
     config = ConfigManager().parse_args(args)
     if getattr(config.parallelism, "paro_strategy", None) is None:
         return
     if paro_settings(job_view(config), int(os.environ.get("WORLD_SIZE", "1"))) is not None:
-        check_spmd_backend(config.parallelism)
+        check_release_fields(config)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ fields of any torchtitan config) and ``config.build()``, which ``torchtitan.trai
 ``ParoTrainer``. Before torchtitan's ``__init__`` builds anything it
 
 - checks the PaRO fields against the launch (:func:`torchtitan_patch.settings.paro_settings`)
-  and the SPMD backend;
+  and the settings of 0.3 that cannot carry PaRO (SPMD backend, CUDA graphs);
 - replaces the model spec's ``parallelize_fn`` with PaRO's
   (:mod:`torchtitan_patch.v0_3.parallelize`) behind layout-independent initial weights
   (:mod:`torchtitan_patch.init`) and, on CPU, FSDP's sum reductions for gloo; pipeline
@@ -32,7 +32,7 @@ from torchtitan_patch.cpu import gloo_safe
 from torchtitan_patch.data import register_dataset
 from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.settings import paro_settings
-from torchtitan_patch.v0_3.config import ParoDebugConfig, ParoParallelismConfig, check_spmd_backend, job_view
+from torchtitan_patch.v0_3.config import ParoDebugConfig, ParoParallelismConfig, check_release_fields, job_view
 from torchtitan_patch.v0_3.cpu import cpu_mode_enabled
 from torchtitan_patch.v0_3.metrics import ParoMetricsProcessor
 from torchtitan_patch.v0_3.optimizer import ParoOptimizersContainer
@@ -57,7 +57,7 @@ class ParoTrainer(Trainer):
             parallelize = gloo_safe(parallelize)
         config.model_spec = dataclasses.replace(config.model_spec, parallelize_fn=parallelize)
         if settings is not None:
-            check_spmd_backend(config.parallelism)
+            check_release_fields(config)
             config.optimizer = ParoOptimizersContainer.Config.of(config.optimizer)
             if type(config.metrics) is MetricsProcessor.Config:
                 config.metrics = ParoMetricsProcessor.Config.of(config.metrics)
