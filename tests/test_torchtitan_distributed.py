@@ -1,10 +1,14 @@
 """torchtitan + PaRO end to end on CPU: loss parity, resume, resharding, TP and PP composition.
 
+The same scenarios run on torchtitan 0.2.2 (the debug TOML) and 0.3 (the config function of
+the same name); :mod:`titan_runs` builds each release's command line and trainer.
+
 Each launch is one ``torchrun`` of this file; inside it, torchtitan trainers for several
 configurations run one after another on the same process group (tiny debug model, a few
 steps), and the last rank writes what it measured to a JSON file the tests read:
 
-- 4 ranks: stock HSDP vs PaRO IIG/HO-Ring on 2x2 (loss curves), an interrupted and resumed
+- 4 ranks: stock HSDP vs PaRO IIG/HO-Ring on 2x2 (loss curves; 10 steps of IIG and NIG against
+  HSDP and of GGG against FSDP on 1x4, within 1e-5), an interrupted and resumed
   IIG run vs an uninterrupted one, and a checkpoint chain IIG 2x2 -> GGG 1x4 -> NIG 2x2
   (parameters and optimizer state after each load equal those saved; training continues on
   the uninterrupted run's losses); qwen3 with PaRO vs stock; ``paro_strategy = "auto"``
@@ -70,6 +74,12 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     dist.barrier()
     out["bf16_resumed"] = run(args(root / "bf16_resumed", 3, (2, 2), "IIG", *bf16, *ckpt))["losses"]
     out["auto"] = _auto(root / "auto")
+    # 10 steps, each PaRO strategy against the stock layout with the same sharding mesh.
+    out["parity"] = {
+        name: run(args(root / f"parity_{name}", 10, dp, strategy), snapshot_end=False)["losses"]
+        for name, dp, strategy in (("hsdp", (2, 2), None), ("iig", (2, 2), "IIG"), ("nig", (2, 2), "NIG"),
+                                   ("fsdp", (1, 4), None), ("ggg", (1, 4), "GGG"))
+    }
     return out
 
 
@@ -145,6 +155,14 @@ def test_paro_matches_stock_hsdp_and_learns(four: dict[str, Any]) -> None:
     stock, iig = curve(four["stock"]), curve(four["iig"])
     assert_close(iig, stock)
     assert iig[-1] < iig[0] - 0.5
+
+
+@pytest.mark.parametrize(("strategy", "stock"), [("iig", "hsdp"), ("nig", "hsdp"), ("ggg", "fsdp")])
+def test_ten_steps_equal_stock_torchtitan(four: dict[str, Any], strategy: str, stock: str) -> None:
+    """IIG and NIG against stock HSDP on 2 x 2, GGG against stock FSDP on 1 x 4, HO-Ring, fp32."""
+    paro, reference = curve(four["parity"][strategy]), curve(four["parity"][stock])
+    assert len(paro) == 10
+    assert_close(paro, reference, rtol=1e-5)
 
 
 def test_resumed_run_continues_with_the_same_losses(four: dict[str, Any]) -> None:

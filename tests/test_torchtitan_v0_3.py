@@ -181,18 +181,60 @@ def test_a_bad_field_stops_the_launch_before_rendezvous() -> None:
     assert "init_process_group" not in proc.stderr and "Trainer is initialized" not in proc.stderr
 
 
-def test_a_user_launch_trains_with_paro_and_logs_its_metrics(tmp_path: Path) -> None:
+def _launch(dump: Path, *overrides: str) -> tuple[int, str]:
     """What the README tells a torchtitan 0.3 user to run, shrunk: torchrun, our config, CLI overrides."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone",
            "--local-ranks-filter", "0", "--tee", "3", "-m", "torchtitan_patch.train", *MODULE,
-           "--config", "llama3_debug_paro", "--dump_folder", str(tmp_path), "--training.steps", "4",
-           "--training.seq_len", "64", "--parallelism.paro_strategy", "NIG", "--parallelism.paro_ho_ring_chunks", "2"]
+           "--config", "llama3_debug_paro", "--dump_folder", str(dump), "--training.seq_len", "64",
+           "--parallelism.paro_strategy", "NIG", "--parallelism.paro_ho_ring_chunks", "2",
+           "--checkpoint.enable", "--checkpoint.interval", "2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _losses(out: str) -> list[float]:
+    return [float(m) for m in re.findall(r"\bloss:\s+([0-9.]+)", out)]
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    dump = tmp_path_factory.mktemp("user")
+    code, out = _launch(dump, "--training.steps", "4")
+    assert code == 0, out[-6000:]
+    return dump, out
+
+
+def test_a_user_launch_trains_with_paro_and_logs_its_metrics(user_run: tuple[Path, str]) -> None:
+    _, out = user_run
     assert "Applied PaRO NIG (ho_ring, at most 2 chunks) on 2 group(s) x 2 rank(s) to the model" in out
-    losses = [float(m) for m in re.findall(r"\bloss:\s+([0-9.]+)", out)]
+    losses = _losses(out)
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
     paro_lines = [line for line in out.splitlines() if "paro comm/step intra:" in line]
     assert len(paro_lines) == 4 and "model state params:" in paro_lines[-1], out[-3000:]
+
+
+def test_a_user_launch_resumes_from_its_checksummed_checkpoint(user_run: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    dump, out = user_run
+    for step in (2, 4):
+        assert (dump / "checkpoint" / f"step-{step}" / "paro_manifest.json").is_file()
+    shutil.copytree(dump / "checkpoint" / "step-2", tmp_path / "checkpoint" / "step-2")
+    code, resumed = _launch(tmp_path, "--training.steps", "4")
+    assert code == 0, resumed[-6000:]
+    assert _losses(resumed) == pytest.approx(_losses(out)[2:], rel=1e-6, abs=0)
+
+
+def test_a_corrupted_checkpoint_is_refused_by_name(user_run: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    dump, _ = user_run
+    shutil.copytree(dump / "checkpoint" / "step-4", tmp_path / "checkpoint" / "step-4")
+    shard = sorted((tmp_path / "checkpoint" / "step-4").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out = _launch(tmp_path, "--training.steps", "5")
+    assert code != 0
+    assert "CheckpointIntegrityError" in out and shard.name in out, out[-4000:]

@@ -1,6 +1,6 @@
 """Checkpoint integrity for torchtitan's DCP checkpoints: never resume from a damaged or foreign one silently.
 
-torchtitan 0.2.2 already skips a step folder whose save was interrupted: DCP writes the
+torchtitan (0.2.2 and 0.3) already skips a step folder whose save was interrupted: DCP writes the
 folder's ``.metadata`` last (atomically, after every rank's shard files are written) and
 ``CheckpointManager._find_load_step`` only counts folders that have one. What it does not
 catch, and what :func:`install` adds around ``CheckpointManager.dcp_save`` / ``dcp_load``:
@@ -447,23 +447,27 @@ def _with_integrity_load(dcp_load: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def _with_settings(init: Callable[..., None]) -> Callable[..., None]:
+def _with_settings(init: Callable[..., None], config_of: Callable[[tuple, dict], Any]) -> Callable[..., None]:
     @functools.wraps(init)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
-        config = kwargs.get("checkpoint_config", args[5] if len(args) > 5 else None)
-        self._paro_checksums = bool(getattr(config, "paro_checksums", True))
+        self._paro_checksums = bool(getattr(config_of(args, kwargs), "paro_checksums", True))
         init(self, *args, **kwargs)
 
     wrapped._paro_integrity = True  # type: ignore[attr-defined]
     return wrapped
 
 
-def install() -> None:
-    """Wrap torchtitan's ``CheckpointManager`` save and load with the checks above (once)."""
+def install(config_of: Callable[[tuple, dict], Any]) -> None:
+    """Wrap torchtitan's ``CheckpointManager`` save and load with the checks above (once).
+
+    Args:
+        config_of: where the release's ``CheckpointManager.__init__`` takes the checkpoint
+            config (with ``paro_checksums``), given its positional and keyword arguments.
+    """
     from torchtitan.components.checkpoint import CheckpointManager
 
     if getattr(CheckpointManager.dcp_load, "_paro_integrity", False):
         return
-    CheckpointManager.__init__ = _with_settings(CheckpointManager.__init__)  # type: ignore[method-assign]
+    CheckpointManager.__init__ = _with_settings(CheckpointManager.__init__, config_of)  # type: ignore[method-assign]
     CheckpointManager.dcp_save = _with_integrity_save(CheckpointManager.dcp_save)  # type: ignore[method-assign]
     CheckpointManager.dcp_load = _with_integrity_load(CheckpointManager.dcp_load)  # type: ignore[method-assign]

@@ -43,8 +43,9 @@ def paro_mesh(parallel_dims: ParallelDims) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"]
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """torchtitan's FSDP units: embeddings, each transformer block, the output projection.
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """PaRO's units of a torchtitan model part: embeddings, each transformer block, the output
+    projection; the root takes the rest.
 
     The projection is ``output`` in torchtitan 0.2.2 and ``lm_head`` in 0.3; weight tying is a
     field of ``model_args`` in 0.2.2 and of the model in 0.3. With tied embeddings the shared
@@ -69,14 +70,14 @@ def _reshard_after_forward(policy: str, pp_enabled: bool) -> bool:
 
 
 def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,
-               job_config: Any) -> nn.Module:
+               job_config: Any, blocks: list[nn.Module]) -> nn.Module:
     """Wrap a model that torchtitan has already TP/AC/compile-transformed with PaRO on ``mesh``."""
     training = job_config.training
     model = paro_parallelize(
         model,
         mesh,
         strategy=settings.strategy,
-        blocks=_blocks(model),
+        blocks=blocks,
         comm=settings.comm,
         ho_ring_chunks=settings.ho_ring_chunks,
         mp_policy=MixedPrecisionPolicy(
@@ -95,9 +96,12 @@ def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, paral
 
 
 def parallelize_with_paro(model: nn.Module, settings: ParoSettings, parallel_dims: ParallelDims,
-                          job_config: Any) -> nn.Module:
-    """PaRO on a model part that torchtitan has already TP/AC/compile-transformed (``auto`` resolved first)."""
+                          job_config: Any, blocks: list[nn.Module]) -> nn.Module:
+    """PaRO on a model part that torchtitan has already TP/AC/compile-transformed (``auto`` resolved first).
+
+    ``blocks`` are the part's units (:func:`blocks_of`), the root takes the rest.
+    """
     mesh = paro_mesh(parallel_dims)
     if settings.auto:
         settings = settings.with_strategy(auto_strategy(model, settings, mesh, parallel_dims, job_config))
-    return apply_paro(model, settings, mesh, parallel_dims, job_config)
+    return apply_paro(model, settings, mesh, parallel_dims, job_config, blocks)

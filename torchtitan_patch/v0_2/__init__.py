@@ -69,4 +69,5 @@ def install() -> None:
     _register_train_specs()
     clip.install()
     elastic.install()
-    checkpoint.install()
+    # 0.2.2's CheckpointManager(dataloader, model_parts, optimizers, lr_schedulers, states, checkpoint_config, ...)
+    checkpoint.install(lambda args, kwargs: kwargs.get("checkpoint_config", args[5] if len(args) > 5 else None))

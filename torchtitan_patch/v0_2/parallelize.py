@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 from torchtitan.distributed import ParallelDims
 
-from torchtitan_patch.parallelize import parallelize_with_paro
+from torchtitan_patch.parallelize import blocks_of, parallelize_with_paro
 from torchtitan_patch.settings import paro_settings
 
 
@@ -28,6 +28,7 @@ def paro_parallelize_fn(stock: Callable[..., nn.Module]) -> Callable[..., nn.Mod
             return stock(model, parallel_dims, job_config)
         without_dp = copy.copy(parallel_dims)  # shares the built meshes (TP, PP, ...)
         without_dp.dp_replicate = without_dp.dp_shard = 1
-        return parallelize_with_paro(stock(model, without_dp, job_config), settings, parallel_dims, job_config)
+        model = stock(model, without_dp, job_config)
+        return parallelize_with_paro(model, settings, parallel_dims, job_config, blocks_of(model))
 
     return parallelize

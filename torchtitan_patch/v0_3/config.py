@@ -3,7 +3,8 @@
 ``ParoParallelismConfig`` is torchtitan's ``ParallelismConfig`` with the PaRO fields of
 :class:`torchtitan_patch.job_config.Parallelism` (the same fields, defaults and docstrings as
 the 0.2.2 TOML), so tyro offers ``--parallelism.paro_strategy IIG`` and the rest on the
-command line. Its ``spmd_backend`` defaults to ``"partial_dtensor"``, the one backend PaRO
+command line; ``ParoDebugConfig`` and ``ParoCheckpointConfig`` add ``debug.layout_independent_init``
+and ``checkpoint.paro_checksums`` the same way. Its ``spmd_backend`` defaults to ``"partial_dtensor"``, the one backend PaRO
 runs under (:func:`check_spmd_backend`).
 
 The core (:mod:`torchtitan_patch.settings`, :mod:`~torchtitan_patch.parallelize`,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.config import ParallelismConfig
 from torchtitan.config.configs import DebugConfig
 
@@ -38,6 +40,11 @@ class ParoParallelismConfig(ParallelismConfig, job_config.Parallelism):
 
 @dataclass(kw_only=True, slots=True)
 class ParoDebugConfig(DebugConfig, job_config.Debug):
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class ParoCheckpointConfig(CheckpointManager.Config, job_config.Checkpoint):
     pass
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
@@ -27,7 +28,7 @@ from torchtitan.models.qwen3 import config_registry as qwen3
 from torchtitan.trainer import Trainer
 
 from torchtitan_patch.data import DATASET_NAME
-from torchtitan_patch.v0_3.config import ParoDebugConfig, ParoParallelismConfig
+from torchtitan_patch.v0_3.config import ParoCheckpointConfig, ParoDebugConfig, ParoParallelismConfig
 from torchtitan_patch.v0_3.trainer import ParoTrainer
 
 TOKENIZER = str(Path(__file__).resolve().parents[1] / "assets" / "tokenizer")
@@ -42,6 +43,8 @@ def paro_config(config: Trainer.Config) -> ParoTrainer.Config:
     values = _fields(config)
     values["parallelism"] = ParoParallelismConfig(**{**_fields(config.parallelism), "spmd_backend": "partial_dtensor"})
     values["debug"] = ParoDebugConfig(**_fields(config.debug))
+    if type(config.checkpoint) is CheckpointManager.Config:  # another manager keeps its own config
+        values["checkpoint"] = ParoCheckpointConfig(**_fields(config.checkpoint))
     return ParoTrainer.Config(**values)
 
 

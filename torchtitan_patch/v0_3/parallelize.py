@@ -7,6 +7,10 @@ FSDP. Instead the stock function runs with that one step taken out: while it run
 ``apply_fsdp_to_decoder`` in its module resolves to a stand-in that wraps nothing, and PaRO
 wraps the model afterwards. Tensor parallelism, activation checkpointing and compile are
 exactly torchtitan's.
+
+With tied embeddings the output projection ``lm_head`` shares the root unit's weight; 0.3's
+chunked loss calls it after the model's forward, so the root keeps its parameters gathered
+until its backward, as torchtitan's unit of embeddings, norm and ``lm_head`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from torchtitan_patch.parallelize import parallelize_with_paro
+from torchtitan_patch.parallelize import blocks_of, parallelize_with_paro
 from torchtitan_patch.settings import paro_settings
 
 _DP_STEP = "apply_fsdp_to_decoder"
@@ -59,11 +63,8 @@ def paro_parallelize_fn(stock: Callable[..., nn.Module], job: Any) -> Callable[.
             return stock(model, parallel_dims=parallel_dims, **kwargs)
         with _without_data_parallel(stock):
             model = stock(model, parallel_dims=parallel_dims, **kwargs)
-        model = parallelize_with_paro(model, settings, parallel_dims, job)
+        model = parallelize_with_paro(model, settings, parallel_dims, job, blocks_of(model))
         if getattr(model, "enable_weight_tying", False):
-            # The trainer's chunked loss calls lm_head after the model's forward. Tied, its weight
-            # is the root unit's, so the root keeps its parameters gathered until its backward, as
-            # the unit torchtitan shards embeddings, norm and lm_head into does.
             model.set_reshard_after_forward(False, recurse=False)
         return model
 

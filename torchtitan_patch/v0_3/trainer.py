@@ -12,7 +12,8 @@ fields of any torchtitan config) and ``config.build()``, which ``torchtitan.trai
   (:mod:`torchtitan_patch.init`) and, on CPU, FSDP's sum reductions for gloo; pipeline
   parallelism reaches the same function through the spec;
 - with PaRO on, builds the optimizers and the metrics from PaRO's versions of torchtitan's
-  configs (same fields).
+  configs (same fields), and under pipeline parallelism computes a chunked loss over whole
+  sequences (its ``lm_head`` backward would otherwise run inside the schedule's forward step).
 
 With ``parallelism.paro_strategy`` unset it trains exactly as torchtitan's ``Trainer``.
 """
@@ -23,16 +24,23 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from torchtitan.components.loss import ChunkedLossWrapper
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
-from torchtitan_patch import clip, elastic
+from torchtitan_patch import checkpoint, clip, elastic
 from torchtitan_patch.cpu import gloo_safe
 from torchtitan_patch.data import register_dataset
 from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.settings import paro_settings
-from torchtitan_patch.v0_3.config import ParoDebugConfig, ParoParallelismConfig, check_release_fields, job_view
+from torchtitan_patch.v0_3.config import (
+    ParoCheckpointConfig,
+    ParoDebugConfig,
+    ParoParallelismConfig,
+    check_release_fields,
+    job_view,
+)
 from torchtitan_patch.v0_3.cpu import cpu_mode_enabled
 from torchtitan_patch.v0_3.metrics import ParoMetricsProcessor
 from torchtitan_patch.v0_3.optimizer import ParoOptimizersContainer
@@ -46,6 +54,7 @@ class ParoTrainer(Trainer):
     class Config(Trainer.Config):
         parallelism: ParoParallelismConfig = field(default_factory=ParoParallelismConfig)
         debug: ParoDebugConfig = field(default_factory=ParoDebugConfig)
+        checkpoint: ParoCheckpointConfig = field(default_factory=ParoCheckpointConfig)
 
     def __init__(self, config: Config) -> None:
         if config.model_spec is None:
@@ -58,6 +67,14 @@ class ParoTrainer(Trainer):
         config.model_spec = dataclasses.replace(config.model_spec, parallelize_fn=parallelize)
         if settings is not None:
             check_release_fields(config)
+            if config.parallelism.pipeline_parallel_degree > 1 and isinstance(config.loss, ChunkedLossWrapper.Config):
+                # Its lm_head backward runs inside the last stage's forward step (and inside the
+                # schedule's first-step shape probe), before the schedule's backward count says
+                # whether the micro-batch is the step's last.
+                logger.warning("PaRO with pipeline parallelism: the last stage computes the chunked loss's "
+                               f"{type(config.loss.loss_fn).__qualname__.split('.')[0]} over whole sequences "
+                               "(the same values; chunking only saves logits memory)")
+                config.loss = config.loss.loss_fn
             config.optimizer = ParoOptimizersContainer.Config.of(config.optimizer)
             if type(config.metrics) is MetricsProcessor.Config:
                 config.metrics = ParoMetricsProcessor.Config.of(config.metrics)
@@ -67,7 +84,9 @@ class ParoTrainer(Trainer):
 
 
 def install() -> None:
-    """What a 0.3 run needs before its trainer is built (idempotent): data, clipping, elastic restarts."""
+    """What a 0.3 run needs before its trainer is built (idempotent): data, clipping, elastic restarts,
+    checkpoint checks."""
     register_dataset()
     clip.install()
     elastic.install()
+    checkpoint.install(lambda args, kwargs: kwargs.get("config", args[0] if args else None))  # __init__(config, *, ...)
