@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
@@ -227,12 +233,27 @@ def _merge_modes(plan: list[dict]) -> list[dict]:
 def model_params(model: str) -> int:
     """Parameters of a benchmark model (built on the meta device)."""
     import torch
-    from torchtitan.models.llama3 import Transformer, llama3_args
 
-    import torchtitan_patch.flavors  # noqa: F401
+    from torchtitan_patch.version import adapter
 
     with torch.device("meta"):
+        if adapter() == "v0_3":
+            from torchtitan.models.llama3 import model_registry
+
+            return sum(p.numel() for p in model_registry(_v0_3_flavor(model)).model.build().parameters())
+        from torchtitan.models.llama3 import Transformer, llama3_args
+
+        import torchtitan_patch.flavors  # noqa: F401
+
         return sum(p.numel() for p in Transformer(llama3_args[MODELS[model]]).parameters())
+
+
+def _v0_3_flavor(model: str) -> str:
+    """The llama3 flavor of a benchmark model on torchtitan 0.3, where only torchtitan's own flavors exist."""
+    if MODELS[model] != "debugmodel":
+        raise SystemExit(f"--models {model}: the {MODELS[model]} flavor is registered for torchtitan 0.2.2 only "
+                         f"(torchtitan_patch.flavors); on torchtitan 0.3 use --models debug")
+    return MODELS[model]
 
 
 def _available_memory() -> int:
@@ -295,12 +316,22 @@ def estimate_seconds(spec: dict, runs: list[dict]) -> float:
 
 
 def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
-    """The trainer's command line for one run: the debug TOML with the run's overrides."""
+    """The trainer's command line for one run: the debug job (the TOML on torchtitan 0.2.2, its
+    config function on 0.3) with the run's overrides."""
+    from torchtitan_patch.version import adapter
+
     replicate, shard, strategy = layout(spec["config"], spec["nodes"], spec["ranks"])
     n = spec["nodes"] * spec["ranks"]
-    argv = ["--job.config_file", CONFIG_FILE, "--job.dump_folder", dump_folder,
-            "--job.description", f"e2e {config_label(spec['config'], spec['comm'])} @ {spec['rate']}",
-            "--model.flavor", spec["flavor"],
+    if adapter() == "v0_3":
+        _v0_3_flavor(spec["model"])
+        job = ["--module", "torchtitan_patch.v0_3", "--config", "llama3_debug_paro", "--dump_folder", dump_folder]
+        no_ac = ["activation-checkpoint:none"]  # tyro's subcommand: last
+    else:
+        job = ["--job.config_file", CONFIG_FILE, "--job.dump_folder", dump_folder,
+               "--job.description", f"e2e {config_label(spec['config'], spec['comm'])} @ {spec['rate']}",
+               "--model.flavor", spec["flavor"]]
+        no_ac = ["--activation_checkpoint.mode", "none"]
+    argv = [*job,
             "--training.local_batch_size", str(spec["local_batch"]),
             "--training.global_batch_size", str(spec["local_batch"] * n * spec["accum"]),
             "--training.seq_len", str(spec["seq_len"]), "--training.steps", str(spec["steps_requested"]),
@@ -308,12 +339,12 @@ def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
             "--parallelism.data_parallel_shard_degree", str(shard),
             "--parallelism.paro_strategy", strategy,
             "--metrics.log_freq", "1", "--metrics.no-enable-tensorboard", "--metrics.disable-color-printing",
-            "--activation_checkpoint.mode", "none", "--checkpoint.no-enable"]
+            "--checkpoint.no-enable"]
     if spec["config"] not in STOCK:
         argv += ["--parallelism.paro_comm", "ho_ring" if spec["comm"] == ANY_COMM else spec["comm"]]
     if spec.get("ho_ring_chunks"):  # benchmarks.ho_ring_depth's runs; the sweep keeps HO-Ring's default
         argv += ["--parallelism.paro_ho_ring_chunks", str(spec["ho_ring_chunks"])]
-    return argv
+    return [*argv, *no_ac]
 
 
 def cluster_target(spec: dict, dump_folder: str, module: str = "benchmarks.e2e") -> list[str]:
@@ -395,7 +426,7 @@ def drive(args: argparse.Namespace) -> int:
            "command": " ".join(["python -m benchmarks.e2e", *sys.argv[1:]]),
            "subset": "--quick subset" if args.quick else "",
            "settings": {"config_file": CONFIG_FILE, "seq_len": SEQ_LEN, "local_batch": LOCAL_BATCH,
-                        "floor_rate": FLOOR_RATE},
+                        "floor_rate": FLOOR_RATE, "torch": _version("torch"), "torchtitan": _version("torchtitan")},
            "elapsed_s": 0.0, "runs": []}
     # Every invocation whose runs the file holds: what ran, when, how many launches, how long.
     invocation = {"command": raw["command"], "created": raw["created"], "launches": 0, "elapsed_s": 0.0}

@@ -3,6 +3,7 @@
 # exit non-zero if any fails, or if torch sees no CUDA GPU (the tests would only skip).
 #
 #   bash scripts/setup.sh && bash scripts/gpu_check.sh          # a machine with internet
+#   bash scripts/setup.sh --stack torchtitan-0.3 && bash scripts/gpu_check.sh --stack torchtitan-0.3
 #   PYTHON=/path/to/python bash scripts/gpu_check.sh            # torch, torchtitan already installed
 #   bash scripts/gpu_check.sh -k stream -x                      # extra arguments go to pytest
 #
@@ -20,7 +21,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-.venv/bin/python}
+VENV=.venv
+if [ "${1:-}" = "--stack" ]; then
+  case "${2:-}" in
+    torchtitan-0.2.2) VENV=.venv ;;
+    torchtitan-0.3) VENV=.venv-torchtitan-0.3 ;;  # torch 2.15.0 + torchtitan 0.3.0
+    *) echo "gpu_check: --stack ${2:-} is not a stack; valid: torchtitan-0.2.2, torchtitan-0.3" >&2; exit 2 ;;
+  esac
+  shift 2
+fi
+PYTHON=${PYTHON:-$VENV/bin/python}
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   echo "gpu_check: $PYTHON not found; using python3" >&2
   PYTHON=python3

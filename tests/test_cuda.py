@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.testing._internal.distributed.multi_threaded_pg as mtpg
 
-from conftest import needs_torchtitan
+from conftest import INSTALLED, needs_any_torchtitan, needs_torchtitan
 from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
 
 REPO = Path(__file__).resolve().parents[1]
@@ -632,21 +632,28 @@ def test_paro_probe_refuses_a_single_rank(tmp_path: Path) -> None:
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
 
 
-def _torchtitan(dump: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict[int, float]]:
+def _torchtitan(dump: Path, *extra: str, ac: str | None = None) -> tuple[subprocess.CompletedProcess, dict[int, float]]:
+    """The debug job on one GPU with torchtitan's own train script: the TOML on torchtitan 0.2.2,
+    the config function of the same name on 0.3 (``ac``: the activation-checkpointing mode)."""
+    if INSTALLED == "0.3.0":
+        job = ["--module", "torchtitan_patch.v0_3", "--config", "llama3_debug_paro", "--dump_folder", str(dump)]
+        tail = [f"activation-checkpoint:{ac}"] if ac else []
+    else:
+        job = ["--job.config_file", str(CONFIG), "--job.dump_folder", str(dump)]
+        tail = ["--activation_checkpoint.mode", ac] if ac else []
     proc = _torchrun([
-        "-m", "torchtitan.train",
-        "--job.config_file", str(CONFIG), "--job.dump_folder", str(dump),
+        "-m", "torchtitan.train", *job,
         "--training.steps", "5", "--training.local_batch_size", "2",
         "--training.global_batch_size", "4",  # 2 micro-batches per step on the one rank
         "--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data_parallel_shard_degree", "1",
-        "--metrics.no-enable-tensorboard", "--metrics.disable_color_printing", *extra,
+        "--metrics.no-enable-tensorboard", "--metrics.disable_color_printing", *extra, *tail,
     ])
     losses = {int(s): float(v) for s, v in STEP_LINE.findall(proc.stdout + proc.stderr)}
     return proc, losses
 
 
 @needs_cuda
-@needs_torchtitan
+@needs_any_torchtitan
 def test_torchtitan_debug_run_with_paro_on_one_gpu(tmp_path: Path) -> None:
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "IIG", "--parallelism.paro_comm", "ho_ring",
                                "--checkpoint.enable", "--checkpoint.interval", "5")
@@ -659,15 +666,14 @@ def test_torchtitan_debug_run_with_paro_on_one_gpu(tmp_path: Path) -> None:
 
 
 @needs_cuda
-@needs_torchtitan
+@needs_any_torchtitan
 def test_torchtitan_bf16_with_activation_checkpointing_and_compile_on_one_gpu(tmp_path: Path) -> None:
     """The shipped GPU configs' feature set (bf16, selective AC, compile, full checkpoints) on one GPU."""
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "IIG", "--parallelism.paro_comm", "ho_ring",
-                               "--training.mixed_precision_param", "bfloat16",
-                               "--activation_checkpoint.mode", "selective", "--compile.enable",
+                               "--training.mixed_precision_param", "bfloat16", "--compile.enable",
                                "--compile.components", "model,loss",
                                "--checkpoint.enable", "--checkpoint.interval", "5",
-                               "--checkpoint.no-last-save-model-only")
+                               "--checkpoint.no-last-save-model-only", ac="selective")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
     assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1], (losses, log[-4000:])
@@ -675,7 +681,7 @@ def test_torchtitan_bf16_with_activation_checkpointing_and_compile_on_one_gpu(tm
 
 
 @needs_cuda
-@needs_torchtitan
+@needs_any_torchtitan
 def test_torchtitan_auto_on_one_gpu_says_it_needs_two_ranks(tmp_path: Path) -> None:
     proc, losses = _torchtitan(tmp_path, "--parallelism.paro_strategy", "auto")
     assert proc.returncode != 0 and not losses

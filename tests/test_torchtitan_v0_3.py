@@ -187,14 +187,14 @@ def _launch(dump: Path, *overrides: str) -> tuple[int, str]:
            "--local-ranks-filter", "0", "--tee", "3", "-m", "torchtitan_patch.train", *MODULE,
            "--config", "llama3_debug_paro", "--dump_folder", str(dump), "--training.seq_len", "64",
            "--parallelism.paro_strategy", "NIG", "--parallelism.paro_ho_ring_chunks", "2",
-           "--checkpoint.enable", "--checkpoint.interval", "2", *overrides]
+           "--checkpoint.enable", "--checkpoint.interval", "2", "--metrics.disable-color-printing", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def _losses(out: str) -> list[float]:
-    return [float(m) for m in re.findall(r"\bloss:\s+([0-9.]+)", out)]
+    return [float(m) for m in re.findall(r"step:\s+\d+\s+loss:\s+([-0-9.]+)", out)]
 
 
 @pytest.fixture(scope="module")
