@@ -238,3 +238,20 @@ def test_a_corrupted_checkpoint_is_refused_by_name(user_run: tuple[Path, str], t
     code, out = _launch(tmp_path, "--training.steps", "5")
     assert code != 0
     assert "CheckpointIntegrityError" in out and shard.name in out, out[-4000:]
+
+
+def test_the_one_gpu_benchmark_runs_and_reports_every_configuration(tmp_path: Path) -> None:
+    """``benchmarks.one_gpu`` shrunk to the debug model, compile off, one repeat (on CPU here)."""
+    out = tmp_path / "one-gpu.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.one_gpu", "--flavor", "debugmodel", "--steps", "5",
+                           "--repeats", "1", "--compile", "off", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "ONE_GPU_DUMP": str(tmp_path / "dump")})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| off |")]
+    assert [row[1] for row in rows] == ["stock", "PaRO GGG", "PaRO NNN"], out.read_text()
+    for row in rows:
+        assert float(row[2].replace(",", "")) > 0, row  # tokens/s
+        assert sum(float(cell) for cell in row[4:7]) > 0, row  # profiled time per step, by kind
+    assert rows[0][3] == "1.000x" and all(row[3].endswith("x") for row in rows[1:])
