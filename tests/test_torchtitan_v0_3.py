@@ -148,7 +148,11 @@ def test_optimizer_configs_paro_cannot_build_are_refused() -> None:
 
 
 def test_cpu_attention_computes_flex_attentions_block_causal_result() -> None:
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import (
+        AuxRequest,
+        create_block_mask,
+        flex_attention,
+    )
 
     from torchtitan_patch.v0_3.cpu import cpu_flex_attention
 

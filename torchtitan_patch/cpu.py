@@ -121,6 +121,18 @@ def gloo_safe(parallelize_fn: Callable[..., nn.Module]) -> Callable[..., nn.Modu
     return wrapped
 
 
+_enabled = False
+
+
 def enable_cpu_mode() -> None:
-    """Apply the installed torchtitan adapter's CPU mode; call before its trainer is built. Idempotent."""
-    importlib.import_module(f"torchtitan_patch.{adapter()}.cpu").enable_cpu_mode()
+    """Apply the installed torchtitan adapter's CPU mode (its ``cpu.apply``); call before its trainer
+    is built. Idempotent."""
+    global _enabled
+    if not _enabled:
+        importlib.import_module(f"torchtitan_patch.{adapter()}.cpu").apply()
+        _enabled = True
+
+
+def cpu_mode_enabled() -> bool:
+    """Whether :func:`enable_cpu_mode` ran in this process."""
+    return _enabled

@@ -19,6 +19,8 @@ from datasets import Dataset
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
+from torchtitan_patch.version import adapter
+
 DATASET_NAME = "local_text"
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "stories.txt"
 
@@ -38,6 +40,11 @@ def _documents(file: Path) -> Iterator[str]:
                 yield line
 
 
+def _path_field() -> str:
+    """Where the installed torchtitan release takes the dataset path."""
+    return {"v0_2": "training.dataset_path", "v0_3": "dataloader.dataset_path"}[adapter()]
+
+
 def load_local_text(path: str) -> Dataset:
     """Read every document under ``path`` into an in-memory (map-style, resumable) dataset."""
     root = Path(path)
@@ -47,13 +54,13 @@ def load_local_text(path: str) -> Dataset:
         files = [root]
     else:
         raise FileNotFoundError(
-            f"dataset path {path!r} does not exist; for the dataset {DATASET_NAME!r} "
+            f"{_path_field()}={path!r} does not exist; for the dataset {DATASET_NAME!r} "
             f"give a .txt file (one document per line), a .jsonl file ({{\"text\": ...}} per line) "
             f"or a directory of them"
         )
     texts = [doc for file in files for doc in _documents(file)]
     if not texts:
-        raise ValueError(f"dataset path {path!r} holds no documents (.txt or .jsonl lines)")
+        raise ValueError(f"{_path_field()}={path!r} holds no documents (.txt or .jsonl lines)")
     return Dataset.from_dict({"text": texts})
 
 

@@ -23,7 +23,7 @@ from torchtitan.tools.logging import logger
 from paro_fsdp import paro_parallelize
 from torchtitan_patch.auto import auto_strategy
 from torchtitan_patch.models import register_paro_model
-from torchtitan_patch.settings import ParoSettings, paro_settings
+from torchtitan_patch.settings import ParoSettings
 
 
 def paro_mesh(parallel_dims: ParallelDims) -> DeviceMesh:

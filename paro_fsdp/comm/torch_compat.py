@@ -1,10 +1,14 @@
-"""What differs between the torch releases paro-fsdp runs on (2.11 to 2.13).
+"""What differs between the torch releases paro-fsdp runs on (2.11 to 2.15).
 
 torch 2.13 renamed ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to
 ``all_gather_single`` / ``reduce_scatter_single`` and deprecated the old names, and gave
 ``new_group`` a ``sort_ranks`` argument, while the CUDA images clusters run still ship earlier
 releases (2.11 has only the old names and always sorts). Every caller in paro-fsdp goes
-through these, so one library runs on both.
+through these, so one library runs on both. torch 2.14 and 2.15 keep the 2.13 names and
+argument, and the FSDP2 internals ``paro_fsdp.fsdp_seam`` reads; their ``fully_shard(...,
+dp_mesh_dims=...)`` (a multi-axis data-parallel storage mesh) is never passed by paro-fsdp, which
+shards each unit over the mesh its strategy gives, so it changes nothing here (CI runs the
+library suite on 2.13.0, 2.14.1 and 2.15.0).
 """
 
 import inspect

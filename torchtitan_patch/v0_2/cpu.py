@@ -7,15 +7,9 @@ import functools
 
 from torchtitan_patch.cpu import gloo_safe, point_torchtitan_at_cpu
 
-_enabled = False
 
-
-def enable_cpu_mode() -> None:
-    """Apply the shims; call before torchtitan's trainer is constructed. Idempotent."""
-    global _enabled
-    if _enabled:
-        return
-    _enabled = True
+def apply() -> None:
+    """Apply the shims (once, through :func:`torchtitan_patch.cpu.enable_cpu_mode`)."""
     import torchtitan.components.metrics  # noqa: F401  (modules that copy device_* at import)
     import torchtitan.distributed.parallel_dims  # noqa: F401
     import torchtitan.distributed.utils  # noqa: F401

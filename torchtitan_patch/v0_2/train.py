@@ -26,9 +26,9 @@ def _validate_early(args: list[str]) -> None:
 def main() -> None:
     if not accelerator_available():
         enable_cpu_mode()
+    from torchtitan.tools.logging import init_logger
     from torchtitan.train import Trainer
     from torchtitan.train import main as torchtitan_main
-    from torchtitan.tools.logging import init_logger
 
     init_logger()
     _validate_early(sys.argv[1:])

@@ -28,7 +28,11 @@ from torchtitan.models.qwen3 import config_registry as qwen3
 from torchtitan.trainer import Trainer
 
 from torchtitan_patch.data import DATASET_NAME
-from torchtitan_patch.v0_3.config import ParoCheckpointConfig, ParoDebugConfig, ParoParallelismConfig
+from torchtitan_patch.v0_3.config import (
+    ParoCheckpointConfig,
+    ParoDebugConfig,
+    ParoParallelismConfig,
+)
 from torchtitan_patch.v0_3.trainer import ParoTrainer
 
 TOKENIZER = str(Path(__file__).resolve().parents[1] / "assets" / "tokenizer")

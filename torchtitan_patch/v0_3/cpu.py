@@ -18,8 +18,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from torchtitan_patch.cpu import point_torchtitan_at_cpu
 
-_enabled = False
-
 
 def cpu_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: object,
                        block_mask: BlockMask, scale: float | None, enable_gqa: bool, return_aux: object,
@@ -38,19 +36,11 @@ def cpu_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sco
     return out, None
 
 
-def enable_cpu_mode() -> None:
-    """Apply the shims; call before torchtitan's trainer is constructed. Idempotent."""
-    global _enabled
-    if _enabled:
-        return
-    _enabled = True
+def apply() -> None:
+    """Apply the shims (once, through :func:`torchtitan_patch.cpu.enable_cpu_mode`)."""
     import torchtitan.trainer  # noqa: F401  (loads the modules that copy device_* at import)
     from torchtitan.models.common.attention import FlexAttention
 
     point_torchtitan_at_cpu()
     FlexAttention.compiled_flex_attn = staticmethod(cpu_flex_attention)
 
-
-def cpu_mode_enabled() -> bool:
-    """Whether :func:`enable_cpu_mode` ran in this process."""
-    return _enabled

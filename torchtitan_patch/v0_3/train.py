@@ -1,7 +1,7 @@
 """The torchtitan 0.3 train script behind ``python -m torchtitan_patch.train``.
 
 Same command line as ``python -m torchtitan.train`` (``--module`` / ``--config`` and
-overrides). Without an accelerator it first applies :mod:`torchtitan_patch.v0_3.cpu`. The
+overrides). Without an accelerator it first applies CPU mode (:mod:`torchtitan_patch.v0_3.cpu`). The
 config is parsed once before torchtitan's ``main`` parses it again, so a wrong PaRO field
 stops the launch before any process group exists.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from torchtitan_patch.cpu import accelerator_available
-from torchtitan_patch.v0_3.cpu import enable_cpu_mode
+from torchtitan_patch.cpu import accelerator_available, enable_cpu_mode
 
 
 def _validate_early(args: list[str]) -> None:

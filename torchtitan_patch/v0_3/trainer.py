@@ -30,7 +30,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from torchtitan_patch import checkpoint, clip, elastic
-from torchtitan_patch.cpu import gloo_safe
+from torchtitan_patch.cpu import cpu_mode_enabled, gloo_safe
 from torchtitan_patch.data import register_dataset
 from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.settings import paro_settings
@@ -41,7 +41,6 @@ from torchtitan_patch.v0_3.config import (
     check_release_fields,
     job_view,
 )
-from torchtitan_patch.v0_3.cpu import cpu_mode_enabled
 from torchtitan_patch.v0_3.metrics import ParoMetricsProcessor
 from torchtitan_patch.v0_3.optimizer import ParoOptimizersContainer
 from torchtitan_patch.v0_3.parallelize import paro_parallelize_fn
