@@ -2,7 +2,7 @@
 
 Every run is one torchtitan launch (``python -m torchtitan_patch.train`` on CPU/gloo ranks)
 through ``paro_fsdp.cluster``: a topology (nodes x ranks), a link rate, A micro-batches per
-step, a model (llama3 debug or the 57M flavor of ``torchtitan_patch.flavors``) and a data
+step, a model (llama3 debug or the 57M flavor of ``torchtitan_patch.v0_2.flavors``) and a data
 parallel configuration; each also runs with every link at 20gbit, its compute floor. The report
 gives tokens/s, step time, bytes on each node's link and model-state memory beside PARO.md's
 formulas, the loss curves, targets, the paper's claims set against the measurements, and
@@ -243,7 +243,7 @@ def model_params(model: str) -> int:
             return sum(p.numel() for p in model_registry(_v0_3_flavor(model)).model.build().parameters())
         from torchtitan.models.llama3 import Transformer, llama3_args
 
-        import torchtitan_patch.flavors  # noqa: F401
+        import torchtitan_patch.v0_2.flavors  # noqa: F401
 
         return sum(p.numel() for p in Transformer(llama3_args[MODELS[model]]).parameters())
 
@@ -252,7 +252,7 @@ def _v0_3_flavor(model: str) -> str:
     """The llama3 flavor of a benchmark model on torchtitan 0.3, where only torchtitan's own flavors exist."""
     if MODELS[model] != "debugmodel":
         raise SystemExit(f"--models {model}: the {MODELS[model]} flavor is registered for torchtitan 0.2.2 only "
-                         f"(torchtitan_patch.flavors); on torchtitan 0.3 use --models debug")
+                         f"(torchtitan_patch.v0_2.flavors); on torchtitan 0.3 use --models debug")
     return MODELS[model]
 
 

@@ -29,15 +29,11 @@ import importlib
 
 from torchtitan.protocols.train_spec import register_train_spec
 
-from torchtitan_patch import (
-    checkpoint,
-    clip,
-    elastic,
-    flavors,  # noqa: F401  (adds llama3 flavors, e.g. 57M)
-)
+from torchtitan_patch import checkpoint, clip, elastic
 from torchtitan_patch.data import register_dataset
 from torchtitan_patch.init import full_tensor_init
 from torchtitan_patch.settings import SUPPORTED_MODELS
+from torchtitan_patch.v0_2 import flavors  # noqa: F401  (adds llama3 flavors, e.g. 57M)
 from torchtitan_patch.v0_2.data import build_dataloader
 from torchtitan_patch.v0_2.metrics import build_paro_metrics_processor
 from torchtitan_patch.v0_2.optimizer import build_paro_optimizers

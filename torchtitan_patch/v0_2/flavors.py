@@ -2,7 +2,7 @@
 
 torchtitan looks a flavor up in the train spec's ``model_args``, which for llama3 is the
 module-level ``torchtitan.models.llama3.llama3_args`` dict (the spec registered by
-:mod:`torchtitan_patch` shares it), so adding a key makes ``--model.flavor <key>`` work for
+:mod:`torchtitan_patch.v0_2` shares it), so adding a key makes ``--model.flavor <key>`` work for
 PaRO and stock runs alike.
 
 - ``57M``: dim 512, 16 layers, 8 heads (head dim 64, as in llama3 8B), the debug model's
