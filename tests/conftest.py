@@ -25,7 +25,7 @@ TORCHTITAN_FILES = {
     "test_checkpoint_integrity.py": V022,
     "test_e2e_report.py": V022,
     "test_initial_weights.py": V022,
-    "test_recovery.py": V022,
+    "test_recovery.py": BOTH,
     "test_shipped_configs.py": V022,
     "test_torchtitan_config.py": V022,
     "test_torchtitan_distributed.py": BOTH,

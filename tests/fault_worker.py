@@ -66,7 +66,13 @@ def install() -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.metrics import MetricsProcessor
-    from torchtitan.train import Trainer
+
+    from torchtitan_patch.version import adapter
+
+    if adapter() == "v0_3":
+        from torchtitan.trainer import Trainer
+    else:
+        from torchtitan.train import Trainer
 
     faults = []
     for fault in filter(None, os.environ.get("PARO_FAULT", "").split(",")):

@@ -43,12 +43,13 @@ def test_the_installed_release_selects_the_0_3_adapter(monkeypatch: pytest.Monke
 def test_every_paro_field_is_set_from_the_command_line() -> None:
     config = _config("llama3_debug_paro", "--parallelism.paro_strategy", "zero3", "--parallelism.paro_comm", "ho_ring",
                      "--parallelism.paro_ho_ring_chunks", "4", "--parallelism.paro_device_memory_gib", "40",
-                     "--debug.no-layout-independent-init")
+                     "--parallelism.paro_calibration", "cal.json", "--debug.no-layout-independent-init",
+                     "--checkpoint.no-paro-checksums")
     assert isinstance(config, ParoTrainer.Config)
     par = config.parallelism
-    assert (par.paro_strategy, par.paro_comm, par.paro_ho_ring_chunks, par.paro_device_memory_gib) == \
-        ("zero3", "ho_ring", 4, 40.0)
-    assert config.debug.layout_independent_init is False
+    assert (par.paro_strategy, par.paro_comm, par.paro_ho_ring_chunks, par.paro_device_memory_gib,
+            par.paro_calibration) == ("zero3", "ho_ring", 4, 40.0, "cal.json")
+    assert config.debug.layout_independent_init is False and config.checkpoint.paro_checksums is False
     settings = paro_settings(job_view(config), 4)
     assert settings.describe() == "PaRO GGG (ho_ring, at most 4 chunks) on 2 group(s) x 2 rank(s)"
     assert paro_settings(job_view(_config("llama3_debug_paro", "--parallelism.paro_strategy", "None")), 4) is None
