@@ -8,15 +8,13 @@ attention ("sdpa is no longer supported"), and FlexAttention has no CPU backward
 (the ``BlockMask``'s own ``mask_mod``, evaluated to a dense boolean mask) through
 ``scaled_dot_product_attention``, whose CPU kernels have a backward. Same inputs, same mask,
 same result up to the order of sums; O(L^2) memory per head, which is what a CPU run can afford.
-The block masks themselves are built by the eager ``create_block_mask``: torchtitan compiles it,
-which on CPU costs seconds at every launch and is no faster per step.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from torchtitan_patch.cpu import point_torchtitan_at_cpu
 
@@ -32,29 +30,17 @@ def cpu_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sco
     """
     if score_mod is not None or getattr(return_aux, "lse", False):
         raise NotImplementedError("CPU mode's attention supports FlexAttention with a mask only (no score_mod, no lse)")
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense(block_mask, q.device), scale=scale,
-                                         enable_gqa=enable_gqa)
+    batch, _, q_len, kv_len = block_mask.shape
+    mask = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
     return out, None
-
-
-_last: tuple[BlockMask, torch.Tensor] | None = None
-
-
-def _dense(block_mask: BlockMask, device: torch.device) -> torch.Tensor:
-    """``block_mask``'s mask, evaluated once per mask: every layer of a forward attends with the same one."""
-    global _last
-    if _last is None or _last[0] is not block_mask:
-        batch, _, q_len, kv_len = block_mask.shape
-        _last = (block_mask, create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device=device))
-    return _last[1]
 
 
 def apply() -> None:
     """Apply the shims (once, through :func:`torchtitan_patch.cpu.enable_cpu_mode`)."""
     import torchtitan.trainer  # noqa: F401  (loads the modules that copy device_* at import)
-    import torchtitan.models.common.attention as attention
+    from torchtitan.models.common.attention import FlexAttention
 
     point_torchtitan_at_cpu()
-    attention.FlexAttention.compiled_flex_attn = staticmethod(cpu_flex_attention)
-    attention._compiled_create_block_mask = create_block_mask
+    FlexAttention.compiled_flex_attn = staticmethod(cpu_flex_attention)
 
