@@ -3,7 +3,9 @@
 Counts the bytes written by copy-like ATen ops (``copy_``, ``clone``, ``cat``, ``_to_copy``,
 ``contiguous``) on rank 0 during one optimizer step (A micro-steps of forward and backward, the
 step and its sync_p), 2 groups x 2 ranks on gloo, fp32. Forward and backward copy the same
-in every version; the difference between two checkouts is the engine's.
+in every version; the difference between two checkouts is the engine's. Stock DDP (torch's
+``DistributedDataParallel`` with torchtitan's bucket size, ``no_sync`` through the window) is
+measured beside them as the reference for the strategies with unsharded parameters.
 
     python -m benchmarks.local_copies --json after.json     # this checkout: measure, print, save
     python -m benchmarks.local_copies --compare before.json --after after.json --label c7fa94f \
@@ -25,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 COPY_OPS = {"aten::copy_", "aten::clone", "aten::cat", "aten::_to_copy", "aten::contiguous"}
 DIM, DEPTH, ACCUM = 256, 4, 2
 MIB = 1 << 20
+DDP = "stock DDP"
 
 
 class CopyCounter(TorchDispatchMode):
@@ -52,8 +55,27 @@ class Model(nn.Module):
         return x
 
 
+def _step_bytes(model: nn.Module, opt: torch.optim.Optimizer, window) -> int:  # noqa: ANN001
+    """Bytes copied by the second of two optimizer steps (caches and optimizer state exist by
+    then); ``window(last)`` is the context each micro-step runs in."""
+    x = torch.randn(8, DIM)
+    for _ in range(2):
+        counter = CopyCounter()
+        with counter:
+            for a in range(ACCUM):
+                with window(a == ACCUM - 1):
+                    model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            getattr(model, "wait_parameters", lambda: None)()  # the step's sync_p, where it is deferred
+    return counter.bytes
+
+
 def _measure() -> dict[str, int]:
+    from contextlib import contextmanager, nullcontext
+
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
 
     from paro_fsdp import ParoOptimizer, ParoStrategy, paro_parallelize
 
@@ -63,20 +85,17 @@ def _measure() -> dict[str, int]:
         torch.manual_seed(0)
         model = Model()
         model = paro_parallelize(model, mesh, str(strategy), blocks=list(model.layers))
-        opt = ParoOptimizer(model, torch.optim.SGD, lr=1e-3)
-        x = torch.randn(8, DIM)
-        counts = []
-        for _ in range(2):  # the second step is measured: caches and optimizer state exist by then
-            counter = CopyCounter()
-            with counter:
-                for a in range(ACCUM):
-                    model.set_requires_gradient_sync(a == ACCUM - 1)
-                    model(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
-                getattr(model, "wait_parameters", lambda: None)()  # the step's sync_p, where it is deferred
-            counts.append(counter.bytes)
-        out[str(strategy)] = counts[-1]
+
+        @contextmanager
+        def window(last: bool, model=model):  # noqa: ANN001, ANN202
+            model.set_requires_gradient_sync(last)
+            yield
+
+        out[str(strategy)] = _step_bytes(model, ParoOptimizer(model, torch.optim.SGD, lr=1e-3), window)
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(Model(), bucket_cap_mb=100)
+    out[DDP] = _step_bytes(ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3),
+                           lambda last: nullcontext() if last else ddp.no_sync())
     return out
 
 
@@ -121,18 +140,17 @@ def render(before: dict[str, int], after: dict[str, int], label: str) -> str:
         f"{4 * psi / MIB:.2f} MiB of fp32 parameters), A = {ACCUM}, SGD; bytes written by `copy_`, `clone`, `cat`,",
         "`_to_copy` and `contiguous` during one step (forward and backward of every micro-step, the",
         "optimizer step and its sync_p). The model and FSDP2's own code are the same in both versions,",
-        "so the difference is the engine's. What is left: FSDP2's all-gather copy-in on the one-rank meshes",
-        "of P = N units (once per step: they keep the gathered copy through the accumulation window) and",
-        "its reduce-scatter copy-in (P = N, every micro-step), and, where P is coarser than O, sync_p's",
-        "compaction of the O slices and its copy from the gathered row into the parameters. The two-phase global collectives no longer permute blocks (each group's",
-        "blocks are reduced or gathered in place); HO-Ring still permutes per chunk when it cuts a",
-        "collective into several, because a chunk's rows are strided and NCCL and gloo need contiguous buffers.",
+        "so the difference is the engine's; stock DDP (torch's `DistributedDataParallel`, 100 MB buckets,",
+        "`no_sync` through the window) is the reference for the strategies with unsharded parameters.",
         "",
         "| strategy | before (MiB) | after (MiB) | saved |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for code, b in before.items():
-        a = after[code]
+    for code, a in after.items():
+        if code not in before:
+            lines.append(f"| {code} | | {a / MIB:.2f} | |")
+            continue
+        b = before[code]
         share = f" ({(b - a) / b:.0%})" if b else ""
         lines.append(f"| {code} | {b / MIB:.2f} | {a / MIB:.2f} | {(b - a) / MIB:.2f} MiB{share} |")
     return "\n".join(lines) + "\n"

@@ -61,7 +61,7 @@ class EngineState:
         """
         self.last_microstep = last
         for unit in self.units:
-            fsdp_seam.set_fsdp_gradient_sync(unit.module, last or self.strategy.grad is not N)
+            fsdp_seam.set_fsdp_gradient_sync(unit.module, unit.row_due())
             if self.strategy.param is N:
                 # Parameters change only at the step: a P=N unit keeps its gathered copy through
                 # the accumulation window instead of copying it again at every micro-step.
@@ -268,12 +268,22 @@ class Unit:
         with phase("sync_g"):
             run(reduce(s.grad, s.param), x, self.state, columns=columns, out=output)
 
+    def row_due(self) -> bool:
+        """Whether the next backward's gradient row goes on to G: at every micro-step, except
+        where G=N keeps accumulating it in place until the last."""
+        return self.state.last_microstep or self.state.strategy.grad is not N
+
     def on_reduced(self, reduce_output: torch.Tensor) -> None:
         """FSDP2's all-reduce hook: ``reduce_output`` is this rank's P row, summed over P's ranks."""
+        self.on_row(self.layout.pad(reduce_output))
+
+    def on_row(self, row: torch.Tensor) -> None:
+        """This rank's P row of gradients, summed over P's ranks and padded to the layout's
+        chunks: FSDP2's reduce output, or, for a unit that computes in place, the row autograd
+        accumulated into (taken over here, as the accumulation at G where G=N)."""
         s, last = self.state.strategy, self.state.last_microstep
         to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
         if s.param <= s.grad:
-            row = self.layout.pad(reduce_output)
             self._finish_grad_reduce()
             with phase("grad_reduce"):
                 x, pending = start(reduce(s.param, s.grad), row, self.state, columns=True)
@@ -293,7 +303,7 @@ class Unit:
             return
         else:
             self.wait_grads()
-            x = self.layout.pad(reduce_output).float()
+            x = row.float()
         with phase("sync_g"):
             if completion.steps:  # the reduction stays in the group: finish it, overlap the completion
                 self._sync_g = start(completion, self._run(to_optim, x), self.state, columns=True)

@@ -6,6 +6,12 @@ gradient reduction to P), the all-reduce hook (where each reduced row is handed 
 post-accumulate-grad hook that drops FSDP's per-parameter gradients (the engine's buffers hold
 them). Reading FSDP's parameter group is also only done here, so a change in FSDP2's private
 layout is mended in this file.
+
+A P=N unit lives on a one-rank mesh, where FSDP2's gather and reduction are local copies: it
+copies the parameters into its all-gather buffer before compute and each gradient into its
+reduce-scatter buffer and on into the reduce output. Such a unit computes in place instead
+(:func:`_compute_in_place`), as DDP does: its unsharded parameters alias the stored ones, and
+autograd accumulates its gradients into one flat row that is handed to the engine as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+from torch.distributed.tensor import DTensor
 
 from paro_fsdp.comm.fsdp import FSDPComm
 from paro_fsdp.comm.streams import keep_for_current_stream
@@ -90,6 +97,8 @@ def attach(unit: "Unit") -> None:
     module = unit.module
     module.set_custom_all_gather(_UnitAllGather(unit))  # frozen-only units are gathered (and counted) too
     _wait_params_before_unshard(module, unit)
+    if _param_group(module) is not None and _param_group(module).mesh_info.shard_mesh_size == 1:
+        _compute_in_place(module, unit)
     if not unit.layout.regions:
         return
     # Sums only: the engine divides once, by n. A factor of 1 also keeps FSDP2 from dividing its
@@ -123,9 +132,154 @@ def _wait_params_before_unshard(module: FSDPModule, unit: "Unit") -> None:
 
     def unshard_after_sync(*args: Any, **kwargs: Any) -> Any:
         unit.wait_params()
+        if group.mesh_info.shard_mesh_size == 1 and _unshard_locally(group):
+            return None  # nothing was gathered: FSDP2's wait_for_unshard returns at once
         return unshard(*args, **kwargs)
 
     group.unshard = unshard_after_sync
+
+
+def _unshards_locally(p: Any) -> bool:
+    """Whether a one-rank unit's parameter can be unsharded by :func:`_unshard_locally`: FSDP2's
+    default layout (no tensor-subclass extension, no CPU offload, no padding)."""
+    return hasattr(p, "orig_dtype") and not p.offload_to_cpu \
+        and not hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather") \
+        and p._sharded_param_data.numel() == p.padded_sharded_param_size.numel()
+
+
+def _in_place(p: Any) -> bool:
+    return _unshards_locally(p) and p.param_dtype in (None, p.orig_dtype)
+
+
+def grads_in_place(module: FSDPModule) -> bool:
+    """Whether autograd accumulates ``module``'s gradients straight into the row the engine
+    takes (one-rank mesh, parameters computed on as stored, gradients already in the reduce
+    dtype): then FSDP2 is never asked to reduce them."""
+    group = _param_group(module)
+    return group is not None and group.mesh_info.shard_mesh_size == 1 and all(
+        _in_place(p) and p.reduce_dtype in (None, p.orig_dtype) for p in group.fsdp_params)
+
+
+def _unshard_locally(group: Any) -> bool:
+    """A one-rank unit's unshard without FSDP2's all-gather buffer, if its parameters allow it.
+
+    FSDP2 builds an unsharded parameter as a view of its all-gather output and, on a one-rank
+    mesh, copies the stored data (cast to the compute dtype first, if it differs) into that
+    output. Here, where the compute dtype is the stored one, the output *is* the stored data and
+    is never freed (it is what the optimizer updates): the unsharded parameter is a view of it,
+    and updates and loads reach compute with no copy. Otherwise the stored data is cast straight
+    into the output, one copy instead of two. FSDP2 replacing the stored data (a cast, a load
+    with ``assign=True``) is noticed here and the views are made again.
+    """
+    params = group.fsdp_params
+    if not all(_unshards_locally(p) for p in params):
+        return False
+    stale = [p for p in params if _aliased(p) != _in_place(p)]
+    if group.is_unsharded:
+        if not stale:
+            return True
+        group._to_sharded()
+    for p in stale:
+        if hasattr(p, "_unsharded_param"):
+            del p._unsharded_param
+        if _in_place(p):
+            p.all_gather_outputs = [p._sharded_param_data]
+            p.free_unsharded_param = _keep_storage
+        else:  # aliased before the stored dtype changed: back to a buffer of its own
+            p.all_gather_outputs = []
+            vars(p).pop("free_unsharded_param", None)
+    for p in params:
+        if not _in_place(p):
+            data = p._sharded_param_data
+            p.init_all_gather_outputs([data.numel()], [p.param_dtype], 1, data.device)
+            p.alloc_all_gather_outputs()
+            with torch.autograd._unsafe_preserve_version_counter(p.all_gather_outputs[0]):
+                p.all_gather_outputs[0].copy_(data)
+        p.init_unsharded_param()
+    group._to_unsharded()
+    return True
+
+
+def _aliased(p: Any) -> bool:
+    """Whether ``p``'s unsharded parameter is a view of its current stored data."""
+    return bool(p.all_gather_outputs) and p.all_gather_outputs[0] is p._sharded_param_data
+
+
+def _keep_storage() -> None:
+    """``free_unsharded_param`` of an aliased parameter: its storage is the stored parameter's."""
+
+
+def _compute_in_place(module: FSDPModule, unit: "Unit") -> None:
+    """Give a one-rank unit's gradients to the engine without FSDP2's copies.
+
+    Before the unit's backward, each unsharded parameter's ``.grad`` is set to its view of one
+    zeroed flat row (FSDP2's row layout, padded as the engine chunks it), so autograd adds every
+    micro-step's gradient into the row in place; FSDP2's reduction stays off. After the backward
+    that ends the engine's window for the row (each micro-step where G is not N, else the last),
+    the row is handed to :meth:`Unit.on_row` and the ``.grad`` views are dropped.
+    """
+    group = _param_group(module)
+    fsdp_pre_backward, fsdp_post_backward = group.pre_backward, group.post_backward
+    held: dict[str, Any] = {"row": None, "grads": []}
+
+    def trainable() -> list[Any]:
+        return [p for p in group.fsdp_params if p.sharded_param.requires_grad]
+
+    def pre_backward(*args: Any, **kwargs: Any) -> Any:
+        out = fsdp_pre_backward(*args, **kwargs)
+        if grads_in_place(module) and group.is_unsharded:
+            set_fsdp_gradient_sync(module, False)  # until the engine's next set_last_microstep
+            _grads_into_row(trainable(), unit, held)
+        return out
+
+    def post_backward(*args: Any, **kwargs: Any) -> Any:
+        out = fsdp_post_backward(*args, **kwargs)
+        if held["row"] is not None and unit.row_due():
+            row = _take_row(trainable(), held)
+            unit.on_row(row)
+        return out
+
+    group.pre_backward, group.post_backward = pre_backward, post_backward
+
+
+def _grads_into_row(params: list[Any], unit: "Unit", held: dict[str, Any]) -> None:
+    """Point each parameter's ``.grad`` at its view of the held row (a new zeroed row if none is
+    held; the held one zeroed if something replaced a view, e.g. ``zero_grad(set_to_none)``)."""
+    unsharded = [p._unsharded_param for p in params]
+    if held["row"] is not None and all(u.grad is g for u, g in zip(unsharded, held["grads"])):
+        return
+    layout = unit.layout
+    if held["row"] is None:
+        held["row"] = torch.zeros(layout.padded_numel, dtype=unsharded[0].dtype, device=_local(unsharded[0]).device)
+    else:
+        held["row"].zero_()
+    grads = []
+    for region, u in zip(layout.regions, unsharded):
+        view = held["row"][region.offset : region.offset + region.numel].view(_local(u).shape)
+        grad = view if not isinstance(u, DTensor) else \
+            DTensor.from_local(view, u.device_mesh, u.placements, run_check=False, shape=u.shape, stride=u.stride())
+        u.grad = grad
+        grads.append(grad)
+    held["grads"] = grads
+
+
+def _take_row(params: list[Any], held: dict[str, Any]) -> torch.Tensor:
+    """The held row, with what autograd accumulated; the parameters' ``.grad`` views are dropped.
+    A gradient that is not its view (autograd replaced it) is written into the row."""
+    row, views = held["row"], held["grads"]
+    held["row"], held["grads"] = None, []
+    for p, view in zip(params, views):
+        grad = p._unsharded_param.grad
+        p._unsharded_param.grad = None
+        if grad is None:
+            _local(view).zero_()  # no gradient reached it since the view was set
+        elif grad is not view:
+            _local(view).copy_(_local(grad))
+    return row
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _drop_grad(param: torch.Tensor) -> None:

@@ -361,6 +361,39 @@ def _gradient_divisions() -> dict:
 P_N_CODES = [c for c in CODES if c.startswith("N")]
 
 
+def _hot_path_copies() -> dict:
+    """Bytes copied by two micro-steps of forward and backward (the second one ending the
+    window), beyond what the same loop copies on the unwrapped model: P=N units compute on their
+    stored parameters and accumulate their gradients in the row the engine takes, as DDP does."""
+    from benchmarks.local_copies import CopyCounter
+
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+
+    def copied(model, sync) -> int:
+        for _ in range(2):  # the second window is measured: lazy initialization is done by then
+            with CopyCounter() as counter:
+                for a in range(2):
+                    sync(a == 1)
+                    loss_fn(model, batch(0, a, rank)).backward()
+        return counter.bytes
+
+    torch.manual_seed(0)
+    plain = Net()
+    baseline = copied(plain, lambda _: plain.zero_grad())
+    out = {}
+    for code in P_N_CODES:
+        model = _build(mesh, code)
+        opt = ParoOptimizer(model, torch.optim.SGD, lr=0.0)
+
+        def sync(last, model=model, opt=opt):
+            if not last:
+                opt.zero_grad()
+            model.set_requires_gradient_sync(last)
+
+        out[code] = copied(model, sync) - baseline
+    return out
+
+
 def _step_after_unsynchronized_backward() -> dict:
     """P=N units keep their gathered parameters through an accumulation window. A step taken
     after a backward that did not end the window must still reach the next forward: its loss
@@ -469,6 +502,7 @@ def _all(path: str) -> dict:
         "ho_ring": _ho_ring(),
         "divide_factor": _divide_factor(),
         "gradient_divisions": _gradient_divisions(),
+        "hot_path_copies": _hot_path_copies(),
         "step_after_unsynchronized_backward": _step_after_unsynchronized_backward(),
         "sync_p_window": _sync_p_window(),
         "errors": _errors(),
@@ -562,6 +596,12 @@ def test_gradient_divide_factor(results):
 @pytest.mark.parametrize("code", CODES)
 def test_no_gradient_is_divided_out_of_place(results, code):
     assert results[0]["gradient_divisions"][code] == []
+
+
+@pytest.mark.parametrize("code", P_N_CODES)
+def test_unsharded_parameters_are_not_copied(results, code):
+    for rank, r in enumerate(results):
+        assert r["hot_path_copies"][code] <= 0, f"rank {rank}: {r['hot_path_copies'][code]} bytes copied"
 
 
 @pytest.mark.parametrize("code", P_N_CODES)
