@@ -153,6 +153,14 @@ def render(before: dict[str, int], after: dict[str, int], label: str) -> str:
         b = before[code]
         share = f" ({(b - a) / b:.0%})" if b else ""
         lines.append(f"| {code} | {b / MIB:.2f} | {a / MIB:.2f} | {(b - a) / MIB:.2f} MiB{share} |")
+    lines += [
+        "",
+        "What is left: where P is coarser than O, sync_p's compaction of the O slices and its copy of",
+        "the gathered row into the parameters (P = N units compute in place: FSDP2's one-rank gather",
+        "and reduction copies are gone, `docs/design.md`); HO-Ring's per-chunk permutation where it cuts",
+        "a collective into several (a chunk's rows are strided, and NCCL and gloo need contiguous",
+        "buffers). Stock DDP copies its gradients into its buckets at the synchronizing micro-step.",
+    ]
     return "\n".join(lines) + "\n"
 
 
