@@ -43,25 +43,29 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     level = state.strategy.optim
     two = norm_type == 2.0
     device = state.groups.device
-    partial: defaultdict[tuple[str, ...], torch.Tensor] = defaultdict(
-        lambda: torch.zeros((), dtype=torch.float64, device=device))
     groups: dict[tuple[str, ...], tuple[dist.ProcessGroup, ...]] = {}
     for unit in state.units:
         for region in unit.layout.regions:
             dims = _model_parallel_dims(region.param)
             groups[tuple(sorted(dims))] = tuple(dims[d] for d in sorted(dims))
+    slices: defaultdict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)
     for unit in state.units:
         if unit.optim_grad is None:
             continue
         for sl in unit.layout.slices(level):
-            g = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
             key = tuple(sorted(_model_parallel_dims(sl.region.param)))
-            if two:  # in fp64 the squares of fp32 values are exact; a dot makes no tensor of them
-                g = g.double()
-                value = torch.dot(g, g)
-            else:
-                value = g.abs().max().double()
-            partial[key] = partial[key] + value if two else torch.maximum(partial[key], value)
+            slices[key].append(unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel])
+    partial: dict[tuple[str, ...], torch.Tensor] = {}
+    for key in groups:
+        # One fused fp32 norm per slice, as torch's own clipping computes it; the slices'
+        # norms are combined in fp64, so the sum over many slices and ranks loses nothing more.
+        norms = torch._foreach_norm(slices[key], norm_type) if slices[key] else []
+        if not norms:
+            partial[key] = torch.zeros((), dtype=torch.float64, device=device)
+        elif two:
+            partial[key] = torch.stack(norms).double().square().sum()
+        else:
+            partial[key] = torch.stack(norms).double().max()
     op = dist.ReduceOp.SUM if two else dist.ReduceOp.MAX
     dp_group = (state.groups.flat_mesh.get_group() if level is Granularity.G
                 else state.groups.intra if level is Granularity.I else None)
