@@ -5,6 +5,7 @@ I (inside the group of fast-linked ranks) or G (global). See ``ParoStrategy``.
 """
 
 from paro_fsdp.clip import clip_grad_norm_, grad_norm
+from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.optimizer import ParoOptimizer
 from paro_fsdp.parallelize import paro_parallelize
 from paro_fsdp.stats import comm_stats, memory_stats
@@ -12,6 +13,7 @@ from paro_fsdp.strategy import Granularity, ParoStrategy
 
 __all__ = [
     "Granularity",
+    "InterQuant",
     "ParoOptimizer",
     "ParoStrategy",
     "clip_grad_norm_",

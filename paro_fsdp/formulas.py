@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paro_fsdp.comm.quant import PARAM_PHASES, InterQuant
 from paro_fsdp.strategy import ParoStrategy
 from paro_fsdp.transitions import PHASES as TRAINING_PHASES
 from paro_fsdp.transitions import phase_plan
@@ -76,14 +77,22 @@ def comm_elements(strategy: ParoStrategy | str, topo: Topology, params: float,
 
 def comm_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,
                accum: int = 1, param_bytes: int = 4, grad_bytes: int = 4,
-               master_bytes: int = 4, sync_p_bytes: int | None = None) -> dict[str, dict[str, float]]:
+               master_bytes: int = 4, sync_p_bytes: int | None = None,
+               quant: InterQuant | None = None) -> dict[str, dict[str, float]]:
     """``comm_elements`` in bytes: gathers move ``param_bytes`` (the compute dtype), gradient
     reductions ``grad_bytes`` (the reduce dtype), sync_g ``master_bytes`` (the fp32 partial sums)
-    and sync_p ``sync_p_bytes`` (the copy at P: ``StateBytes.sync_p``; default ``master_bytes``)."""
+    and sync_p ``sync_p_bytes`` (the copy at P: ``StateBytes.sync_p``; default ``master_bytes``).
+    With ``quant``, what it quantizes crosses the inter link at its packed size per element
+    (payload plus scales; the per-chunk rounding to whole blocks and 4 bytes is left out)."""
     el = comm_elements(strategy, topo, params, trainable, accum)
     size = {"param_gather": param_bytes, "grad_reduce": grad_bytes, "sync_g": master_bytes,
             "sync_p": master_bytes if sync_p_bytes is None else sync_p_bytes}
-    return {p: {l: v * size[p] for l, v in links.items()} for p, links in el.items()}
+    out = {p: {l: v * size[p] for l, v in links.items()} for p, links in el.items()}
+    if quant is not None:
+        for p, links in el.items():
+            fmt = quant.format_for(p, "all_gather" if p in PARAM_PHASES else "reduce_scatter")
+            out[p]["inter"] = links["inter"] * quant.bytes_per_element(fmt, size[p])
+    return out
 
 
 def memory_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,

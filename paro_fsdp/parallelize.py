@@ -10,6 +10,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, per_mesh, validate_mesh
+from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.registry import DEFAULT, check_comm, check_ho_ring_chunks, make_collectives
 from paro_fsdp.engine import EngineState, Unit
 from paro_fsdp.strategy import Granularity, ParoStrategy
@@ -83,6 +84,7 @@ def paro_parallelize(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
     sync_p_window: int | None = 2,
+    quant: InterQuant | None = None,
 ) -> nn.Module:
     """Shard ``model`` for a PaRO strategy on ``mesh`` = (dp_replicate, dp_shard) = (groups, ranks per group).
 
@@ -111,6 +113,9 @@ def paro_parallelize(
             the step and the next forward (a loss or token-count all-reduce) from waiting behind
             the whole update on a shared link; the link stays busy as long as it is slower
             than forward. ``None``: all at once.
+        quant: what crosses the inter-group link block-quantized (:class:`InterQuant`:
+            parameters as int8, gradients as int8 or int4, summed in fp32). Lossy, so off by
+            default; intra-group traffic, the fp32 masters, the moments and checkpoints stay exact.
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
@@ -120,6 +125,7 @@ def paro_parallelize(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: the model is already parallelized, the mesh, strategy, ``comm``,
             ``ho_ring_chunks`` or ``sync_p_window`` is invalid, or a block is not a submodule of ``model``.
+        TypeError: ``quant`` is not an :class:`InterQuant` or ``None``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -131,6 +137,9 @@ def paro_parallelize(
     if sync_p_window is not None and (isinstance(sync_p_window, bool) or not isinstance(sync_p_window, int)
                                       or sync_p_window < 1):
         raise ValueError(f"sync_p_window must be a positive int or None (all at once), got {sync_p_window!r}")
+    if quant is not None and not isinstance(quant, InterQuant):
+        raise TypeError(f"quant must be a paro_fsdp.InterQuant or None, got {type(quant).__name__}; "
+                        f"e.g. InterQuant(params='int8', grads='int8')")
     mesh = validate_mesh(mesh)
     requested = ParoStrategy.parse(strategy)
     check_comm(comm)
@@ -147,7 +156,7 @@ def paro_parallelize(
         if not any(block is sub for sub in model.modules()):
             raise ValueError(f"blocks[{i}] ({type(block).__name__}) is not a submodule of the model")
 
-    groups = MeshGroups(mesh)
+    groups = MeshGroups(mesh, quant=quant if quant is not None and quant.enabled else None)
     state = EngineState(effective, requested, groups, make_collectives(comm, groups, ho_ring_chunks=ho_ring_chunks),
                         compute_dtype=mp_policy.param_dtype if mp_policy is not None else None,
                         sync_p_window=sync_p_window)

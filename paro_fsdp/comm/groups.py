@@ -2,7 +2,9 @@
 
 ``intra`` is the group a rank shares fast links with (its ``dp_shard`` row); ``inter`` joins
 the ranks with the same local index across groups (its ``dp_replicate`` column). Every
-collective here runs over one of those and records the bytes it sends in ``stats``.
+collective here runs over one of those and records the bytes it sends in ``stats``. With
+``quant`` set, the inter-group collectives of the training phases it names send block-quantized
+data (:mod:`paro_fsdp.comm.quant`); intra-group ones always stay exact.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from paro_fsdp.comm import quant as q
 from paro_fsdp.comm.errors import CollectiveError, Issued, adopt_default_timeout
 from paro_fsdp.comm.stats import INTER, INTRA, CommStats, current_phase
 from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
@@ -74,8 +77,10 @@ class MeshGroups:
     Ranks are numbered group-major: flat rank ``r = group_index * m + local_index``.
     """
 
-    def __init__(self, mesh: DeviceMesh, stats: CommStats | None = None) -> None:
+    def __init__(self, mesh: DeviceMesh, stats: CommStats | None = None,
+                 quant: q.InterQuant | None = None) -> None:
         self.mesh = validate_mesh(mesh)
+        self.quant = quant
         self.intra = mesh.get_group(SHARD_DIM)
         self.inter = mesh.get_group(REPLICATE_DIM)
         self.groups, self.group_size = mesh.size(0), mesh.size(1)
@@ -122,6 +127,12 @@ class MeshGroups:
         """What a ``start_*`` call issues, for naming it if it fails (phase: the current one)."""
         return Issued(collective, link, self._ranks[link], current_phase(), self.group(link), purpose)
 
+    def _quant_format(self, kind: str, link: str) -> str | None:
+        """The format a collective ``kind`` on ``link`` sends in now (``None``: exact)."""
+        if self.quant is None or link != INTER:
+            return None
+        return self.quant.format_for(current_phase(), kind)
+
     # Counted collectives over one link. Sizes must divide evenly; callers pad. The ``start_*``
     # forms issue the collective asynchronously and return what completes it.
 
@@ -131,6 +142,8 @@ class MeshGroups:
         if k == 1:
             output.copy_(input.reshape(-1))
             return Pending(None)
+        if (fmt := self._quant_format("all_gather", link)) is not None:
+            return self._start_quantized_all_gather(output, input, link, fmt)
         self.stats.add(link, (k - 1) * input.numel() * input.element_size())
         return Pending(all_gather_single(output, input, group=self.group(link), async_op=True),
                        issued=self._issued("all_gather", link))
@@ -142,6 +155,15 @@ class MeshGroups:
         if k == 1:
             output.copy_(input.reshape(-1))
             return Pending(None)
+        if (fmt := self._quant_format("reduce_scatter", link)) is not None:
+            exchange = self._start_quantized_exchange(input, link, fmt)
+
+            def finish_quantized() -> None:
+                output.view(-1).copy_(exchange())
+                if op == dist.ReduceOp.AVG:
+                    output.div_(k)
+
+            return Pending(None, finish_quantized)
         self.stats.add(link, (k - 1) * output.numel() * output.element_size())
         if not self._gloo[link]:
             return Pending(reduce_scatter_single(output, input, op=op, group=self.group(link), async_op=True),
@@ -164,12 +186,70 @@ class MeshGroups:
         k = self.size(link)
         if k == 1:
             return Pending(None)
+        if (fmt := self._quant_format("all_reduce", link)) is not None:
+            return self._start_quantized_all_reduce(tensor, link, fmt, op)
         self.stats.add(link, 2 * (k - 1) * tensor.numel() * tensor.element_size() // k)
         if op == dist.ReduceOp.AVG and self._gloo[link]:
             return Pending(dist.all_reduce(tensor, group=self.group(link), async_op=True), lambda: tensor.div_(k),
                            issued=self._issued("all_reduce", link))
         return Pending(dist.all_reduce(tensor, op=op, group=self.group(link), async_op=True),
                        issued=self._issued("all_reduce", link))
+
+    # Quantized forms (inter-group only, see ``quant``): each element crosses the link quantized
+    # once per hop; sums are taken in fp32 after dequantization.
+
+    def _start_quantized_all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str,
+                                    fmt: str) -> "Pending":
+        """All-gather of ``input`` quantized; every rank, the owner included, writes the dequantized
+        values into ``output``, so all copies agree bit for bit."""
+        k, numel, block = self.size(link), input.numel(), self.quant.block_size
+        packed = q.quantize(input.reshape(1, -1), fmt, block)
+        received = packed.new_empty(k, packed.shape[1])
+        self.stats.add(link, (k - 1) * packed.numel())
+        work = all_gather_single(received, packed, group=self.group(link), async_op=True)
+
+        def finish() -> None:
+            output.view(k, numel).copy_(q.dequantize(received, numel, fmt, block))
+
+        return Pending(work, finish, issued=self._issued("all_gather", link, f"{fmt} all_gather"))
+
+    def _start_quantized_exchange(self, input: torch.Tensor, link: str, fmt: str) -> Callable[[], torch.Tensor]:
+        """Issue the all-to-all of ``input``'s k chunks, quantized; the returned call waits for it
+        and gives the fp32 sum of the chunks this rank owns (its own taken exactly)."""
+        k, block, own = self.size(link), self.quant.block_size, self.index(link)
+        rows = input.reshape(k, -1)
+        packed = q.quantize(rows, fmt, block)
+        received = torch.empty_like(packed)
+        self.stats.add(link, (k - 1) * packed.shape[1])
+        pending = Pending(dist.all_to_all_single(received, packed, group=self.group(link), async_op=True),
+                          issued=self._issued("all_to_all", link, f"{fmt} reduce_scatter"))
+
+        def finish() -> torch.Tensor:
+            pending.wait()
+            values = q.dequantize(received, rows.shape[1], fmt, block)
+            values[own] = rows[own]
+            return values.sum(dim=0)
+
+        return finish
+
+    def _start_quantized_all_reduce(self, tensor: torch.Tensor, link: str, fmt: str,
+                                    op: dist.ReduceOp.RedOpType) -> "Pending":
+        """All-reduce as a quantized reduce-scatter, then a quantized all-gather of the sums
+        (issued when waited for), so every element is quantized once per hop."""
+        k, flat = self.size(link), tensor.view(-1)
+        padded = -(-flat.numel() // k) * k
+        work = flat if padded == flat.numel() else torch.cat([flat, flat.new_zeros(padded - flat.numel())])
+        exchange = self._start_quantized_exchange(work, link, fmt)
+
+        def finish() -> None:
+            summed = exchange()
+            if op == dist.ReduceOp.AVG:
+                summed.div_(k)
+            self._start_quantized_all_gather(work, summed, link, fmt).wait()
+            if work is not flat:
+                flat.copy_(work[: flat.numel()])
+
+        return Pending(None, finish)
 
     # Columns: in a buffer of n blocks in flat-rank order, viewed (g, m, S), this rank's column
     # is ``[:, local_index]``, the blocks of every group's rank with its local index. Where each
