@@ -42,6 +42,17 @@ def test_ho_ring_chunks_reach_the_settings() -> None:
     assert "PaRO IIG (ho_ring, at most 4 chunks) on 2 group(s) x 2 rank(s)" == settings.describe()
 
 
+def test_quantization_fields_reach_the_settings() -> None:
+    assert paro_settings(_config(), 4).quant is None  # default: everything exact
+    settings = paro_settings(_config("--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_grads",
+                                     "int4", "--parallelism.paro_quant_block_size", "128"), 4)
+    assert (settings.quant.params, settings.quant.grads, settings.quant.block_size) == ("int8", "int4", 128)
+    assert settings.describe() == ("PaRO IIG (ho_ring; across groups params int8 and grads int4 in blocks of 128) "
+                                   "on 2 group(s) x 2 rank(s)")
+    grads_only = paro_settings(_config("--parallelism.paro_quant_grads", "int8"), 4).quant
+    assert (grads_only.params, grads_only.grads, grads_only.block_size) == (None, "int8", 256)
+
+
 def test_command_line_overrides_the_toml_strategy_and_aliases_parse() -> None:
     assert paro_settings(_config("--parallelism.paro_strategy", "NIG"), 4).strategy.code == "NIG"
     assert paro_settings(_config("--parallelism.paro_strategy", "zero3"), 4).strategy.code == "GGG"
@@ -63,6 +74,12 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
          r"paro_ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with parallelism.paro_comm='ho_ring', "
          r"but parallelism.paro_comm='default': set "
          r"parallelism.paro_comm='ho_ring', or leave parallelism.paro_ho_ring_chunks unset \(0\)"),
+        (("--parallelism.paro_quant_params", "int4"), 4,
+         r"parallelism.paro_quant_params='int4' is invalid; valid values: int8, or None \(exact\) \(empty\)"),
+        (("--parallelism.paro_quant_grads", "fp8"), 4,
+         r"parallelism.paro_quant_grads='fp8' is invalid; valid values: int8, int4"),
+        (("--parallelism.paro_quant_grads", "int8", "--parallelism.paro_quant_block_size", "7"), 4,
+         r"parallelism.paro_quant_block_size=7 is invalid: elements per quantization scale, an even int"),
         ((), 8, r"replicate_degree \(2\) x data_parallel_shard_degree \(2\) .* = 4, but 8 ranks"),
         (("--parallelism.data_parallel_shard_degree", "-1"), 7, r"world size 7 is not divisible"),
         (("--parallelism.context_parallel_degree", "2"), 4, r"context_parallel_degree=2 is not supported"),

@@ -63,6 +63,10 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["optim_keys"] = sum(k.startswith("optim.state.") for k in iig["at"])
     out["iig_scalars"] = iig["scalars"][2]
     out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
+    # Quantized traffic across groups, switched on from the config (the IIG run above is its exact twin).
+    quant = ["--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_grads", "int8"]
+    quant_iig = run(args(root / "quant_iig", 4, (2, 2), "IIG", *ckpt, *quant), snapshot_end=False)
+    out["quant_iig"], out["quant_scalars"] = quant_iig["losses"], quant_iig["scalars"][4]
     out["qwen3_iig"] = run(args(root / "qwen3", 3, (2, 2), "IIG", model="qwen3"))["losses"]
     # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
     bf16 = ["--training.mixed_precision_param", "bfloat16"]
@@ -193,6 +197,18 @@ def test_paro_metrics_report_the_expected_bytes_and_memory(four: dict[str, Any])
     assert scalars["paro/comm_intra_bytes/param_gather"] > 0
     assert scalars["paro/memory_params_bytes"] == pytest.approx(model_bytes / 2, rel=0.01)
     assert scalars["paro/memory_optim_bytes"] == pytest.approx(2 * model_bytes / 4, rel=0.01)
+
+
+def test_quantized_traffic_is_a_quarter_across_groups_and_trains_like_the_exact_run(four: dict[str, Any]) -> None:
+    # int8 with an fp32 scale per 256 elements: 1 + 4/256 bytes per element where fp32 sends 4.
+    scalars, model_bytes = four["quant_scalars"], 4 * four["params"]
+    per_element = (1 + 4 / 256) / 4
+    assert scalars["paro/comm_inter_bytes_per_step"] == pytest.approx(2 * model_bytes / 4 * per_element, rel=0.03)
+    assert scalars["paro/comm_inter_quantized_bytes_per_step"] == scalars["paro/comm_inter_bytes_per_step"]
+    assert scalars["paro/comm_intra_bytes_per_step"] == pytest.approx(four["iig_scalars"]["paro/comm_intra_bytes_per_step"])
+    quantized, exact = curve(four["quant_iig"]), curve(four["iig"])
+    assert quantized != exact, "nothing was quantized"
+    assert_close(quantized, exact, rtol=1e-2)
 
 
 def test_bf16_compute_keeps_a_bf16_copy_at_p_and_trains_like_stock_fsdp(four: dict[str, Any]) -> None:

@@ -45,14 +45,16 @@ def test_every_paro_field_is_set_from_the_command_line() -> None:
     config = _config("llama3_debug_paro", "--parallelism.paro_strategy", "zero3", "--parallelism.paro_comm", "ho_ring",
                      "--parallelism.paro_ho_ring_chunks", "4", "--parallelism.paro_device_memory_gib", "40",
                      "--parallelism.paro_calibration", "cal.json", "--debug.no-layout-independent-init",
-                     "--checkpoint.no-paro-checksums")
+                     "--checkpoint.no-paro-checksums", "--parallelism.paro_quant_params", "int8",
+                     "--parallelism.paro_quant_grads", "int4", "--parallelism.paro_quant_block_size", "64")
     assert isinstance(config, ParoTrainer.Config)
     par = config.parallelism
     assert (par.paro_strategy, par.paro_comm, par.paro_ho_ring_chunks, par.paro_device_memory_gib,
             par.paro_calibration) == ("zero3", "ho_ring", 4, 40.0, "cal.json")
     assert config.debug.layout_independent_init is False and config.checkpoint.paro_checksums is False
     settings = paro_settings(job_view(config), 4)
-    assert settings.describe() == "PaRO GGG (ho_ring, at most 4 chunks) on 2 group(s) x 2 rank(s)"
+    assert settings.describe() == ("PaRO GGG (ho_ring, at most 4 chunks; across groups params int8 and grads int4 "
+                                   "in blocks of 64) on 2 group(s) x 2 rank(s)")
     assert paro_settings(job_view(_config("llama3_debug_paro", "--parallelism.paro_strategy", "None")), 4) is None
 
 
@@ -108,6 +110,9 @@ def test_paro_config_turns_any_trainer_config_into_one_paro_can_run() -> None:
         (("--parallelism.data_parallel_replicate_degree", "3"),
          r"data_parallel_replicate_degree \(3\) x data_parallel_shard_degree \(2\).* = 6, but 4 ranks"),
         (("--parallelism.context_parallel_degree", "2"), r"context_parallel_degree"),
+        (("--parallelism.paro_quant_grads", "int2"), r"parallelism.paro_quant_grads='int2' is invalid; valid values"),
+        (("--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_block_size", "0"),
+         r"parallelism.paro_quant_block_size=0 is invalid"),
     ],
 )
 def test_bad_paro_fields_are_refused_by_name(overrides: tuple[str, ...], expected: str) -> None:

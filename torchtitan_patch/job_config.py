@@ -36,6 +36,26 @@ class Parallelism:
     one, and each chunk pays its own collectives' latency. 0: HO-Ring's default (16).
     """
 
+    paro_quant_params: str = ""
+    """
+    Parameters crossing groups (sync_p, the inter phase of P=G gathers) as block-quantized
+    "int8" (a quarter of fp32's bytes, a half of bf16's). Lossy: the fp32 masters, optimizer
+    states and checkpoints stay exact, and every replica holds the same dequantized values.
+    Empty: exact.
+    """
+
+    paro_quant_grads: str = ""
+    """
+    Gradients crossing groups (sync_g, the inter phase of G=G reductions) as block-quantized
+    "int8" or "int4", exchanged all-to-all and summed in fp32. Lossy. Empty: exact.
+    """
+
+    paro_quant_block_size: int = 256
+    """
+    With paro_quant_params or paro_quant_grads: elements per fp32 scale (an even int). Smaller
+    blocks follow the values' range more closely and send more scales.
+    """
+
     paro_calibration: str = ""
     """
     With paro_strategy = "auto": a link calibration written by `paro probe` (JSON) for this

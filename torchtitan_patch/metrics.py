@@ -4,7 +4,8 @@ Beside torchtitan's loss, throughput and device memory, each logged step reports
 rank (the logging rank):
 
 - intra- and inter-group bytes sent per optimizer step, averaged over the steps since the
-  last log, in total and per phase (param_gather, grad_reduce, sync_g, sync_p, other);
+  last log, in total and per phase (param_gather, grad_reduce, sync_g, sync_p, other), and
+  of the inter bytes those sent block-quantized (``parallelism.paro_quant_*``);
 - model-state memory: parameters, gradients and optimizer states held now.
 
 The console gets one extra line after torchtitan's; TensorBoard / W&B get ``paro/...`` scalars.
@@ -24,6 +25,11 @@ _MIB = 1024 * 1024
 
 def _mib(nbytes: float) -> str:
     return f"{nbytes / _MIB:.2f}MiB"
+
+
+def _quantized(nbytes: float) -> str:
+    """What of the inter bytes went quantized (nothing when quantization is off)."""
+    return f" ({_mib(nbytes)} quantized)" if nbytes else ""
 
 
 class ParoMetrics:
@@ -52,6 +58,8 @@ class ParoMetrics:
                 for link, nbytes in links.items():
                     key = f"paro/comm_{link}_bytes/{phase}"
                     metrics[key] = metrics.get(key, 0.0) + nbytes / steps
+            key = "paro/comm_inter_quantized_bytes_per_step"
+            metrics[key] = metrics.get(key, 0.0) + stats.quantized("inter") / steps
             stats.reset()
             for kind, nbytes in memory_stats(model).items():
                 key = f"paro/memory_{kind}_bytes"
@@ -81,7 +89,8 @@ class ParoMetrics:
             logger.info(
                 f"{color.red}step: {step:2}  {color.yellow}paro comm/step "
                 f"intra: {_mib(paro['paro/comm_intra_bytes_per_step'])}  "
-                f"inter: {_mib(paro['paro/comm_inter_bytes_per_step'])}  "
+                f"inter: {_mib(paro['paro/comm_inter_bytes_per_step'])}"
+                f"{_quantized(paro['paro/comm_inter_quantized_bytes_per_step'])}  "
                 f"{color.turquoise}model state params: {_mib(paro['paro/memory_params_bytes'])}  "
                 f"grads: {_mib(paro['paro/memory_grads_bytes'])}  "
                 f"optim: {_mib(paro['paro/memory_optim_bytes'])}{color.reset}"

@@ -80,6 +80,7 @@ def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, paral
         blocks=blocks,
         comm=settings.comm,
         ho_ring_chunks=settings.ho_ring_chunks,
+        quant=settings.quant,
         mp_policy=MixedPrecisionPolicy(
             param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from paro_fsdp.comm import quant as q
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
 from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, check_ho_ring_chunks
 from paro_fsdp.strategy import ParoStrategy
@@ -34,6 +35,7 @@ class ParoSettings:
     calibration: str = ""  # "auto": a `paro probe` file; empty: probe at start-up
     device_memory_gib: float = 0.0  # "auto": memory per rank; 0: ask the device
     ho_ring_chunks: int | None = None  # HO-Ring's pipeline depth; None: its default
+    quant: q.InterQuant | None = None  # what crosses groups quantized; None: all exact
 
     def with_strategy(self, strategy: ParoStrategy) -> ParoSettings:
         return replace(self, strategy=strategy)
@@ -44,6 +46,9 @@ class ParoSettings:
         else:
             name = f"{self.strategy}" + (" (chosen by paro_strategy='auto')" if self.auto else "")
         comm = self.comm if self.ho_ring_chunks is None else f"{self.comm}, at most {self.ho_ring_chunks} chunks"
+        if self.quant is not None:
+            formats = [f"{what} {fmt}" for what, fmt in (("params", self.quant.params), ("grads", self.quant.grads)) if fmt]
+            comm += f"; across groups {' and '.join(formats)} in blocks of {self.quant.block_size}"
         return f"PaRO {name} ({comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
@@ -183,6 +188,27 @@ def _ho_ring_chunks(par: Any, comm: str) -> int | None:
         raise ParoConfigError(f"{e} (0)") from None
 
 
+def _quant(par: Any) -> q.InterQuant | None:
+    """``parallelism.paro_quant_*`` as an :class:`InterQuant`; ``None`` when both are empty (exact)."""
+    formats = {}
+    for name, valid in (("params", (q.INT8,)), ("grads", q.FORMATS)):
+        value = getattr(par, f"paro_quant_{name}", "")
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            value = None
+        try:
+            formats[name] = q.check_format(value, f"parallelism.paro_quant_{name}", valid)
+        except ValueError as e:
+            raise ParoConfigError(f"{e} (empty)") from None
+    block = getattr(par, "paro_quant_block_size", q.DEFAULT_BLOCK_SIZE)
+    try:
+        q.check_block_size(block, "parallelism.paro_quant_block_size")
+    except ValueError as e:
+        raise ParoConfigError(str(e)) from None
+    if formats["params"] is None and formats["grads"] is None:
+        return None
+    return q.InterQuant(block_size=block, **formats)
+
+
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in valid:
         raise ParoConfigError(f"{section}.{name}={value!r} is invalid; valid values: {', '.join(valid)}")
@@ -208,6 +234,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     comm = getattr(par, "paro_comm", DEFAULT)
     _check_choice("parallelism", "paro_comm", comm, COMM_NAMES)
     ho_ring_chunks = _ho_ring_chunks(par, comm)
+    quant = _quant(par)
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
         raise ParoConfigError(
@@ -245,4 +272,4 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     if strategy is None and calibration:
         _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
-                        device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks)
+                        device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks, quant=quant)

@@ -205,7 +205,7 @@ class MeshGroups:
         k, numel, block = self.size(link), input.numel(), self.quant.block_size
         packed = q.quantize(input.reshape(1, -1), fmt, block)
         received = packed.new_empty(k, packed.shape[1])
-        self.stats.add(link, (k - 1) * packed.numel())
+        self.stats.add(link, (k - 1) * packed.numel(), quantized=True)
         work = all_gather_single(received, packed, group=self.group(link), async_op=True)
 
         def finish() -> None:
@@ -220,7 +220,7 @@ class MeshGroups:
         rows = input.reshape(k, -1)
         packed = q.quantize(rows, fmt, block)
         received = torch.empty_like(packed)
-        self.stats.add(link, (k - 1) * packed.shape[1])
+        self.stats.add(link, (k - 1) * packed.shape[1], quantized=True)
         pending = Pending(dist.all_to_all_single(received, packed, group=self.group(link), async_op=True),
                           issued=self._issued("all_to_all", link, f"{fmt} reduce_scatter"))
 

@@ -37,18 +37,26 @@ def current_phase() -> str:
 
 
 class CommStats:
-    """Bytes sent by this rank, keyed by (phase, link)."""
+    """Bytes sent by this rank, keyed by (phase, link); of those, how many were quantized."""
 
     def __init__(self) -> None:
         self._bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._quantized: defaultdict[str, int] = defaultdict(int)
 
-    def add(self, link: str, nbytes: int, phase_name: str | None = None) -> None:
+    def add(self, link: str, nbytes: int, phase_name: str | None = None, *, quantized: bool = False) -> None:
         if link not in LINKS:
             raise ValueError(f"unknown link {link!r}; expected one of {LINKS}")
         self._bytes[(phase_name or current_phase(), link)] += int(nbytes)
+        if quantized:
+            self._quantized[link] += int(nbytes)
 
     def reset(self) -> None:
         self._bytes.clear()
+        self._quantized.clear()
+
+    def quantized(self, link: str | None = None) -> int:
+        """Of the bytes counted, those sent block-quantized (scales included), on one or both links."""
+        return sum(v for l, v in self._quantized.items() if link is None or l == link)
 
     def get(self, phase_name: str | None = None, link: str | None = None) -> int:
         """Total bytes, optionally restricted to one phase and/or one link."""
