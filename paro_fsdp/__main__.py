@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
+from paro_fsdp.comm.quant import DEFAULT_BLOCK_SIZE, INT8, InterQuant
+from paro_fsdp.comm.quant import FORMATS as QUANT_FORMATS
 from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
 
 GIB = 2**30
@@ -163,6 +165,15 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--ho-ring-chunks", type=positive_int,
                     help=f"with --comm {HO_RING}: its pipeline depth, at most this many chunks per global collective "
                          f"(default: --config's parallelism.paro_ho_ring_chunks, else {DEFAULT_CHUNKS})")
+    q = p.add_argument_group("quantized inter-group traffic (each strategy is then ranked exact and quantized)")
+    q.add_argument("--quant-params", choices=(INT8,), help="parameters crossing groups as block-quantized int8")
+    q.add_argument("--quant-grads", choices=QUANT_FORMATS, help="gradients crossing groups as block-quantized int8 "
+                                                                "or int4")
+    q.add_argument("--quant-block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"elements per fp32 scale (default {DEFAULT_BLOCK_SIZE})")
+    q.add_argument("--quant-rate", type=positive_float,
+                   help="M elements per second a rank quantizes and dequantizes (default: --calibration's, "
+                        "which `paro probe` measures on the device)")
 
     p.add_argument("--plot", metavar="FILE.png", help="plot memory per rank against step time (needs matplotlib)")
 
@@ -246,8 +257,14 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     op_bw = {kind: {link: fit.bandwidth for link, fit in links.items() if getattr(args, f"{link}_bw") is None}
              for kind, links in (cal.ops.items() if cal else ())}
     memory = _scaled("--memory", args.memory, GIB, "GiB", error)
+    quant_rate = _pick(None if args.quant_rate is None else _scaled("--quant-rate", args.quant_rate, 1e6,
+                                                                     "M elements/s", error),
+                       cal.quant_rate if cal and cal.quant_rate else None)
+    if (args.quant_params or args.quant_grads) and quant_rate is None:
+        error("--quant-params / --quant-grads need the rate a rank quantizes at: --quant-rate (M elements/s), or "
+              "--calibration FILE from `paro probe`, which measures it on the device")
     try:
-        cluster = Cluster(device_memory=memory, **shape, **rates, **latency,
+        cluster = Cluster(device_memory=memory, **shape, **rates, **latency, quant_rate=quant_rate,
                           op_bw={kind: links for kind, links in op_bw.items() if links})
     except ValueError as e:  # the flags are checked above: what is left comes from the calibration file
         error(f"--calibration: {e}")
@@ -277,24 +294,31 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
         check_ho_ring_chunks(args.ho_ring_chunks, args.comm, field=chunks_field, comm_field=comm_field)
     except ValueError as e:
         error(str(e))
-    return model, cluster, TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute), job
+    quant = None
+    if args.quant_params or args.quant_grads:
+        try:
+            quant = InterQuant(params=args.quant_params, grads=args.quant_grads, block_size=args.quant_block_size)
+        except ValueError as e:
+            error(f"--quant-block-size: {e}")
+    setup = TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute)
+    return model, cluster, setup, job, quant
 
 
 def _run_plan(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     from paro_fsdp.planner import describe_assumptions, format_table, plan, plot_pareto  # noqa: PLC0415
 
-    model, cluster, setup, job = _plan_inputs(args, error)
-    ranking = plan(model, cluster, setup, args.comm, args.ho_ring_chunks)
+    model, cluster, setup, job, quant = _plan_inputs(args, error)
+    ranking = plan(model, cluster, setup, args.comm, args.ho_ring_chunks, quant)
     lines = []
     if job is not None:
         lines.append(f"torchtitan: {job.name} {job.flavor} ({args.config}), seq_len {job.seq_len}, "
                      f"local batch {job.local_batch_size}, activation checkpointing {job.activation_checkpoint}")
-    lines += describe_assumptions(model, cluster, setup, args.comm, args.ho_ring_chunks)
+    lines += describe_assumptions(model, cluster, setup, args.comm, args.ho_ring_chunks, quant)
     print("\n".join(f"# {line}" for line in lines))
     print(format_table(ranking))
     best = ranking[0]
     if best.fits:
-        print(f"best that fits: {best.strategy.code}")
+        print(f"best that fits: {best.label}")
     else:
         smallest = min(ranking, key=lambda e: e.total_memory)
         print(f"nothing fits in {args.memory:g} GiB per rank; the smallest, {smallest.strategy.code}, needs "

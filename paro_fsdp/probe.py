@@ -14,6 +14,7 @@ sustained traffic. Times are the slowest rank's, the median of several samples; 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -25,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from paro_fsdp.comm.device import barrier, collective_device
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
+from paro_fsdp.comm.quant import DEFAULT_BLOCK_SIZE, INT8, dequantize, quantize
 from paro_fsdp.comm.stats import INTER, INTRA, LINKS
 from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
 from paro_fsdp.planner.inputs import COLLECTIVE_KINDS
@@ -99,6 +101,21 @@ def measure(groups: MeshGroups, sizes: tuple[int, ...] | None = None, repeats: i
     return points
 
 
+def quant_rate(device: torch.device, numel: int = 1 << 22, repeats: int = 3) -> float:
+    """Elements per second through a block quantize and dequantize on ``device`` (int8, the
+    default block), best of ``repeats``: what quantized inter-group traffic costs a rank.
+    Local to the calling rank (no collective), so one rank may measure it alone."""
+    x = torch.randn(1, numel, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first warms up
+        start = time.perf_counter()
+        dequantize(quantize(x, INT8, DEFAULT_BLOCK_SIZE), numel, INT8, DEFAULT_BLOCK_SIZE)
+        if device.type != "cpu":
+            torch.accelerator.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return numel / best
+
+
 def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: int = 3) -> Calibration:
     """Measure both links of ``mesh`` (2D, ``(dp_replicate, dp_shard)``) and fit them.
 
@@ -116,7 +133,7 @@ def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: i
     return Calibration(nodes=groups.groups, ranks_per_node=groups.group_size, intra=fits["all_gather"][INTRA],
                        inter=fits["all_gather"][INTER], ops={k: v for k, v in fits.items() if k != "all_gather"},
                        backend=dist.get_default_backend_for_device(mesh.device_type),
-                       device_type=mesh.device_type, points=points)
+                       device_type=mesh.device_type, points=points, quant_rate=quant_rate(groups.device))
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -169,6 +186,7 @@ def run_from_args(args: argparse.Namespace, error: Callable[[str], None]) -> int
                 for link, fit in links.items():
                     print(f"{kind} {link}: {fit.bandwidth / 1e9:.4g} GB/s per rank, {fit.latency * 1e6:.1f} us "
                           f"per collective")
+            print(f"quantize + dequantize: {cal.quant_rate / 1e6:.4g} M elements/s per rank")
             print(f"calibration for {cal.nodes} x {cal.ranks_per_node} ranks written to {args.out}")
     finally:
         dist.destroy_process_group()

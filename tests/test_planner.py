@@ -34,6 +34,8 @@ from paro_fsdp.planner import (
     sizes_from_model,
     write_calibration,
 )
+from paro_fsdp.comm.quant import InterQuant
+from paro_fsdp.formulas import Topology, comm_bytes, comm_elements
 from paro_fsdp.strategy import ParoStrategy
 
 GIB = 2**30
@@ -359,6 +361,57 @@ def test_cli_calibration_and_plot(capsys, tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+QUANT = InterQuant(params="int8", grads="int8")
+
+
+def test_quantized_traffic_is_priced_in_bytes_and_quantize_time() -> None:
+    cluster = dataclasses.replace(SMALL_CLUSTER, quant_rate=50.0)
+    exact = estimate("IIG", SMALL_MODEL, cluster, SMALL_SETUP)
+    quant = estimate("IIG", SMALL_MODEL, cluster, SMALL_SETUP, quant=QUANT)
+    topo = Topology(2, 2)
+    m = SMALL_MODEL
+    assert quant.comm_bytes == comm_bytes("IIG", topo, 1000, accum=2, param_bytes=m.wire_param_bytes,
+                                          grad_bytes=m.wire_grad_bytes, master_bytes=m.master_bytes,
+                                          sync_p_bytes=m.layout(ParoStrategy.parse("IIG")).sync_p, quant=QUANT)
+    assert quant.inter_bytes == pytest.approx(exact.inter_bytes * (1 + 4 / 256) / 4)
+    assert quant.intra_bytes == exact.intra_bytes and quant.label == "IIG+p8g8" and exact.label == "IIG"
+    elements = comm_elements("IIG", topo, 1000, accum=2)
+    for phase in ("sync_g", "sync_p"):  # IIG's inter traffic; each its full size (sent x k/(k-1)) at 50/s
+        saved = (exact.comm_bytes[phase]["inter"] - quant.comm_bytes[phase]["inter"]) / cluster.inter_bw
+        work = elements[phase]["inter"] * 2 / 50.0
+        assert quant.comm_seconds_by_phase[phase] == pytest.approx(exact.comm_seconds_by_phase[phase] - saved + work)
+    with pytest.raises(ValueError, match="pricing quantized traffic needs Cluster.quant_rate"):
+        estimate("IIG", SMALL_MODEL, SMALL_CLUSTER, SMALL_SETUP, quant=QUANT)
+
+
+def test_plan_ranks_quantized_variants_beside_the_exact_ones() -> None:
+    fast = dataclasses.replace(SMALL_CLUSTER, quant_rate=1e12)
+    ranking = plan(SMALL_MODEL, fast, SMALL_SETUP, quant=QUANT)
+    assert len(ranking) == 28 and len({e.label for e in ranking}) == 28
+    assert ranking[0].quant == QUANT  # a slow inter link and free quantization: a quantized variant wins
+    slow = dataclasses.replace(SMALL_CLUSTER, quant_rate=1e-3)
+    assert plan(SMALL_MODEL, slow, SMALL_SETUP, quant=QUANT)[0].quant is None  # quantizing costs more than it saves
+    best, only_quantized = choose_strategy(SMALL_MODEL, fast, SMALL_SETUP, quant=QUANT)
+    assert len(only_quantized) == 14 and all(e.quant == QUANT for e in only_quantized)
+    assert best == only_quantized[0].strategy
+    assert any("quantized inter-group traffic (p8g8" in line
+               for line in describe_assumptions(SMALL_MODEL, fast, SMALL_SETUP, "default", quant=QUANT))
+
+
+def test_cli_ranks_quantized_variants(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        main([*CLI, "--quant-grads", "int8"])
+    assert "--quant-params / --quant-grads need the rate a rank quantizes at" in capsys.readouterr().err
+    assert main([*CLI, "--quant-params", "int8", "--quant-grads", "int4", "--quant-rate", "50000"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line and not line.startswith(("#", "rank", "best"))]
+    assert len(rows) == 28 and sum("+p8g4" in r for r in rows) == 14
+    assert "quantize + dequantize at 5e+04 M elements/s per rank" in out
+    with pytest.raises(SystemExit):
+        main([*CLI, "--quant-grads", "int8", "--quant-rate", "1", "--quant-block-size", "7"])
+    assert "--quant-block-size: block_size=7 is invalid" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--params", "7x"], "argument --params: expected a parameter count such as 7000000000, 6.7e9, 7B or 350M, "
                          "got '7x'"),
@@ -420,6 +473,7 @@ def test_probe(tmp_path) -> None:
     path = tmp_path / "cal.json"
     cals = run_distributed(_probe, 4, str(path))
     cal = read_calibration(path)
+    assert cal.quant_rate > 0 and cluster_from_calibration(cal, 1e9).quant_rate == cal.quant_rate
     assert cal == cals[0]  # rank 0 wrote what it measured; every rank fits the same (MAX-reduced) times
     assert all(c.intra == cal.intra and c.inter == cal.inter for c in cals)
     assert (cal.nodes, cal.ranks_per_node, cal.backend, cal.device_type) == (2, 2, "gloo", "cpu")

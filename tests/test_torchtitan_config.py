@@ -172,6 +172,18 @@ def test_auto_plans_the_real_model_and_picks_what_fits() -> None:
         plan(model, settings, job, 2, _calibration(2, 4, 1e7), device_memory=2**34)
 
 
+def test_auto_prices_the_quantized_traffic_the_job_runs_with() -> None:
+    job = _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_quant_params", "int8",
+                  "--parallelism.paro_quant_grads", "int8")
+    settings, model = paro_settings(job, 4), _meta_debug_model()
+    # A calibration without a measured quantize rate (an older file): rank 0 measures it itself.
+    best, lines = plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=2**34)
+    assert any(line.startswith("# quantized inter-group traffic (p8g8") for line in lines)
+    table = [line.split() for line in lines if not line.startswith("#")][1:]
+    assert len(table) == 14 and all(row[1].endswith("+p8g8") for row in table)  # what the job will run
+    assert table[0][1] == f"{best.code}+p8g8"
+
+
 def test_auto_device_memory_is_the_field_or_the_host_share_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = paro_settings(_config("--parallelism.paro_strategy", "auto", "--parallelism.paro_device_memory_gib",
                                      "3"), 4)

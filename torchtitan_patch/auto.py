@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from paro_fsdp.planner import (
     sizes_from_model,
     write_calibration,
 )
-from paro_fsdp.probe import run_probe
+from paro_fsdp.probe import quant_rate, run_probe
 from paro_fsdp.strategy import ParoStrategy
 from torchtitan_patch.models import backwards_per_step as _backwards_per_step
 from torchtitan_patch.settings import ParoConfigError, ParoSettings
@@ -111,11 +112,15 @@ def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_pe
         )
     sizes, setup = plan_inputs(model, job_config, backwards_per_step)
     cluster = cluster_from_calibration(calibration, device_memory)
+    if settings.quant is not None and cluster.quant_rate is None:  # a file from before paro probe measured it
+        cluster = replace(cluster, quant_rate=quant_rate(torch.device(calibration.device_type or "cpu")))
     try:
-        best, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks)
+        best, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
+                                        settings.quant)
     except ValueError as e:
         raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
-    assumptions = describe_assumptions(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks)
+    assumptions = describe_assumptions(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
+                                       settings.quant)
     lines = [f"# {line}" for line in assumptions]
     return best, [*lines, *format_table(ranking).splitlines()]
 

@@ -72,6 +72,11 @@ class InterQuant:
             return self.grads
         return None
 
+    @property
+    def label(self) -> str:
+        """A short name for tables: ``p8`` int8 parameters, ``g8`` / ``g4`` int8 / int4 gradients."""
+        return "".join(f"{what}{_BITS[fmt]}" for what, fmt in (("p", self.params), ("g", self.grads)) if fmt)
+
     def bytes_per_element(self, fmt: str | None, element_bytes: int) -> float:
         """Bytes an element of ``element_bytes`` puts on the inter link in ``fmt`` (scales
         included, per-chunk padding excluded)."""

@@ -59,7 +59,8 @@ class Calibration:
     ``intra`` / ``inter`` are the all-gather fits; ``ops`` holds the other collective kinds'
     fits, ``{"reduce_scatter": {"inter": LinkFit, ...}, "all_reduce": {...}}``, since backends
     do not run every kind at the same rate. ``points`` keeps the timings, ``{kind: {link: [(bytes,
-    seconds)]}}``.
+    seconds)]}}``. ``quant_rate`` is the elements per second one rank quantized and dequantized
+    (0: not measured).
     """
 
     nodes: int
@@ -70,6 +71,7 @@ class Calibration:
     backend: str = ""
     device_type: str = ""
     points: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+    quant_rate: float = 0.0
 
 
 def write_calibration(cal: Calibration, path: str | os.PathLike) -> None:
@@ -112,6 +114,7 @@ def calibration_from_dict(data: object) -> Calibration:
             device_type=str(data.get("device_type", "")),
             points={kind: {link: [tuple(p) for p in pts] for link, pts in links.items()}
                     for kind, links in data.get("points", {}).items()},
+            quant_rate=float(data.get("quant_rate", 0.0)),
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"a field is missing or malformed: {e!r}; expected nodes, ranks_per_node, intra and "
@@ -124,4 +127,5 @@ def cluster_from_calibration(cal: Calibration, device_memory: float) -> Cluster:
     return Cluster(nodes=cal.nodes, ranks_per_node=cal.ranks_per_node, intra_bw=cal.intra.bandwidth,
                    inter_bw=cal.inter.bandwidth, device_memory=device_memory,
                    intra_latency=cal.intra.latency, inter_latency=cal.inter.latency,
+                   **({"quant_rate": cal.quant_rate} if cal.quant_rate > 0 else {}),
                    op_bw={kind: {link: fit.bandwidth for link, fit in links.items()} for kind, links in cal.ops.items()})

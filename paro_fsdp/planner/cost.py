@@ -13,6 +13,9 @@ Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top 
 - collectives are issued per FSDP unit (each transformer block, plus the root module that
   holds embeddings and output), so the latency term grows with the number of blocks and,
   for per-micro-step phases, with the accumulation steps;
+- with quantized inter-group traffic (``quant``), the inter link moves the packed bytes, and
+  each rank spends ``elements / Cluster.quant_rate`` on quantizing and dequantizing, where
+  ``elements`` is the collective's full size on that link (what it sends times k/(k-1));
 - communication is not overlapped with compute (the estimate is an upper bound);
 - transient memory: the unsharded parameters (gather dtype) and gradients (reduce dtype) of
   two FSDP units in flight, for the states that are sharded.
@@ -23,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
+from paro_fsdp.comm.quant import PARAM_PHASES, InterQuant
 from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
 from paro_fsdp.comm.stats import INTER, INTRA
-from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, memory_bytes
+from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, comm_elements, memory_bytes
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.strategy import Granularity, ParoStrategy
 from paro_fsdp.transitions import PhasePlan, phase_plan
@@ -57,6 +61,12 @@ class StrategyEstimate:
     collectives: int  # sub-collectives per rank per step
     compute_seconds: float
     fits: bool
+    quant: InterQuant | None = None  # what crosses groups quantized; None: exact
+
+    @property
+    def label(self) -> str:
+        """The strategy's code, with the quantization's label where there is one (``IIG+p8g8``)."""
+        return self.strategy.code if self.quant is None else f"{self.strategy.code}+{self.quant.label}"
 
     @property
     def total_memory(self) -> float:
@@ -91,13 +101,17 @@ def _unit_collective_bytes(phase_name: str, model: ModelSizes, layout: StateByte
 
 def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
              setup: TrainingSetup = TrainingSetup(), comm: str = DEFAULT,
-             ho_ring_chunks: int | None = None) -> StrategyEstimate:
+             ho_ring_chunks: int | None = None, quant: InterQuant | None = None) -> StrategyEstimate:
     """Memory per rank and step time of ``strategy`` (see the module docstring for the model).
 
-    ``ho_ring_chunks`` is HO-Ring's pipeline depth with ``comm="ho_ring"`` (``None``: its default).
+    ``ho_ring_chunks`` is HO-Ring's pipeline depth with ``comm="ho_ring"`` (``None``: its default);
+    ``quant``: what crosses groups quantized.
     """
     s = ParoStrategy.parse(strategy)
     check_comm(comm)
+    if quant is not None and cluster.quant_rate is None:
+        raise ValueError("pricing quantized traffic needs Cluster.quant_rate (elements per second a rank quantizes "
+                         "and dequantizes): `paro probe` measures it, or give --quant-rate")
     depth = check_ho_ring_chunks(ho_ring_chunks, comm) or DEFAULT_CHUNKS
     topo = Topology(cluster.nodes, cluster.ranks_per_node)
     psi, psi_t = model.params, model.trainable_params
@@ -114,7 +128,8 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
 
     nbytes = comm_bytes(s, topo, psi, psi_t, accum=setup.accum, param_bytes=model.wire_param_bytes,
                         grad_bytes=model.wire_grad_bytes, master_bytes=model.master_bytes,
-                        sync_p_bytes=layout.sync_p)
+                        sync_p_bytes=layout.sync_p, quant=quant)
+    elements = comm_elements(s, topo, psi, psi_t, accum=setup.accum)
     # Size-1 groups issue no collective (nothing to exchange).
     has_intra, has_inter = cluster.ranks_per_node > 1, cluster.nodes > 1
     seconds: dict[str, float] = {}
@@ -135,6 +150,10 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         calls_inter = inter_calls * times * chunks * model.units if has_inter else 0
         collectives += calls_intra + calls_inter
         seconds[phase_name] = transfer + calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
+        if quant is not None and has_inter and \
+                quant.format_for(phase_name, "all_gather" if phase_name in PARAM_PHASES else "reduce_scatter"):
+            k = cluster.nodes
+            seconds[phase_name] += elements[phase_name][INTER] * k / (k - 1) / cluster.quant_rate
 
     total = sum(memory.values())
     return StrategyEstimate(
@@ -146,4 +165,5 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         collectives=collectives,
         compute_seconds=setup.compute_seconds,
         fits=total <= cluster.device_memory,
+        quant=quant,
     )

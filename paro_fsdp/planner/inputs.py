@@ -18,6 +18,7 @@ from paro_fsdp.strategy import ParoStrategy
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
+
 def _check_positive(owner: str, name: str, value: float, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
@@ -115,6 +116,9 @@ class Cluster:
     collective kinds their own measured rate, ``{"reduce_scatter": {"inter": bytes/s}, ...}``
     (gloo's reduce-scatter, for one, moves its bytes at about half its all-gather rate).
     Latencies are per collective on that link (a ring's start-up and step overheads).
+    ``quant_rate`` is how many elements per second a rank quantizes and dequantizes (quantized
+    inter-group traffic; ``paro probe`` measures it on the device; ``None``: not known, and
+    quantized traffic cannot be priced).
     """
 
     nodes: int
@@ -125,6 +129,7 @@ class Cluster:
     intra_latency: float = 0.0
     inter_latency: float = 0.0
     op_bw: dict[str, dict[str, float]] = field(default_factory=dict)
+    quant_rate: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("Cluster", "nodes", self.nodes)
@@ -133,6 +138,8 @@ class Cluster:
             _check_positive("Cluster", name, getattr(self, name))
         for name in ("intra_latency", "inter_latency"):
             _check_positive("Cluster", name, getattr(self, name), allow_zero=True)
+        if self.quant_rate is not None:
+            _check_positive("Cluster", "quant_rate", self.quant_rate)
         for kind, rates in self.op_bw.items():
             if kind not in COLLECTIVE_KINDS or not isinstance(rates, dict) or set(rates) - set(LINKS):
                 raise ValueError(f"Cluster.op_bw must map a collective kind ({', '.join(COLLECTIVE_KINDS)}) to "

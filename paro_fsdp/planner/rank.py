@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.registry import DEFAULT
 from paro_fsdp.planner.cost import StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
@@ -17,29 +18,39 @@ def _order(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
     the same collectives, e.g. NNI and NNN) go to the one with less memory, for headroom."""
     out: list[StrategyEstimate] = []
     for fits in (True, False):
-        by_time = sorted((e for e in estimates if e.fits == fits), key=lambda e: (e.step_seconds, e.strategy.code))
+        by_time = sorted((e for e in estimates if e.fits == fits), key=lambda e: (e.step_seconds, e.label))
         while by_time:
             limit = by_time[0].step_seconds * (1 + TIME_TOLERANCE)
             tied = [e for e in by_time if e.step_seconds <= limit]
-            out += sorted(tied, key=lambda e: (e.total_memory, e.step_seconds, e.strategy.code))
+            out += sorted(tied, key=lambda e: (e.total_memory, e.step_seconds, e.label))
             by_time = by_time[len(tied):]
     return out
 
 
 def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-         comm: str = DEFAULT, ho_ring_chunks: int | None = None) -> list[StrategyEstimate]:
-    """Estimates for all 14 strategies: those that fit by step time, then those that do not."""
-    return _order([estimate(s, model, cluster, setup, comm, ho_ring_chunks) for s in ParoStrategy.all_valid()])
+         comm: str = DEFAULT, ho_ring_chunks: int | None = None, quant: InterQuant | None = None,
+         exact: bool = True) -> list[StrategyEstimate]:
+    """Estimates for all 14 strategies: those that fit by step time, then those that do not.
+
+    With ``quant``, each strategy is also estimated with that quantized inter-group traffic
+    (beside its exact variant, or instead of it where ``exact`` is false).
+    """
+    variants = ([None] if exact or quant is None else []) + ([quant] if quant is not None else [])
+    return _order([estimate(s, model, cluster, setup, comm, ho_ring_chunks, q)
+                   for s in ParoStrategy.all_valid() for q in variants])
 
 
 def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-                    comm: str = DEFAULT, ho_ring_chunks: int | None = None
+                    comm: str = DEFAULT, ho_ring_chunks: int | None = None, quant: InterQuant | None = None
                     ) -> tuple[ParoStrategy, list[StrategyEstimate]]:
     """The fastest strategy that fits in device memory, and the full ranking (``plan``'s order).
 
+    ``quant``: the quantized inter-group traffic the job runs with (every strategy is priced
+    with it).
+
     Raises ``ValueError`` naming the least memory any strategy needs when none fits.
     """
-    ranking = plan(model, cluster, setup, comm, ho_ring_chunks)
+    ranking = plan(model, cluster, setup, comm, ho_ring_chunks, quant, exact=quant is None)
     if not ranking[0].fits:
         smallest = min(ranking, key=lambda e: e.total_memory)
         parts = ", ".join(f"{k} {fmt(v, BINARY)}" for k, v in smallest.memory.items())
@@ -54,7 +65,7 @@ def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = 
 def pareto_front(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
     """Estimates no other one beats on both memory per rank and step time, by memory."""
     front = []
-    for e in sorted(estimates, key=lambda e: (e.total_memory, e.step_seconds, e.strategy.code)):
+    for e in sorted(estimates, key=lambda e: (e.total_memory, e.step_seconds, e.label)):
         if not front or e.step_seconds < front[-1].step_seconds:
             front.append(e)
     return front

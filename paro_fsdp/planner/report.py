@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
+from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.registry import HO_RING
 from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
@@ -22,7 +23,7 @@ def _dtypes(model: ModelSizes) -> str:
 
 
 def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSetup, comm: str,
-                         ho_ring_chunks: int | None = None) -> list[str]:
+                         ho_ring_chunks: int | None = None, quant: InterQuant | None = None) -> list[str]:
     """Every input and modelling assumption behind the numbers, one line each."""
     psi, psi_t = model.params, model.trainable_params
     lines = [
@@ -50,6 +51,13 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
         f"{UNITS_IN_FLIGHT} blocks in flight) + activations; fits iff <= device memory",
     ]
+    if quant is not None:
+        lines.append(
+            f"quantized inter-group traffic ({quant.label}, the '+{quant.label}' rows): "
+            + ", ".join(f"{what} {fmt} at {quant.bytes_per_element(fmt, 4):.3g} bytes/element"
+                        for what, fmt in (("parameters", quant.params), ("gradients", quant.grads)) if fmt)
+            + f" (blocks of {quant.block_size}, fp32 scales) on the inter link only; quantize + dequantize "
+            f"at {cluster.quant_rate / 1e6:.4g} M elements/s per rank, over each collective's full size")
     if cluster.nodes == 1 or cluster.ranks_per_node == 1:
         lines.append("degenerate mesh: I partitions "
                      + ("over all ranks (same as G)" if cluster.nodes == 1 else "over one rank (same as N)")
@@ -62,7 +70,7 @@ def format_table(ranking: list[StrategyEstimate]) -> str:
     mem_scale, mem_unit = unit(max(e.total_memory for e in ranking), BINARY)
     byte_scale, byte_unit = unit(max(max(e.intra_bytes, e.inter_bytes) for e in ranking), DECIMAL)
     sec_scale, sec_unit = unit(max(e.step_seconds for e in ranking), SECONDS)
-    front = {e.strategy for e in pareto_front(ranking)}
+    front = {e.label for e in pareto_front(ranking)}
     header = (["rank", "strategy", "aliases", "same as"] + [f"{k} {mem_unit}" for k in MEMORY_KINDS]
               + [f"total {mem_unit}", f"intra {byte_unit}", f"inter {byte_unit}", "collectives",
                  f"comm {sec_unit}", f"step {sec_unit}", "fits", "pareto"])
@@ -71,13 +79,13 @@ def format_table(ranking: list[StrategyEstimate]) -> str:
     for e in ranking:
         fitting += e.fits
         rows.append(
-            [str(fitting) if e.fits else "-", e.strategy.code, ",".join(e.strategy.aliases) or "-",
+            [str(fitting) if e.fits else "-", e.label, ",".join(e.strategy.aliases) or "-",
              e.effective.code if e.effective != e.strategy else "-"]
             + [f"{e.memory[k] / mem_scale:.3f}" for k in MEMORY_KINDS]
             + [f"{e.total_memory / mem_scale:.3f}", f"{e.intra_bytes / byte_scale:.3f}",
                f"{e.inter_bytes / byte_scale:.3f}", str(e.collectives),
                f"{e.comm_seconds / sec_scale:.4g}", f"{e.step_seconds / sec_scale:.4g}",
-               "yes" if e.fits else "no", "*" if e.strategy in front else ""]
+               "yes" if e.fits else "no", "*" if e.label in front else ""]
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     left = {1, 2, 3}
@@ -105,7 +113,7 @@ def plot_pareto(ranking: list[StrategyEstimate], path: str, device_memory: float
             ax.scatter([e.step_seconds / sec_scale for e in pts], [e.total_memory / mem_scale for e in pts],
                        marker=marker, label=label, color="tab:blue" if fits else "tab:gray")
     for e in ranking:
-        ax.annotate(e.strategy.code, (e.step_seconds / sec_scale, e.total_memory / mem_scale),
+        ax.annotate(e.label, (e.step_seconds / sec_scale, e.total_memory / mem_scale),
                     textcoords="offset points", xytext=(4, 3), fontsize=8)
     front = pareto_front(ranking)
     ax.plot([e.step_seconds / sec_scale for e in front], [e.total_memory / mem_scale for e in front],
