@@ -344,6 +344,8 @@ def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
         argv += ["--parallelism.paro_comm", "ho_ring" if spec["comm"] == ANY_COMM else spec["comm"]]
     if spec.get("ho_ring_chunks"):  # benchmarks.ho_ring_depth's runs; the sweep keeps HO-Ring's default
         argv += ["--parallelism.paro_ho_ring_chunks", str(spec["ho_ring_chunks"])]
+    for field, value in (spec.get("quant") or {}).items():  # benchmarks.quant_speed's runs; the sweep is exact
+        argv += [f"--parallelism.paro_quant_{field}", str(value)]
     return [*argv, *no_ac]
 
 

@@ -388,6 +388,48 @@ def test_engine_gradients_survive_a_slow_consumer_stream(bf16: bool) -> None:
     _assert_exact(results, 4, f"cuda 2x2 {'bf16' if bf16 else 'fp32'}, collectives delayed on their streams")
 
 
+# Quantized inter-group traffic ---------------------------------------------------------------
+
+QUANT_CASES = (("IIG", "default"), ("NIG", "ho_ring"), ("GGG", "ho_ring"), ("NNN", "default"))
+
+
+def _quantized_run(device: str) -> dict[str, Any]:
+    """Per strategy, every full parameter after two SGD steps with int8 parameters and gradients across groups."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from paro_fsdp import InterQuant, ParoOptimizer, paro_parallelize
+
+    mesh, rank = _mesh(device, 2, 2), dist.get_rank()
+    out = {}
+    for code, comm in QUANT_CASES:
+        model = integer_chain().to(device)
+        model = paro_parallelize(model, mesh, code, blocks=list(model.layers), comm=comm,
+                                 quant=InterQuant(params="int8", grads="int8", block_size=64))
+        opt = ParoOptimizer(model, torch.optim.SGD, lr=0.01)
+        for step in range(2):
+            for a in range(ACCUM):
+                model.set_requires_gradient_sync(a == ACCUM - 1)
+                chain_loss(model, chain_batch(rank, a + step), device).backward()
+            opt.step()
+            opt.zero_grad()
+        params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        out[f"{code}/{comm}"] = {k: _full(p) for k, p in params.items()}
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threaded_quantized_traffic_agrees_across_replicas_and_devices(device: str) -> None:
+    # The quantize / dequantize kernels run on the stream that issues the collective; on CUDA the
+    # collectives are delayed on their streams, so a buffer freed too early would be overwritten.
+    results = run_threaded(_quantized_run, 4, device, device=device,
+                           delay_cycles=10_000_000 if device == "cuda" else 0)
+    on_cpu = results if device == "cpu" else run_threaded(_quantized_run, 4, "cpu")
+    for case, params in results[0].items():
+        for rank, per_rank in enumerate(results[1:] + on_cpu, start=1):
+            for name, value in per_rank[case].items():
+                assert torch.equal(value, params[name]), f"{device} {case}: {name} of run {rank} differs"
+
+
 # Probe and auto on threaded ranks --------------------------------------------------------------
 
 
