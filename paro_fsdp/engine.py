@@ -22,6 +22,7 @@ from paro_fsdp import fsdp_seam
 from paro_fsdp.comm.groups import MeshGroups, Pending
 from paro_fsdp.comm.registry import Collectives
 from paro_fsdp.comm.stats import INTRA, CommStats, phase
+from paro_fsdp.formulas import quantizes_sync_p
 from paro_fsdp.layout import ParamRegion, RowLayout
 from paro_fsdp.strategy import Granularity, ParoStrategy
 from paro_fsdp.transitions import ALL_GATHER, COMPLETE, REDUCE, Transition, complete, gather, reduce
@@ -167,10 +168,12 @@ class Unit:
         self.layout = RowLayout(regions, offset, state.strategy.param, state.groups)
         # The paper's layout where P is coarser than O: the fp32 master lives only at O, beside
         # the moments, and P holds a copy in the narrower compute dtype (the optimizer sets it up).
-        # Otherwise the copy at P is the master.
+        # So also where sync_p crosses groups quantized: P's copy then holds dequantized values,
+        # which must not become what the next step updates. Otherwise the copy at P is the master.
         s, dtype = state.strategy, state.compute_dtype
-        self.keeps_master_apart = bool(regions) and s.param < s.optim and dtype is not None and \
-            dtype.itemsize < regions[0].param.dtype.itemsize
+        narrower = dtype is not None and bool(regions) and dtype.itemsize < regions[0].param.dtype.itemsize
+        quantized = quantizes_sync_p(s, state.groups.groups, state.groups.quant)
+        self.keeps_master_apart = bool(regions) and s.param < s.optim and (narrower or quantized)
         self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
         self._optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
         # In flight: a micro-step's reduction to G, the gradient's sync_g and the parameters'

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paro_fsdp.comm.quant import PARAM_PHASES, InterQuant
+from paro_fsdp.comm.stats import INTER
 from paro_fsdp.strategy import ParoStrategy
 from paro_fsdp.transitions import PHASES as TRAINING_PHASES
-from paro_fsdp.transitions import phase_plan
+from paro_fsdp.transitions import gather, phase_plan
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,26 @@ class StateBytes:
     sync_p: int  # what sync_p moves per element
 
 
+def quantizes_sync_p(strategy: ParoStrategy | str, groups: int, quant: InterQuant | None) -> bool:
+    """Whether ``strategy``'s sync_p crosses groups quantized (then P holds dequantized copies)."""
+    s = ParoStrategy.parse(strategy)
+    return quant is not None and quant.params is not None and groups > 1 and \
+        any(step.link == INTER for step in gather(s.optim, s.param).steps)
+
+
 def state_bytes(strategy: ParoStrategy | str, compute_bytes: int = 4, master_bytes: int = 4,
-                moment_bytes: int = 8) -> StateBytes:
+                moment_bytes: int = 8, master_apart: bool = False) -> StateBytes:
     """The paper's mixed-precision layout for ``strategy``.
 
     Where P is coarser than O and the compute dtype (``compute_bytes``) is narrower than the
     master's, P holds a compute-dtype copy, which is also what sync_p moves, and the master lives
-    at O beside the moments (K = moments + master). Elsewhere the copy at P is the master itself
-    (FSDP2 casts it when gathering) and K is the moments alone.
+    at O beside the moments (K = moments + master). So also with ``master_apart``, where sync_p
+    crosses groups quantized (:func:`quantizes_sync_p`): P's copy holds dequantized values.
+    Elsewhere the copy at P is the master itself (FSDP2 casts it when gathering) and K is the
+    moments alone.
     """
     s = ParoStrategy.parse(strategy)
-    if compute_bytes < master_bytes and s.param < s.optim:
+    if (compute_bytes < master_bytes or master_apart) and s.param < s.optim:
         return StateBytes(compute_bytes, moment_bytes + master_bytes, compute_bytes)
     return StateBytes(master_bytes, moment_bytes, master_bytes)
 

@@ -27,7 +27,8 @@ class ParoOptimizer(torch.optim.Optimizer):
     Mixed precision as in the paper: when the model's ``mp_policy.param_dtype`` is narrower
     than its parameters and P is coarser than O, the inner optimizer steps fp32 masters of the
     slices instead, the parameters at P are stored in ``param_dtype`` from construction on, and
-    sync_p moves that dtype. The model's state dict then carries the masters (gathered to P,
+    sync_p moves that dtype. Where sync_p crosses groups quantized (``InterQuant.params``), the
+    masters live apart too (in any compute dtype): P's copy holds the dequantized values. The model's state dict then carries the masters (gathered to P,
     so ``state_dict()`` is a collective every rank calls, as DCP does), and loading one refreshes
     them, so checkpoints stay exact across strategies.
 
@@ -70,7 +71,8 @@ class ParoOptimizer(torch.optim.Optimizer):
         order = {id(unit): i for i, unit in enumerate(self._engine.forward_order)}
         self._sync_order = sorted(self._units, key=lambda entry: order[id(entry[0])])  # as the next forward reads
         if self._masters:
-            fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
+            if self._engine.compute_dtype is not None:
+                fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
             MasterStateDict(model, self._masters, self._engine.strategy)
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
         ensure_inner_state(self.inner, self._all_views())
@@ -106,7 +108,8 @@ class ParoOptimizer(torch.optim.Optimizer):
         for unit, slices, views in self._sync_order:
             if unit.syncs_params:  # else the views updated the only copy in place
                 compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
-                unit.sync_params(compact.to(self._engine.compute_dtype) if unit.keeps_master_apart else compact)
+                copy_dtype = self._engine.compute_dtype if unit.keeps_master_apart else None
+                unit.sync_params(compact.to(copy_dtype) if copy_dtype is not None else compact)
         return None
 
     def state_bytes(self) -> int:

@@ -375,6 +375,11 @@ def test_quantized_traffic_is_priced_in_bytes_and_quantize_time() -> None:
                                           sync_p_bytes=m.layout(ParoStrategy.parse("IIG")).sync_p, quant=QUANT)
     assert quant.inter_bytes == pytest.approx(exact.inter_bytes * (1 + 4 / 256) / 4)
     assert quant.intra_bytes == exact.intra_bytes and quant.label == "IIG+p8g8" and exact.label == "IIG"
+    # fp32 everywhere: exact IIG's copy at P is the master; quantized, P holds dequantized values and
+    # the fp32 master moves to O beside the moments (K = 8 + 4).
+    assert quant.memory["optim"] == exact.memory["optim"] * 12 / 8
+    assert estimate("GGG", SMALL_MODEL, cluster, SMALL_SETUP, quant=QUANT).memory == \
+        estimate("GGG", SMALL_MODEL, cluster, SMALL_SETUP).memory  # P = O: the master is the copy at P
     elements = comm_elements("IIG", topo, 1000, accum=2)
     for phase in ("sync_g", "sync_p"):  # IIG's inter traffic; each its full size (sent x k/(k-1)) at 50/s
         saved = (exact.comm_bytes[phase]["inter"] - quant.comm_bytes[phase]["inter"]) / cluster.inter_bw

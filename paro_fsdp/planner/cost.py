@@ -29,7 +29,7 @@ from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
 from paro_fsdp.comm.quant import PARAM_PHASES, InterQuant
 from paro_fsdp.comm.registry import DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
 from paro_fsdp.comm.stats import INTER, INTRA
-from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, comm_elements, memory_bytes
+from paro_fsdp.formulas import StateBytes, Topology, comm_bytes, comm_elements, memory_bytes, quantizes_sync_p
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.strategy import Granularity, ParoStrategy
 from paro_fsdp.transitions import PhasePlan, phase_plan
@@ -116,7 +116,7 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     topo = Topology(cluster.nodes, cluster.ranks_per_node)
     psi, psi_t = model.params, model.trainable_params
 
-    layout = model.layout(s)
+    layout = model.layout(s, master_apart=quantizes_sync_p(s, cluster.nodes, quant))
     states = memory_bytes(s, topo, psi, psi_t, param_bytes=layout.params,
                           grad_bytes=model.grad_bytes, optim_bytes=layout.optim)
     unit_trainable = model.unit_params * psi_t / psi

@@ -92,10 +92,11 @@ class ModelSizes:
     def wire_param_bytes(self) -> int:
         return self.param_bytes if self.gather_bytes is None else self.gather_bytes
 
-    def layout(self, strategy: ParoStrategy) -> StateBytes:
-        """Bytes per element of each state under ``strategy`` (``formulas.state_bytes``)."""
+    def layout(self, strategy: ParoStrategy, master_apart: bool = False) -> StateBytes:
+        """Bytes per element of each state under ``strategy`` (``formulas.state_bytes``; ``master_apart``
+        where sync_p crosses groups quantized)."""
         return state_bytes(strategy, compute_bytes=self.wire_param_bytes, master_bytes=self.param_bytes,
-                           moment_bytes=self.optim_bytes)
+                           moment_bytes=self.optim_bytes, master_apart=master_apart)
 
     @property
     def wire_grad_bytes(self) -> int:
