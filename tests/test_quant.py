@@ -88,9 +88,10 @@ def _train(mesh, code: str, quant: InterQuant | None, dim: int = 16, **kwargs) -
         opt.step()
         opt.zero_grad()
         model.wait_parameters()
+    stats = comm_stats(model).as_dict()  # the step's; the state dict below gathers masters (exactly)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     # numpy arrays travel back by value (tensors would go through shared memory the worker frees)
-    return {k: v.numpy().copy() for k, v in full.items()}, comm_stats(model).as_dict()
+    return {k: v.numpy().copy() for k, v in full.items()}, stats
 
 
 def _all_strategies(g: int, m: int) -> dict:

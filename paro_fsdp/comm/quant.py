@@ -112,7 +112,9 @@ def quantize(rows: torch.Tensor, fmt: str, block_size: int) -> torch.Tensor:
 
     A block's scale is its largest magnitude over the format's largest level; an all-zero block
     gets scale 1, and a block holding inf or nan gets a non-finite scale, so that a non-finite
-    gradient stays non-finite after dequantization (an overflow check still sees it).
+    gradient stays non-finite after dequantization (an overflow check still sees it). Only the
+    sender quantizes; every receiver decodes the same bytes, so replicas agree whatever device
+    or rounding the quantization itself used.
     """
     k, numel = rows.shape
     levels, blocks = _LEVELS[fmt], -(-numel // block_size)
@@ -122,17 +124,19 @@ def quantize(rows: torch.Tensor, fmt: str, block_size: int) -> torch.Tensor:
     x = x.view(k, blocks, block_size)
     absmax = x.abs().amax(dim=2)
     scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax / levels)
-    q = torch.round(x / scale.unsqueeze(2)).clamp_(-levels, levels).to(torch.int8).view(k, -1)[:, :numel]
-    out = torch.zeros(k, packed_bytes(numel, fmt, block_size), dtype=torch.uint8, device=rows.device)
+    q = torch.mul(x, scale.reciprocal().unsqueeze(2)).round_().clamp_(-levels, levels).view(k, -1)[:, :numel]
+    payload = -(-numel * _BITS[fmt] // 8)
+    out = torch.empty(k, packed_bytes(numel, fmt, block_size), dtype=torch.uint8, device=rows.device)
     head = blocks * _SCALE_BYTES
     out[:, :head] = scale.view(torch.uint8)
     if fmt == INT8:
-        out[:, head : head + numel] = q.view(torch.uint8)
+        out[:, head : head + numel].view(torch.int8).copy_(q)
     else:
-        u = (q + 8).to(torch.uint8)
+        u = q.to(torch.int8).add_(8).view(torch.uint8)
         if numel % 2:
             u = torch.nn.functional.pad(u, (0, 1), value=8)
-        out[:, head : head + (numel + 1) // 2] = u[:, 0::2] | (u[:, 1::2] << 4)
+        torch.bitwise_or(u[:, 0::2], u[:, 1::2] << 4, out=out[:, head : head + payload])
+    out[:, head + payload :] = 0
     return out
 
 
@@ -142,11 +146,14 @@ def dequantize(packed: torch.Tensor, numel: int, fmt: str, block_size: int) -> t
     blocks = -(-numel // block_size)
     head = blocks * _SCALE_BYTES
     scale = packed[:, :head].contiguous().view(torch.float32)
+    values = torch.empty(k, blocks * block_size, dtype=torch.float32, device=packed.device)
     if fmt == INT8:
-        q = packed[:, head : head + numel].contiguous().view(torch.int8).float()
+        values[:, :numel] = packed[:, head : head + numel].view(torch.int8)
     else:
-        u = packed[:, head : head + (numel + 1) // 2].to(torch.int16)
-        q = (torch.stack([u & 15, u >> 4], dim=2).view(k, -1)[:, :numel] - 8).float()
-    if blocks * block_size != numel:
-        q = torch.nn.functional.pad(q, (0, blocks * block_size - numel))
-    return (q.view(k, blocks, block_size) * scale.unsqueeze(2)).view(k, -1)[:, :numel]
+        u = packed[:, head : head + (numel + 1) // 2]
+        pairs = values[:, : 2 * u.shape[1]].view(k, -1, 2)  # fits: blocks are even, so an odd count is padded
+        pairs[:, :, 0] = u & 15
+        pairs[:, :, 1] = u >> 4
+        pairs.sub_(8)
+    values[:, numel:] = 0
+    return values.view(k, blocks, block_size).mul_(scale.unsqueeze(2)).view(k, -1)[:, :numel]
