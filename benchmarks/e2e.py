@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.collectives import _csv, _topology
@@ -395,6 +396,50 @@ def launch(spec: dict, args: argparse.Namespace, log_dir: Path, module: str = "b
     else:
         record["status"] = "ok"
     return record
+
+
+def add_series_args(p: argparse.ArgumentParser, out: Path, steps: int) -> None:
+    """The options every side-by-side benchmark built on :func:`launch_series` takes."""
+    p.add_argument("--steps", type=int, default=steps, help="training steps per run; the first 2 are warm-up")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per launch")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--render", action="store_true", help="only re-render the doc from its saved runs")
+
+
+def saved_series(out: Path) -> tuple[Path, dict]:
+    """The raw results file beside the doc ``out``, and what it holds (nothing yet: no runs)."""
+    raw_path = out.with_suffix(".json")
+    return raw_path, json.loads(raw_path.read_text()) if raw_path.exists() else {"commands": [], "runs": []}
+
+
+def launch_series(specs: list[tuple[str, dict]], args: argparse.Namespace, tag: str,
+                  key: Callable[[dict], tuple], saved: dict, command: str, raw_path: Path,
+                  publish: Callable[[dict], None]) -> None:
+    """Launch each ``(description, spec)`` in turn (the side-by-side benchmarks built on this one).
+
+    After each run the raw results are saved to ``raw_path`` (``saved``'s runs, less those this
+    series measured again by ``key``, plus this series') and handed to ``publish``, so an
+    interrupted series keeps what it measured.
+    """
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix=f"paro-{tag}-") as logs:
+        for i, (what, spec) in enumerate(specs, 1):
+            print(f"[{tag}] run {i}/{len(specs)}: {what} ...", flush=True)
+            log_dir = Path(logs) / f"r{i}"
+            log_dir.mkdir()
+            record = launch(spec, args, log_dir)
+            record.pop("log", None)  # a temporary folder
+            runs.append(record)
+            times = step_times(record) if record["status"] == "ok" else []
+            print(f"[{tag}] {record['status']}"
+                  + (f": median step {statistics.median(times):.3f} s" if times else f": {record.get('reason')}"),
+                  flush=True)
+            fresh = {key(r) for r in runs}
+            raw = {"commands": [*saved["commands"], command],
+                   "runs": [r for r in saved["runs"] if key(r) not in fresh] + runs}
+            raw_path.parent.mkdir(parents=True, exist_ok=True)
+            raw_path.write_text(json.dumps(raw, separators=(",", ":")))
+            publish(raw)
 
 
 def _what(spec: dict) -> str:

@@ -19,12 +19,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
-from benchmarks.e2e import REPO, _config, _spec, launch
+from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, saved_series
 from benchmarks.e2e_report import (FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters, run_key,
                                    step_times)
 from paro_fsdp.comm.ho_ring import check_chunks
@@ -80,6 +79,11 @@ def render(runs: list[dict], commands: list[str]) -> str:
     return "\n".join([*lines, END])
 
 
+def publish(out: Path, raw: dict) -> None:
+    """Write the table of ``raw``'s runs into the doc ``out`` (its hand-written text kept)."""
+    write_generated(out, render(raw["runs"], raw["commands"]), BEGIN, END, "HO-Ring's pipeline depth")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ho_ring_depth", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="57M", choices=list(MODELS))
@@ -88,20 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=_csv(_config), default=["GGG"], help="PaRO strategy codes, comma-separated")
     p.add_argument("--depths", type=_csv(int), default=[4, 16], help="paro_ho_ring_chunks values, comma-separated")
     p.add_argument("--rates", type=_csv(str), default=["250mbit", "1gbit", FLOOR_RATE], help="link rates (tc units)")
-    p.add_argument("--steps", type=int, default=6, help="training steps per run; the first 2 are warm-up")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per launch")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "ho-ring-depth.md")
-    p.add_argument("--render", action="store_true", help="only re-render the doc from its saved runs")
+    add_series_args(p, REPO / "docs" / "ho-ring-depth.md", steps=6)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    raw_path = args.out.with_suffix(".json")
-    saved = json.loads(raw_path.read_text()) if raw_path.exists() else {"commands": [], "runs": []}
+    raw_path, saved = saved_series(args.out)
     if args.render:
-        write_generated(args.out, render(saved["runs"], saved["commands"]), BEGIN, END, "HO-Ring's pipeline depth")
+        publish(args.out, saved)
         return 0
     if (layout := _topology(args.topology)) is None:
         raise SystemExit(f"--topology {args.topology!r}: expected NODESxRANKS, both at least 2, e.g. 2x4")
@@ -120,27 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m benchmarks.ho_ring_depth", *argv])
     plan = [(config, rate, comm, chunks) for config in args.configs for rate in args.rates
             for comm, chunks in variants(args.depths)]
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="paro-ho-ring-depth-") as logs:
-        for i, (config, rate, comm, chunks) in enumerate(plan, 1):
-            spec = {**_spec(args.model, nodes, ranks, args.accum, config, comm, rate, args.steps, "sweep"),
-                    "ho_ring_chunks": chunks}
-            print(f"[ho-ring-depth] run {i}/{len(plan)}: {config} {_label(comm, chunks)} @ {rate} ...", flush=True)
-            log_dir = Path(logs) / f"c{chunks or 0}"
-            log_dir.mkdir(exist_ok=True)
-            record = launch(spec, args, log_dir)
-            record.pop("log", None)  # a temporary folder
-            runs.append(record)
-            times = step_times(record) if record["status"] == "ok" else []
-            print(f"[ho-ring-depth] {record['status']}"
-                  + (f": median step {statistics.median(times):.3f} s" if times else f": {record.get('reason')}"),
-                  flush=True)
-            fresh = {_key(r) for r in runs}
-            raw = {"commands": [*saved["commands"], command],
-                   "runs": [r for r in saved["runs"] if _key(r) not in fresh] + runs}
-            raw_path.parent.mkdir(parents=True, exist_ok=True)
-            raw_path.write_text(json.dumps(raw, separators=(",", ":")))
-            write_generated(args.out, render(raw["runs"], raw["commands"]), BEGIN, END, "HO-Ring's pipeline depth")
+    specs = [(f"{config} {_label(comm, chunks)} @ {rate}",
+              {**_spec(args.model, nodes, ranks, args.accum, config, comm, rate, args.steps, "sweep"),
+               "ho_ring_chunks": chunks}) for config, rate, comm, chunks in plan]
+    launch_series(specs, args, "ho-ring-depth", _key, saved, command, raw_path,
+                  lambda raw: publish(args.out, raw))
     print(f"wrote {args.out} and {raw_path}")
     return 0
 

@@ -18,12 +18,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
-from benchmarks.e2e import REPO, _config, _spec, launch
+from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, saved_series
 from benchmarks.e2e_report import (ANY_COMM, FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters,
                                    link_bytes_per_step, run_key, step_times)
 from paro_fsdp.comm.registry import DEFAULT
@@ -82,6 +81,11 @@ def render(runs: list[dict], commands: list[str]) -> str:
     return "\n".join([*lines, END])
 
 
+def publish(out: Path, raw: dict) -> None:
+    """Write the table of ``raw``'s runs into the doc ``out`` (its hand-written text kept)."""
+    write_generated(out, render(raw["runs"], raw["commands"]), BEGIN, END, "Quantized traffic end to end")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="debug", choices=list(MODELS))
@@ -90,20 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=_csv(_config), default=["GGG", "IIG", "NIG", "NNG"],
                    help="PaRO strategy codes, comma-separated")
     p.add_argument("--rate", default="250mbit", help="inter-node link rate (tc units)")
-    p.add_argument("--steps", type=int, default=8, help="training steps per run; the first 2 are warm-up")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per launch")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "quant-speed.md")
-    p.add_argument("--render", action="store_true", help="only re-render the doc from its saved runs")
+    add_series_args(p, REPO / "docs" / "quant-speed.md", steps=8)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    raw_path = args.out.with_suffix(".json")
-    saved = json.loads(raw_path.read_text()) if raw_path.exists() else {"commands": [], "runs": []}
+    raw_path, saved = saved_series(args.out)
     if args.render:
-        write_generated(args.out, render(saved["runs"], saved["commands"]), BEGIN, END, "Quantized traffic end to end")
+        publish(args.out, saved)
         return 0
     if bad := [c for c in args.configs if c in STOCK]:
         raise SystemExit(f"--configs {','.join(bad)}: give PaRO strategy codes (stock FSDP runs in every topology)")
@@ -119,29 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         for config in args.configs:
             plan += [(nodes, ranks, config, args.rate, None), (nodes, ranks, config, args.rate, INT8),
                      (nodes, ranks, config, FLOOR_RATE, None)]
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="paro-quant-speed-") as logs:
-        for i, (nodes, ranks, config, rate, quant) in enumerate(plan, 1):
-            comm = None if config in STOCK else (DEFAULT if comm_matters(config) else ANY_COMM)
-            spec = {**_spec(args.model, nodes, ranks, args.accum, config, comm, rate, args.steps, "sweep"),
-                    "quant": quant}
-            print(f"[quant-speed] run {i}/{len(plan)}: {nodes}x{ranks} {config} {_label(quant)} @ {rate} ...",
-                  flush=True)
-            log_dir = Path(logs) / f"r{i}"
-            log_dir.mkdir()
-            record = launch(spec, args, log_dir)
-            record.pop("log", None)  # a temporary folder
-            runs.append(record)
-            times = step_times(record) if record["status"] == "ok" else []
-            print(f"[quant-speed] {record['status']}"
-                  + (f": median step {statistics.median(times):.3f} s" if times else f": {record.get('reason')}"),
-                  flush=True)
-            fresh = {_key(r) for r in runs}
-            raw = {"commands": [*saved["commands"], command],
-                   "runs": [r for r in saved["runs"] if _key(r) not in fresh] + runs}
-            raw_path.parent.mkdir(parents=True, exist_ok=True)
-            raw_path.write_text(json.dumps(raw, separators=(",", ":")))
-            write_generated(args.out, render(raw["runs"], raw["commands"]), BEGIN, END, "Quantized traffic end to end")
+    specs = []
+    for nodes, ranks, config, rate, quant in plan:
+        comm = None if config in STOCK else (DEFAULT if comm_matters(config) else ANY_COMM)
+        specs.append((f"{nodes}x{ranks} {config} {_label(quant)} @ {rate}",
+                      {**_spec(args.model, nodes, ranks, args.accum, config, comm, rate, args.steps, "sweep"),
+                       "quant": quant}))
+    launch_series(specs, args, "quant-speed", _key, saved, command, raw_path,
+                  lambda raw: publish(args.out, raw))
     print(f"wrote {args.out} and {raw_path}")
     return 0
 
