@@ -144,8 +144,9 @@ def _meta_debug_model() -> nn.Module:
         return spec.model_cls(spec.model_args["debugmodel"])
 
 
-def _calibration(nodes: int, ranks: int, inter_bw: float) -> Calibration:
-    return Calibration(nodes=nodes, ranks_per_node=ranks, intra=LinkFit(1e-5, 1e10), inter=LinkFit(1e-4, inter_bw))
+def _calibration(nodes: int, ranks: int, inter_bw: float, quant_rate: float = 0.0) -> Calibration:
+    return Calibration(nodes=nodes, ranks_per_node=ranks, intra=LinkFit(1e-5, 1e10), inter=LinkFit(1e-4, inter_bw),
+                       quant_rate=quant_rate)
 
 
 def test_auto_plans_the_real_model_and_picks_what_fits() -> None:
@@ -159,13 +160,13 @@ def test_auto_plans_the_real_model_and_picks_what_fits() -> None:
     # Ample memory and a slow inter link: the model is replicated per group and only the
     # once-per-step syncs cross it, so the pick keeps P and G inside the group.
     best, lines = plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=2**34)
-    assert best.param.name in "NI" and best.grad.name in "NI"
+    assert best.strategy.param.name in "NI" and best.strategy.grad.name in "NI" and best.quant is None
     assert lines[0].startswith("# model: Psi = ") and any(line.split()[:2] == ["1", best.code] for line in lines)
     # A budget below full replication but above the smallest strategy's memory rules out P=N.
     cluster = Cluster(nodes=2, ranks_per_node=2, intra_bw=1e10, inter_bw=1e7, device_memory=2**34)
     smallest = min(e.total_memory for e in plan_all(sizes, cluster, setup))
     tight, _ = plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=smallest * 1.05)
-    assert tight.param.name != "N"
+    assert tight.strategy.param.name != "N"
     with pytest.raises(ParoConfigError, match=r"paro_strategy='auto': no PaRO strategy fits in"):
         plan(model, settings, job, 2, _calibration(2, 2, 1e7), device_memory=smallest * 0.5)
     with pytest.raises(ParoConfigError, match=r"measured on 2 group\(s\) x 4 rank\(s\).*mesh is 2 x 2"):
@@ -181,7 +182,26 @@ def test_auto_prices_the_quantized_traffic_the_job_runs_with() -> None:
     assert any(line.startswith("# quantized inter-group traffic (p8g8") for line in lines)
     table = [line.split() for line in lines if not line.startswith("#")][1:]
     assert len(table) == 14 and all(row[1].endswith("+p8g8") for row in table)  # what the job will run
-    assert table[0][1] == f"{best.code}+p8g8"
+    assert table[0][1] == f"{best.code}+p8g8" and best.quant == settings.quant
+
+
+def test_auto_quantization_is_chosen_only_where_it_pays() -> None:
+    job = _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_quant_params", "auto",
+                  "--parallelism.paro_quant_grads", "auto")
+    settings, model = paro_settings(job, 4), _meta_debug_model()
+    assert settings.quant_auto and (settings.quant.params, settings.quant.grads) == ("int8", "int8")
+    assert settings.describe().endswith("params int8 and grads int8 in blocks of 256, or exact, as auto chooses) "
+                                        "on 2 group(s) x 2 rank(s)")
+    # A slow inter link and fast quantization: a quantized variant is fastest, and the trainer runs it.
+    fast, lines = plan(model, settings, job, 2, _calibration(2, 2, 1e7, quant_rate=1e10), device_memory=2**34)
+    assert fast.quant == settings.quant and len([line for line in lines if not line.startswith("#")]) == 29
+    assert settings.with_strategy(fast.strategy, fast.quant).quant == settings.quant
+    # Quantizing slower than the link it saves: exact wins, and the trainer runs exact traffic.
+    slow, _ = plan(model, settings, job, 2, _calibration(2, 2, 1e10, quant_rate=1e3), device_memory=2**34)
+    assert slow.quant is None and settings.with_strategy(slow.strategy, slow.quant).quant is None
+    with pytest.raises(ParoConfigError, match=r"parallelism.paro_quant_grads='auto' lets parallelism.paro_strategy="
+                                              r"'auto' choose whether to quantize, but the strategy is set"):
+        paro_settings(_config("--parallelism.paro_quant_grads", "auto"), 4)
 
 
 def test_auto_device_memory_is_the_field_or_the_host_share_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from paro_fsdp.comm.device import broadcast_object
+from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.planner import (
     Calibration,
     ModelSizes,
@@ -51,7 +52,23 @@ _GIB = 2**30
 
 # The strategy chosen for a trainer, by id of its ParallelDims (unhashable), with a reference
 # that proves the id is still that object.
-_AUTO_CHOICES: "dict[int, tuple[weakref.ref[ParallelDims], ParoStrategy]]" = {}
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``paro_strategy = "auto"`` chose: the strategy and, where ``paro_quant_*`` = "auto"
+    allowed it, the quantization of its inter-group traffic (``None``: exact)."""
+
+    strategy: ParoStrategy
+    quant: InterQuant | None = None
+
+    @property
+    def code(self) -> str:
+        return self.strategy.code
+
+    def __str__(self) -> str:
+        return str(self.strategy) + ("" if self.quant is None else f" with {self.quant.label} quantized traffic")
+
+
+_AUTO_CHOICES: "dict[int, tuple[weakref.ref[ParallelDims], AutoChoice]]" = {}
 
 
 def device_memory_bytes(settings: ParoSettings, device_type: str) -> float:
@@ -100,8 +117,12 @@ def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> t
 
 
 def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_per_step: int,
-         calibration: Calibration, device_memory: float) -> tuple[ParoStrategy, list[str]]:
-    """The fastest strategy that fits, and the lines to log: assumptions (``#``), then the ranking."""
+         calibration: Calibration, device_memory: float) -> tuple[AutoChoice, list[str]]:
+    """The fastest strategy that fits, and the lines to log: assumptions (``#``), then the ranking.
+
+    Every strategy is priced with the quantization the job sets; with ``paro_quant_*`` = "auto",
+    also exact, and the choice says which of the two is faster.
+    """
     if (calibration.nodes, calibration.ranks_per_node) != (settings.groups, settings.group_size):
         raise ParoConfigError(
             f"parallelism.paro_calibration={settings.calibration!r} was measured on {calibration.nodes} group(s) x "
@@ -115,14 +136,14 @@ def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_pe
     if settings.quant is not None and cluster.quant_rate is None:  # a file from before paro probe measured it
         cluster = replace(cluster, quant_rate=quant_rate(torch.device(calibration.device_type or "cpu")))
     try:
-        best, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
-                                        settings.quant)
+        _, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
+                                     settings.quant, exact=settings.quant is None or settings.quant_auto)
     except ValueError as e:
         raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
     assumptions = describe_assumptions(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
                                        settings.quant)
     lines = [f"# {line}" for line in assumptions]
-    return best, [*lines, *format_table(ranking).splitlines()]
+    return AutoChoice(ranking[0].strategy, ranking[0].quant), [*lines, *format_table(ranking).splitlines()]
 
 
 def _calibration_on_rank0(settings: ParoSettings, probed: Calibration | None, job_config: Any) -> Calibration:
@@ -155,8 +176,8 @@ def _probe(mesh: DeviceMesh) -> Calibration:
 
 
 def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, job_config: Any,
-                         backwards_per_step: int) -> ParoStrategy:
-    """The strategy every rank trains with; collective: every rank calls it at the same point.
+                         backwards_per_step: int) -> AutoChoice:
+    """The strategy (and quantization) every rank trains with; collective: every rank calls it at the same point.
 
     Probes the links of ``mesh`` first (every rank) unless ``settings.calibration`` names a file,
     which only rank 0 reads. Raises :class:`ParoConfigError` on every rank when rank 0 cannot plan
@@ -168,21 +189,22 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
         try:
             calibration = _calibration_on_rank0(settings, probed, job_config)
             device_memory = device_memory_bytes(settings, mesh.device_type)
-            strategy, lines = plan(model, settings, job_config, backwards_per_step, calibration, device_memory)
+            choice, lines = plan(model, settings, job_config, backwards_per_step, calibration, device_memory)
             logger.info("PaRO auto: strategies ranked for this model\n" + "\n".join(lines))
-            logger.info(f"PaRO auto: chose {strategy}, the fastest estimate that fits in memory")
-            decision[0] = ("chosen", strategy.code)
+            logger.info(f"PaRO auto: chose {choice}, the fastest estimate that fits in memory")
+            decision[0] = ("chosen", (choice.code, choice.quant is not None))
         except (ParoConfigError, OSError, ValueError) as e:  # ValueError: the planner's input checks
             decision[0] = ("error", str(e))
     outcome, value = broadcast_object(decision[0], src=0)  # on the default group's device (NCCL: this GPU)
     if outcome == "error":
         raise ParoConfigError(value)
-    return ParoStrategy.parse(value)
+    code, quantized = value
+    return AutoChoice(ParoStrategy.parse(code), settings.quant if quantized else None)
 
 
 def auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,
-                  job_config: Any) -> ParoStrategy:
-    """The strategy "auto" chose for this trainer, choosing it (collectively) on the first call.
+                  job_config: Any) -> AutoChoice:
+    """The strategy (and quantization) "auto" chose for this trainer, choosing it (collectively) on the first call.
 
     Under pipeline parallelism the first call is every rank's first stage, so rank 0 plans
     with the sizes of its first stage.
@@ -195,7 +217,7 @@ def auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, pa
         job_config: torchtitan's job config.
 
     Returns:
-        The chosen strategy, the same for every stage of one trainer.
+        The choice, the same for every stage of one trainer.
 
     Raises:
         ParoConfigError: on every rank, when rank 0 cannot plan (see :func:`choose_auto_strategy`).

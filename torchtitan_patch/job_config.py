@@ -41,13 +41,14 @@ class Parallelism:
     Parameters crossing groups (sync_p, the inter phase of P=G gathers) as block-quantized
     "int8" (a quarter of fp32's bytes, a half of bf16's). Lossy: the fp32 masters, optimizer
     states and checkpoints stay exact, and every replica holds the same dequantized values.
-    Empty: exact.
+    "auto" (with paro_strategy = "auto"): int8 if the planner estimates it faster. Empty: exact.
     """
 
     paro_quant_grads: str = ""
     """
     Gradients crossing groups (sync_g, the inter phase of G=G reductions) as block-quantized
-    "int8" or "int4", exchanged all-to-all and summed in fp32. Lossy. Empty: exact.
+    "int8" or "int4", exchanged all-to-all and summed in fp32. Lossy. "auto" (with paro_strategy =
+    "auto"): int8 if the planner estimates it faster. Empty: exact.
     """
 
     paro_quant_block_size: int = 256

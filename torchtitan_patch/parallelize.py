@@ -104,5 +104,6 @@ def parallelize_with_paro(model: nn.Module, settings: ParoSettings, parallel_dim
     """
     mesh = paro_mesh(parallel_dims)
     if settings.auto:
-        settings = settings.with_strategy(auto_strategy(model, settings, mesh, parallel_dims, job_config))
+        choice = auto_strategy(model, settings, mesh, parallel_dims, job_config)
+        settings = settings.with_strategy(choice.strategy, choice.quant)
     return apply_paro(model, settings, mesh, parallel_dims, job_config, blocks)

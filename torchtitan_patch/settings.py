@@ -36,9 +36,11 @@ class ParoSettings:
     device_memory_gib: float = 0.0  # "auto": memory per rank; 0: ask the device
     ho_ring_chunks: int | None = None  # HO-Ring's pipeline depth; None: its default
     quant: q.InterQuant | None = None  # what crosses groups quantized; None: all exact
+    quant_auto: bool = False  # paro_quant_* = "auto": ``auto`` chooses between exact and ``quant``
 
-    def with_strategy(self, strategy: ParoStrategy) -> ParoSettings:
-        return replace(self, strategy=strategy)
+    def with_strategy(self, strategy: ParoStrategy, quant: q.InterQuant | None = None) -> ParoSettings:
+        """The settings ``auto``'s choice runs: ``strategy``, and with ``quant_auto`` its quantization."""
+        return replace(self, strategy=strategy, quant=quant if self.quant_auto else self.quant)
 
     def describe(self) -> str:
         if self.strategy is None:
@@ -49,6 +51,8 @@ class ParoSettings:
         if self.quant is not None:
             formats = [f"{what} {fmt}" for what, fmt in (("params", self.quant.params), ("grads", self.quant.grads)) if fmt]
             comm += f"; across groups {' and '.join(formats)} in blocks of {self.quant.block_size}"
+            if self.quant_auto and self.strategy is None:
+                comm += ", or exact, as auto chooses"
         return f"PaRO {name} ({comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
@@ -188,25 +192,34 @@ def _ho_ring_chunks(par: Any, comm: str) -> int | None:
         raise ParoConfigError(f"{e} (0)") from None
 
 
-def _quant(par: Any) -> q.InterQuant | None:
-    """``parallelism.paro_quant_*`` as an :class:`InterQuant`; ``None`` when both are empty (exact)."""
-    formats = {}
+def _quant(par: Any, auto_strategy: bool) -> tuple[q.InterQuant | None, bool]:
+    """``parallelism.paro_quant_*`` as an :class:`InterQuant` (``None`` when both are empty: exact),
+    and whether ``auto`` may choose between it and exact traffic (a field set to "auto", which
+    stands for int8)."""
+    formats, auto = {}, False
     for name, valid in (("params", (q.INT8,)), ("grads", q.FORMATS)):
+        field = f"parallelism.paro_quant_{name}"
         value = getattr(par, f"paro_quant_{name}", "")
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             value = None
+        elif value == "auto":
+            if not auto_strategy:
+                raise ParoConfigError(
+                    f"{field}='auto' lets parallelism.paro_strategy='auto' choose whether to quantize, but the "
+                    f"strategy is set: set {field} to {' or '.join(map(repr, valid))}, or empty for exact traffic")
+            value, auto = q.INT8, True
         try:
-            formats[name] = q.check_format(value, f"parallelism.paro_quant_{name}", valid)
+            formats[name] = q.check_format(value, field, valid)
         except ValueError as e:
-            raise ParoConfigError(f"{e} (empty)") from None
+            raise ParoConfigError(f"{e} (empty), or 'auto' with paro_strategy='auto'") from None
     block = getattr(par, "paro_quant_block_size", q.DEFAULT_BLOCK_SIZE)
     try:
         q.check_block_size(block, "parallelism.paro_quant_block_size")
     except ValueError as e:
         raise ParoConfigError(str(e)) from None
     if formats["params"] is None and formats["grads"] is None:
-        return None
-    return q.InterQuant(block_size=block, **formats)
+        return None, False
+    return q.InterQuant(block_size=block, **formats), auto
 
 
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -234,7 +247,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     comm = getattr(par, "paro_comm", DEFAULT)
     _check_choice("parallelism", "paro_comm", comm, COMM_NAMES)
     ho_ring_chunks = _ho_ring_chunks(par, comm)
-    quant = _quant(par)
+    quant, quant_auto = _quant(par, strategy is None)
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
         raise ParoConfigError(
@@ -272,4 +285,5 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
     if strategy is None and calibration:
         _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
-                        device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks, quant=quant)
+                        device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks, quant=quant,
+                        quant_auto=quant_auto)

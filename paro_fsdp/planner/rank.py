@@ -41,16 +41,17 @@ def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSet
 
 
 def choose_strategy(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSetup(),
-                    comm: str = DEFAULT, ho_ring_chunks: int | None = None, quant: InterQuant | None = None
-                    ) -> tuple[ParoStrategy, list[StrategyEstimate]]:
+                    comm: str = DEFAULT, ho_ring_chunks: int | None = None, quant: InterQuant | None = None,
+                    exact: bool | None = None) -> tuple[ParoStrategy, list[StrategyEstimate]]:
     """The fastest strategy that fits in device memory, and the full ranking (``plan``'s order).
 
     ``quant``: the quantized inter-group traffic the job runs with (every strategy is priced
-    with it).
+    with it); ``exact``: rank the exact variants too (default: only without ``quant``), so that
+    the first of the ranking says whether quantizing pays.
 
     Raises ``ValueError`` naming the least memory any strategy needs when none fits.
     """
-    ranking = plan(model, cluster, setup, comm, ho_ring_chunks, quant, exact=quant is None)
+    ranking = plan(model, cluster, setup, comm, ho_ring_chunks, quant, exact=quant is None if exact is None else exact)
     if not ranking[0].fits:
         smallest = min(ranking, key=lambda e: e.total_memory)
         parts = ", ".join(f"{k} {fmt(v, BINARY)}" for k, v in smallest.memory.items())
