@@ -169,6 +169,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--quant-params", choices=(INT8,), help="parameters crossing groups as block-quantized int8")
     q.add_argument("--quant-grads", choices=QUANT_FORMATS, help="gradients crossing groups as block-quantized int8 "
                                                                 "or int4")
+    q.add_argument("--quant-error-feedback", action="store_true",
+                   help="with --quant-grads: keep fp32 residuals of the quantized gradients (their memory is counted)")
     q.add_argument("--quant-block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE,
                    help=f"elements per fp32 scale (default {DEFAULT_BLOCK_SIZE})")
     q.add_argument("--quant-rate", type=positive_float,
@@ -297,9 +299,10 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     quant = None
     if args.quant_params or args.quant_grads:
         try:
-            quant = InterQuant(params=args.quant_params, grads=args.quant_grads, block_size=args.quant_block_size)
+            quant = InterQuant(params=args.quant_params, grads=args.quant_grads, block_size=args.quant_block_size,
+                               error_feedback=args.quant_error_feedback)
         except ValueError as e:
-            error(f"--quant-block-size: {e}")
+            error(f"--quant-*: {e}")
     setup = TrainingSetup(accum=accum, activation_bytes=activations, compute_seconds=compute)
     return model, cluster, setup, job, quant
 

@@ -12,7 +12,9 @@ slices back to P (``sync_p``). Which collectives each move runs is
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from paro_fsdp import fsdp_seam
 from paro_fsdp.comm.groups import MeshGroups, Pending
+from paro_fsdp.comm.quant import feedback_slot
 from paro_fsdp.comm.registry import Collectives
 from paro_fsdp.comm.stats import INTRA, CommStats, phase
 from paro_fsdp.formulas import quantizes_sync_p
@@ -255,20 +258,20 @@ class Unit:
         s, last = self.state.strategy, self.state.last_microstep
         columns = s.param is G
         if s.param <= s.grad:
-            with phase("grad_reduce"):
+            with self._gradient_phase("grad_reduce"):
                 run(reduce(N, s.param), input, self.state, columns=columns, out=output)
             return
         # G coarser than P: with G=N FSDP2 itself accumulates and calls this once per step; with
         # G=I (GIG) the unit accumulates at G and reduces on to P after the last micro-step.
         x = input.view(-1)
         if s.grad is not N:
-            with phase("grad_reduce"):
+            with self._gradient_phase("grad_reduce"):
                 self._accumulate(run(reduce(N, s.grad), x, self.state, columns=columns))
             if not last:
                 output.zero_()  # ignored: the hook acts after the last micro-step only
                 return
             x, self.grad_accum = self.grad_accum, None
-        with phase("sync_g"):
+        with self._gradient_phase("sync_g"):
             run(reduce(s.grad, s.param), x, self.state, columns=columns, out=output)
 
     def row_due(self) -> bool:
@@ -288,7 +291,7 @@ class Unit:
         to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
         if s.param <= s.grad:
             self._finish_grad_reduce()
-            with phase("grad_reduce"):
+            with self._gradient_phase("grad_reduce"):
                 x, pending = start(reduce(s.param, s.grad), row, self.state, columns=True)
             if pending is _DONE:
                 self._accumulate(x)
@@ -307,11 +310,18 @@ class Unit:
         else:
             self.wait_grads()
             x = row.float()
-        with phase("sync_g"):
+        with self._gradient_phase("sync_g"):
             if completion.steps:  # the reduction stays in the group: finish it, overlap the completion
                 self._sync_g = start(completion, self._run(to_optim, x), self.state, columns=True)
             else:
                 self._sync_g = start(to_optim, x, self.state, columns=True)
+
+    @contextlib.contextmanager
+    def _gradient_phase(self, name: str) -> Iterator[None]:
+        """``phase(name)`` for this unit's gradient collectives, which keep their error-feedback
+        residuals (``InterQuant.error_feedback``) under this unit and phase."""
+        with phase(name), feedback_slot((id(self), name)):
+            yield
 
     def _finish_grad_reduce(self) -> None:
         if self._grad_reduce is not None:
@@ -357,4 +367,5 @@ class Unit:
         held = [t for t in (self.grad_accum, self._optim_grad) if t is not None]
         held += [p[0] for p in (self._grad_reduce, self._sync_g) if p is not None and p[0] is not None]
         held += fsdp_seam.fsdp_held_gradients(self.module)
+        held += [r for (slot, _), r in self.state.groups.residuals.items() if slot[0] == id(self)]
         return sum(t.numel() * t.element_size() for t in held)

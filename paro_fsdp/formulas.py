@@ -106,16 +106,31 @@ def comm_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trai
 
 
 def memory_bytes(strategy: ParoStrategy | str, topo: Topology, params: float, trainable: float | None = None,
-                 param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8) -> dict[str, float]:
+                 param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8,
+                 quant: InterQuant | None = None) -> dict[str, float]:
     """Model-state bytes per rank, ``{"params", "grads", "optim"}`` (PARO.md, transient buffers excluded).
 
     ``optim_bytes`` is K: 8 for AdamW moments beside fp32 parameters, 12 with a separate fp32 master.
+    With ``quant``'s error feedback, ``grads`` includes the fp32 residuals: one per quantized
+    inter-group gradient collective, the size of its input (:func:`feedback_elements`).
     """
     s = ParoStrategy.parse(strategy)
     psi_t = params if trainable is None else trainable
     m, n = topo.group_size, topo.world
     return {
         "params": param_bytes * params * s.param.fraction(m, n),
-        "grads": grad_bytes * psi_t * s.grad.fraction(m, n),
+        "grads": grad_bytes * psi_t * s.grad.fraction(m, n) + 4 * feedback_elements(s, topo, psi_t, quant),
         "optim": optim_bytes * psi_t * s.optim.fraction(m, n),
     }
+
+
+def feedback_elements(strategy: ParoStrategy | str, topo: Topology, trainable: float,
+                      quant: InterQuant | None) -> float:
+    """Elements of error-feedback residual per rank: each gradient phase's inter-group reduce-scatters
+    and all-reduces each keep one the size of their input (reused at every micro-step)."""
+    if quant is None or not quant.error_feedback or topo.groups == 1:
+        return 0.0
+    m, n = topo.group_size, topo.world
+    return sum(step.extent.fraction(m, n) * trainable
+               for name, plan in phase_plan(ParoStrategy.parse(strategy)).items() if name not in PARAM_PHASES
+               for step in plan.steps if step.link == INTER)

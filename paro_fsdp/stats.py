@@ -17,7 +17,8 @@ def memory_stats(model: nn.Module) -> dict[str, int]:
     """Model-state bytes held on this rank now: ``{"params", "grads", "optim"}``.
 
     ``params`` counts the local parameter storage (FSDP's sharded parameters, frozen ones
-    included), ``grads`` the gradient state kept between micro-steps, ``optim`` the
+    included), ``grads`` the gradient state kept between micro-steps (with the error-feedback
+    residuals of quantized traffic, ``InterQuant.error_feedback``), ``optim`` the
     optimizer's per-element state for this rank's slices (with the fp32 masters where P holds
     a narrower copy).
     """

@@ -414,7 +414,9 @@ def test_cli_ranks_quantized_variants(capsys, tmp_path) -> None:
     assert "quantize + dequantize at 5e+04 M elements/s per rank" in out
     with pytest.raises(SystemExit):
         main([*CLI, "--quant-grads", "int8", "--quant-rate", "1", "--quant-block-size", "7"])
-    assert "--quant-block-size: block_size=7 is invalid" in capsys.readouterr().err
+    assert "--quant-*: block_size=7 is invalid" in capsys.readouterr().err
+    assert main([*CLI, "--quant-grads", "int4", "--quant-rate", "1", "--quant-error-feedback"]) == 0
+    assert "+g4e " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -51,6 +51,9 @@ def test_quantization_fields_reach_the_settings() -> None:
                                    "on 2 group(s) x 2 rank(s)")
     grads_only = paro_settings(_config("--parallelism.paro_quant_grads", "int8"), 4).quant
     assert (grads_only.params, grads_only.grads, grads_only.block_size) == (None, "int8", 256)
+    feedback = paro_settings(_config("--parallelism.paro_quant_grads", "int4", "--parallelism.paro_quant_error_feedback"), 4)
+    assert feedback.quant.error_feedback and feedback.describe().endswith("grads int4 in blocks of 256 with error "
+                                                                          "feedback) on 2 group(s) x 2 rank(s)")
 
 
 def test_command_line_overrides_the_toml_strategy_and_aliases_parse() -> None:
@@ -78,6 +81,9 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
          r"parallelism.paro_quant_params='int4' is invalid; valid values: int8, or None \(exact\) \(empty\)"),
         (("--parallelism.paro_quant_grads", "fp8"), 4,
          r"parallelism.paro_quant_grads='fp8' is invalid; valid values: int8, int4"),
+        (("--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_error_feedback"), 4,
+         r"parallelism.paro_quant_error_feedback=True corrects quantized gradients, but parallelism.paro_quant_grads "
+         r"is empty"),
         (("--parallelism.paro_quant_grads", "int8", "--parallelism.paro_quant_block_size", "7"), 4,
          r"parallelism.paro_quant_block_size=7 is invalid: elements per quantization scale, an even int"),
         ((), 8, r"replicate_degree \(2\) x data_parallel_shard_degree \(2\) .* = 4, but 8 ranks"),

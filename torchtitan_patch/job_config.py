@@ -51,6 +51,13 @@ class Parallelism:
     "auto"): int8 if the planner estimates it faster. Empty: exact.
     """
 
+    paro_quant_error_feedback: bool = False
+    """
+    With paro_quant_grads: each rank keeps what quantization left out of the gradients it sent
+    (an fp32 residual per quantized collective, counted in the metrics' grads memory) and adds it
+    to the next ones, so int4's error does not build up. Residuals are not checkpointed.
+    """
+
     paro_quant_block_size: int = 256
     """
     With paro_quant_params or paro_quant_grads: elements per fp32 scale (an even int). Smaller

@@ -51,6 +51,8 @@ class ParoSettings:
         if self.quant is not None:
             formats = [f"{what} {fmt}" for what, fmt in (("params", self.quant.params), ("grads", self.quant.grads)) if fmt]
             comm += f"; across groups {' and '.join(formats)} in blocks of {self.quant.block_size}"
+            if self.quant.error_feedback:
+                comm += " with error feedback"
             if self.quant_auto and self.strategy is None:
                 comm += ", or exact, as auto chooses"
         return f"PaRO {name} ({comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
@@ -217,9 +219,16 @@ def _quant(par: Any, auto_strategy: bool) -> tuple[q.InterQuant | None, bool]:
         q.check_block_size(block, "parallelism.paro_quant_block_size")
     except ValueError as e:
         raise ParoConfigError(str(e)) from None
+    feedback = getattr(par, "paro_quant_error_feedback", False)
+    if not isinstance(feedback, bool):
+        raise ParoConfigError(f"parallelism.paro_quant_error_feedback={feedback!r} is invalid: true or false")
+    if feedback and formats["grads"] is None:
+        raise ParoConfigError("parallelism.paro_quant_error_feedback=True corrects quantized gradients, but "
+                              "parallelism.paro_quant_grads is empty (exact): set it to 'int8' or 'int4', or leave "
+                              "error feedback off")
     if formats["params"] is None and formats["grads"] is None:
         return None, False
-    return q.InterQuant(block_size=block, **formats), auto
+    return q.InterQuant(block_size=block, error_feedback=feedback, **formats), auto
 
 
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:

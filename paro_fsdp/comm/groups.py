@@ -81,6 +81,7 @@ class MeshGroups:
                  quant: q.InterQuant | None = None) -> None:
         self.mesh = validate_mesh(mesh)
         self.quant = quant
+        self.residuals: dict[object, torch.Tensor] = {}  # error feedback (``InterQuant.error_feedback``)
         self.intra = mesh.get_group(SHARD_DIM)
         self.inter = mesh.get_group(REPLICATE_DIM)
         self.groups, self.group_size = mesh.size(0), mesh.size(1)
@@ -218,7 +219,17 @@ class MeshGroups:
         and gives the fp32 sum of the chunks this rank owns (its own taken exactly)."""
         k, block, own = self.size(link), self.quant.block_size, self.index(link)
         rows = input.reshape(k, -1)
-        packed = q.quantize(rows, fmt, block)
+        key = q.current_feedback_key() if self.quant.error_feedback else None
+        if key is None:
+            packed = q.quantize(rows, fmt, block)
+        else:  # send what was left out last time too; keep what is left out now (own row: exact)
+            residual = self.residuals.get(key)
+            if residual is None or residual.shape != rows.shape:
+                residual = self.residuals[key] = rows.new_zeros(rows.shape, dtype=torch.float32)
+            corrected = residual.add_(rows)
+            packed = q.quantize(corrected, fmt, block)
+            corrected.sub_(q.dequantize(packed, rows.shape[1], fmt, block))
+            corrected[own] = 0
         received = torch.empty_like(packed)
         self.stats.add(link, (k - 1) * packed.shape[1], quantized=True)
         pending = Pending(dist.all_to_all_single(received, packed, group=self.group(link), async_op=True),

@@ -22,6 +22,9 @@ padded to a multiple of 4 bytes so that the chunks of a batch stay aligned.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,16 +51,27 @@ class InterQuant:
             G = G reductions): ``"int8"``, ``"int4"``, or ``None`` for exact.
         block_size: elements per scale. Smaller blocks follow the data's range more closely
             (less error) and send more scales (4 bytes each).
+        error_feedback: with ``grads``, each rank keeps what quantization left out of the
+            gradients it sent (an fp32 residual the size of each quantized collective's input)
+            and adds it to the next ones at the same place, so the error does not build up over
+            steps (1-bit Adam's and qgZ's error compensation). Residuals are gradient state:
+            ``memory_stats``' and the formulas' ``grads`` include them; checkpoints do not.
     """
 
     params: str | None = None
     grads: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         check_format(self.params, "params", (INT8,))
         check_format(self.grads, "grads", FORMATS)
         check_block_size(self.block_size)
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"error_feedback={self.error_feedback!r} is invalid: True or False")
+        if self.error_feedback and self.grads is None:
+            raise ValueError("error_feedback=True corrects quantized gradients, but grads=None (exact): set "
+                             "grads='int8' or 'int4', or leave error_feedback off")
 
     @property
     def enabled(self) -> bool:
@@ -74,8 +88,10 @@ class InterQuant:
 
     @property
     def label(self) -> str:
-        """A short name for tables: ``p8`` int8 parameters, ``g8`` / ``g4`` int8 / int4 gradients."""
-        return "".join(f"{what}{_BITS[fmt]}" for what, fmt in (("p", self.params), ("g", self.grads)) if fmt)
+        """A short name for tables: ``p8`` int8 parameters, ``g8`` / ``g4`` int8 / int4 gradients,
+        ``e`` error feedback."""
+        return "".join(f"{what}{_BITS[fmt]}" for what, fmt in (("p", self.params), ("g", self.grads)) if fmt) \
+            + ("e" if self.error_feedback else "")
 
     def bytes_per_element(self, fmt: str | None, element_bytes: int) -> float:
         """Bytes an element of ``element_bytes`` puts on the inter link in ``fmt`` (scales
@@ -83,6 +99,40 @@ class InterQuant:
         if fmt is None:
             return float(element_bytes)
         return _BITS[fmt] / 8 + _SCALE_BYTES / self.block_size
+
+
+class _Slot:
+    """Where gradient collectives are issued from (one per unit and phase); its quantized
+    exchanges are numbered in issue order, the same at every step."""
+
+    __slots__ = ("key", "issued")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key, self.issued = key, 0
+
+    def next_key(self) -> tuple[Hashable, int]:
+        self.issued += 1
+        return self.key, self.issued - 1
+
+
+_slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("paro_quant_slot", default=None)
+
+
+@contextlib.contextmanager
+def feedback_slot(key: Hashable) -> Iterator[None]:
+    """Gradient collectives issued inside the block keep their error-feedback residuals under
+    ``key`` (the engine uses one per unit and phase)."""
+    token = _slot.set(_Slot(key))
+    try:
+        yield
+    finally:
+        _slot.reset(token)
+
+
+def current_feedback_key() -> tuple[Hashable, int] | None:
+    """The residual key of the next quantized gradient exchange, or ``None`` outside a slot."""
+    slot = _slot.get()
+    return None if slot is None else slot.next_key()
 
 
 def check_format(value: object, field: str, valid: tuple[str, ...]) -> str | None:

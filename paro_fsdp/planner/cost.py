@@ -118,7 +118,7 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
 
     layout = model.layout(s, master_apart=quantizes_sync_p(s, cluster.nodes, quant))
     states = memory_bytes(s, topo, psi, psi_t, param_bytes=layout.params,
-                          grad_bytes=model.grad_bytes, optim_bytes=layout.optim)
+                          grad_bytes=model.grad_bytes, optim_bytes=layout.optim, quant=quant)
     unit_trainable = model.unit_params * psi_t / psi
     buffers = UNITS_IN_FLIGHT * (
         (model.unit_params * model.wire_param_bytes if s.param is not N else 0.0)
