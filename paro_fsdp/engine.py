@@ -159,9 +159,10 @@ _DONE = Pending(None)
 class Unit:
     """One FSDP2 module's trainable parameters and their gradient / optimizer slices."""
 
-    def __init__(self, module: FSDPModule, state: EngineState) -> None:
+    def __init__(self, module: FSDPModule, state: EngineState, index: int) -> None:
         self.module = module
         self.state = state
+        self.index = index  # position in ``state.units``: the same on every rank and in every run of the model
         params = fsdp_seam.sharded_params(module)
         regions, offset = [], 0
         for p in params or []:
@@ -320,7 +321,7 @@ class Unit:
     def _gradient_phase(self, name: str) -> Iterator[None]:
         """``phase(name)`` for this unit's gradient collectives, which keep their error-feedback
         residuals (``InterQuant.error_feedback``) under this unit and phase."""
-        with phase(name), feedback_slot((id(self), name)):
+        with phase(name), feedback_slot((self.index, name)):
             yield
 
     def _finish_grad_reduce(self) -> None:
@@ -367,5 +368,5 @@ class Unit:
         held = [t for t in (self.grad_accum, self._optim_grad) if t is not None]
         held += [p[0] for p in (self._grad_reduce, self._sync_g) if p is not None and p[0] is not None]
         held += fsdp_seam.fsdp_held_gradients(self.module)
-        held += [r for (slot, _), r in self.state.groups.residuals.items() if slot[0] == id(self)]
+        held += [r for (slot, _), r in self.state.groups.residuals.items() if slot[0] == self.index]
         return sum(t.numel() * t.element_size() for t in held)

@@ -15,6 +15,11 @@ parameters under the same names, and each pipeline stage's model part has its ow
 built from the root's ``named_parameters()`` would carry those segments where
 ``get_model_state_dict`` expects the clean FQN.
 
+After a load, P's copy is what sync_p makes of the loaded masters, as after a step: the unit's
+load post-hook runs its sync_p (a collective, in module order on every rank). Where sync_p is
+quantized the copy is then the dequantized masters, bit for bit what the saving run computed
+on, so a resume is exact; elsewhere it equals the loaded value.
+
 Gathering a unit's masters to P is a collective. A state-dict pre-hook on the unit's module
 gathers them once per ``state_dict()`` call, in module order on every rank; the owners' hooks
 read them and the unit's post-hook drops them.
@@ -23,7 +28,7 @@ read them and the unit's post-hook drops them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,10 +50,14 @@ class MasterStateDict:
         masters: the units that keep their fp32 master apart, with this rank's O-level slices
             and the master of each slice.
         strategy: the strategy that runs (the P and O granularities the gather moves between).
+        resync: queues a unit's sync_p from its masters (``ParoOptimizer``'s own), run after
+            every load of the unit.
     """
 
-    def __init__(self, model: nn.Module, masters: Sequence[UnitSlices], strategy: ParoStrategy) -> None:
+    def __init__(self, model: nn.Module, masters: Sequence[UnitSlices], strategy: ParoStrategy,
+                 resync: Callable[[UnitSlices], None]) -> None:
         self._strategy = strategy
+        self._resync = resync
         self._gathered: dict[int, dict[int, torch.Tensor]] = {}  # id(unit) -> {id(param): master at P}
         entry_of = {id(region.param): entry for entry in masters for region in entry[0].layout.regions}
         self._slices: dict[int, list[tuple[Slice, torch.Tensor]]] = {}
@@ -67,6 +76,7 @@ class MasterStateDict:
             unit = entry[0]
             unit.module.register_state_dict_pre_hook(functools.partial(self._gather_unit, entry))
             unit.module.register_state_dict_post_hook(functools.partial(self._drop_unit, id(unit)))
+            unit.module.register_load_state_dict_post_hook(functools.partial(self._sync_loaded, entry))
 
     def _gather(self, entry: UnitSlices) -> dict[int, torch.Tensor]:
         unit, slices, values = entry
@@ -77,6 +87,10 @@ class MasterStateDict:
 
     def _drop_unit(self, key: int, *_: Any) -> None:
         self._gathered.pop(key, None)
+
+    def _sync_loaded(self, entry: UnitSlices, *_: Any) -> None:
+        self._resync(entry)
+        entry[0].wait_params()
 
     def _into_state_dict(self, owned: _Owned, module: nn.Module, state_dict: dict[str, Any],
                          prefix: str, local_metadata: Any) -> None:

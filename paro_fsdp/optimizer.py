@@ -73,7 +73,7 @@ class ParoOptimizer(torch.optim.Optimizer):
         if self._masters:
             if self._engine.compute_dtype is not None:
                 fsdp_seam.cast_parameters(model, self._engine.compute_dtype)
-            MasterStateDict(model, self._masters, self._engine.strategy)
+            MasterStateDict(model, self._masters, self._engine.strategy, resync=self._sync_params)
         self.inner = optimizer_class([grp for grp in inner_groups], **defaults)
         ensure_inner_state(self.inner, self._all_views())
         # ``state`` names each parameter's state entries (what torch.distributed.checkpoint
@@ -105,12 +105,17 @@ class ParoOptimizer(torch.optim.Optimizer):
                 view.grad = unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel]
         self._sync_hyperparameters()
         self.inner.step()
-        for unit, slices, views in self._sync_order:
-            if unit.syncs_params:  # else the views updated the only copy in place
-                compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
-                copy_dtype = self._engine.compute_dtype if unit.keeps_master_apart else None
-                unit.sync_params(compact.to(copy_dtype) if copy_dtype is not None else compact)
+        for entry in self._sync_order:
+            if entry[0].syncs_params:  # else the views updated the only copy in place
+                self._sync_params(entry)
         return None
+
+    def _sync_params(self, entry: UnitSlices) -> None:
+        """Queue the unit's sync_p: its O slices (the masters where they live apart) to P's copy."""
+        unit, slices, views = entry
+        compact = compact_slices(unit, slices, views, self._engine.strategy.optim)
+        copy_dtype = self._engine.compute_dtype if unit.keeps_master_apart else None
+        unit.sync_params(compact.to(copy_dtype) if copy_dtype is not None else compact)
 
     def state_bytes(self) -> int:
         """Bytes of per-element optimizer state on this rank: the moments, and the fp32 masters

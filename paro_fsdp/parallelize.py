@@ -171,7 +171,7 @@ def paro_parallelize(
     fully_shard(model, **kwargs)
     model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})
     setattr(model, _STATE_ATTR, state)
-    state.units = [Unit(mod, state) for mod in [*blocks, model]]
+    state.units = [Unit(mod, state, i) for i, mod in enumerate([*blocks, model])]
     for unit in state.units:  # a state dict reads, and a load writes, what a sync_p in flight would overwrite
         unit.module.register_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
         unit.module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.prepare_load())

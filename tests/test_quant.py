@@ -11,7 +11,14 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 
 from dist_utils import run_distributed
@@ -20,6 +27,7 @@ from paro_fsdp import InterQuant, ParoOptimizer, ParoStrategy, comm_stats, memor
 from paro_fsdp.comm.groups import MeshGroups
 from paro_fsdp.comm.quant import FORMATS, dequantize, feedback_slot, packed_bytes, quantize
 from paro_fsdp.comm.stats import INTER, phase
+from paro_fsdp.feedback_state import feedback_state_dict, feedback_template, load_feedback_state_dict
 from paro_fsdp.formulas import Topology, comm_bytes, feedback_elements
 
 CODES = [str(s) for s in ParoStrategy.all_valid()]
@@ -293,3 +301,60 @@ def test_int4_gradients_are_an_eighth_of_fp32_plus_scales():
     assert q4["sync_g"]["inter"] / fp32["sync_g"]["inter"] == pytest.approx((0.5 + 4 / 128) / 4)
     assert q4["sync_p"]["inter"] == fp32["sync_p"]["inter"]
     assert math.isclose(q4["param_gather"]["intra"], fp32["param_gather"]["intra"])
+
+
+def _feedback_resume(path: str) -> dict:
+    """Save IIG with int4 + error feedback on 2x2 after 2 steps; resume in fresh models."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    quant = InterQuant(params="int8", grads="int4", block_size=64, error_feedback=True)
+    rank, full = dist.get_rank(), StateDictOptions(full_state_dict=True)
+
+    def build(code: str):
+        torch.manual_seed(0)
+        model = _net(DIM)
+        model = paro_parallelize(model, mesh, code, blocks=model.units(), quant=quant)
+        return model, ParoOptimizer(model, torch.optim.AdamW, lr=1e-2)
+
+    def steps(model, opt, start: int, count: int) -> None:
+        for s in range(start, start + count):
+            for a in range(ACCUM):
+                model.set_requires_gradient_sync(a == ACCUM - 1)
+                (loss_fn(model, batch(s, a, rank, DIM, DIM)) / ACCUM).backward()
+            opt.step()
+            opt.zero_grad()
+        model.wait_parameters()
+
+    def resumed(code: str, with_feedback: bool) -> tuple[int, float]:
+        model, opt = build(code)
+        saved = {k.removeprefix("feedback."): m.size
+                 for k, m in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+                 if k.startswith("feedback.")}
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+                 "feedback": feedback_template(model, saved) if with_feedback else {}}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        loaded = load_feedback_state_dict(model, state["feedback"])
+        steps(model, opt, 2, 2)
+        got = get_model_state_dict(model, options=full)
+        return loaded, max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+
+    src, src_opt = build("IIG")
+    steps(src, src_opt, 0, 2)
+    residuals = feedback_state_dict(src)
+    dcp.save({"model": get_model_state_dict(src), "optim": get_optimizer_state_dict(src, src_opt),
+              "feedback": residuals}, checkpoint_id=path)
+    kept = len(residuals)
+    steps(src, src_opt, 2, 2)
+    want = get_model_state_dict(src, options=full)
+    return {"kept": kept, "IIG": resumed("IIG", True), "IIG without": resumed("IIG", False),
+            "NIG": resumed("NIG", True)}
+
+
+def test_error_feedback_residuals_resume_exactly_from_a_checkpoint(tmp_path):
+    for rank, got in enumerate(run_distributed(_feedback_resume, 4, str(tmp_path / "ckpt"))):
+        assert got["kept"] > 0
+        assert got["IIG"] == (got["kept"], 0.0), f"rank {rank}: the same layout resumes bit for bit"
+        loaded, diff = got["IIG without"]
+        assert loaded == 0 and diff > 0, f"rank {rank}: dropping the residuals must show ({diff})"
+        assert got["NIG"][0] == 0, f"rank {rank}: another strategy's run starts its residuals at zero"

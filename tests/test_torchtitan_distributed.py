@@ -64,9 +64,21 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["iig_scalars"] = iig["scalars"][2]
     out["params"] = sum(v.numel() for k, v in iig["at"].items() if k.startswith("model."))
     # Quantized traffic across groups, switched on from the config (the IIG run above is its exact twin).
-    quant = ["--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_grads", "int8"]
+    quant = ["--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_grads", "int8",
+             "--parallelism.paro_quant_error_feedback"]
     quant_iig = run(args(root / "quant_iig", 4, (2, 2), "IIG", *ckpt, *quant), snapshot_end=False)
     out["quant_iig"], out["quant_scalars"] = quant_iig["losses"], quant_iig["scalars"][4]
+    # Resume it: masters, moments and each rank's error-feedback residuals were saved.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(root / "quant_iig" / "checkpoint" / "step-2")).read_metadata().state_dict_metadata
+    out["quant_residual_ranks"] = sorted({k.split(".rank")[1].split(".")[0] for k in saved
+                                          if k.startswith("optimizer.paro_feedback.")})
+    if dist.get_rank() == 0:
+        shutil.copytree(root / "quant_iig" / "checkpoint" / "step-2", root / "quant_resumed" / "checkpoint" / "step-2")
+    dist.barrier()
+    out["quant_resumed"] = run(args(root / "quant_resumed", 4, (2, 2), "IIG", *ckpt, *quant),
+                               snapshot_end=False)["losses"]
     out["qwen3_iig"] = run(args(root / "qwen3", 3, (2, 2), "IIG", model="qwen3"))["losses"]
     # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
     bf16 = ["--training.mixed_precision_param", "bfloat16"]
@@ -209,6 +221,14 @@ def test_quantized_traffic_is_a_quarter_across_groups_and_trains_like_the_exact_
     quantized, exact = curve(four["quant_iig"]), curve(four["iig"])
     assert quantized != exact, "nothing was quantized"
     assert_close(quantized, exact, rtol=1e-2)
+
+
+def test_quantized_run_with_error_feedback_resumes_with_the_same_losses(four: dict[str, Any]) -> None:
+    assert four["quant_residual_ranks"] == ["0", "1", "2", "3"], "every rank's residuals are in the checkpoint"
+    full, resumed = four["quant_iig"], four["quant_resumed"]
+    assert sorted(resumed, key=int) == ["3", "4"]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=0)
 
 
 def test_bf16_compute_keeps_a_bf16_copy_at_p_and_trains_like_stock_fsdp(four: dict[str, Any]) -> None:

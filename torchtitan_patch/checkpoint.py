@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from paro_fsdp.comm.device import all_gather_object, barrier
+from paro_fsdp.feedback_state import PREFIX as FEEDBACK_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +359,14 @@ def check_fits(checkpoint: Path, metadata: Any, state_dict: dict[str, Any]) -> N
             )
 
 
+def saved_residuals(metadata: Any) -> dict[str, tuple[int, ...]]:
+    """The error-feedback residuals a checkpoint's optimizer state holds: key (under the
+    optimizer) and size."""
+    head = f"optimizer.{FEEDBACK_PREFIX}."
+    return {k.removeprefix("optimizer."): tuple(m.size) for k, m in metadata.state_dict_metadata.items()
+            if k.startswith(head)}
+
+
 # ----------------------------------------------------------------------------- torchtitan hooks
 
 
@@ -437,11 +446,19 @@ def _with_integrity_load(dcp_load: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(self: Any, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool,
                 *args: Any, **kwargs: Any) -> Any:
         settle_parameters(self)
-        if not from_hf:
-            checkpoint = Path(checkpoint_id)
-            metadata = verify(checkpoint, checksums=_checksums_enabled(self))
-            check_fits(checkpoint, metadata, state_dict)
-        return dcp_load(self, state_dict, checkpoint_id, from_hf, *args, **kwargs)
+        if from_hf:
+            return dcp_load(self, state_dict, checkpoint_id, from_hf, *args, **kwargs)
+        checkpoint = Path(checkpoint_id)
+        metadata = verify(checkpoint, checksums=_checksums_enabled(self))
+        check_fits(checkpoint, metadata, state_dict)
+        optimizers = state_dict.get("optimizer")
+        if not hasattr(optimizers, "feedback_saved"):
+            return dcp_load(self, state_dict, checkpoint_id, from_hf, *args, **kwargs)
+        optimizers.feedback_saved = saved_residuals(metadata)
+        try:
+            return dcp_load(self, state_dict, checkpoint_id, from_hf, *args, **kwargs)
+        finally:
+            optimizers.feedback_saved = None
 
     wrapped._paro_integrity = True  # type: ignore[attr-defined]
     return wrapped
