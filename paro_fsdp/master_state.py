@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from paro_fsdp.layout import Slice
-from paro_fsdp.optimizer_state import UnitSlices, gather_to_params, slice_of
+from paro_fsdp.optimizer_state import UnitSlices, gather_to_params, placed_like, slice_of
 from paro_fsdp.strategy import ParoStrategy
 
 # (name in its owning module, the parameter, its unit's entry)
@@ -107,5 +107,6 @@ class MasterStateDict:
         for name, param, _ in owned:
             value = state_dict.get(prefix + name)
             if value is not None:
+                value = placed_like(value, param)
                 for sl, master in self._slices.get(id(param), ()):
                     master.copy_(slice_of(value, sl))

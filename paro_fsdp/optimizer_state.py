@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from paro_fsdp.comm.device import all_gather_object
 from paro_fsdp.engine import Unit
@@ -184,6 +184,23 @@ def gather_to_params(unit: Unit, slices: Sequence[Slice], values: Sequence[torch
         local = row[region.offset : region.offset + region.numel].view(_local(region.param).shape)
         out.append((region.param, _like_param(local.clone(), region.param)))
     return out
+
+
+def placed_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` placed as ``param`` is, so that its local tensor is this rank's shard.
+
+    A state dict may hold a parameter placed otherwise: a module's load hook can rebuild it
+    (torchtitan 0.3's fused QKV merges the saved ``wq`` / ``wk`` / ``wv`` into a replicated
+    ``wqkv``), or a full tensor may come from a consolidated checkpoint. Redistributing is a
+    collective over the parameter's mesh, which every rank's load reaches alike.
+    """
+    if not isinstance(param, DTensor):
+        return value.full_tensor() if isinstance(value, DTensor) else value
+    if isinstance(value, DTensor):
+        if value.device_mesh == param.device_mesh and tuple(value.placements) == tuple(param.placements):
+            return value
+        return value.redistribute(param.device_mesh, param.placements)
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def slice_of(value: torch.Tensor, sl: Slice) -> torch.Tensor:

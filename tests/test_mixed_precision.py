@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate
 
 from dist_utils import run_distributed
 from models import Net, batch, loss_fn
@@ -173,7 +174,15 @@ def _wrapped_masters() -> dict:
         target = {k: v + 0.125 for k, v in get_model_state_dict(wrapped).items()}
         set_model_state_dict(wrapped, target)
         loaded = get_model_state_dict(wrapped, options=FULL)
+        # Values placed otherwise than the parameters (torchtitan 0.3's fused QKV load hook hands
+        # the merged weight over replicated): each rank's master must take its own shard.
+        replicated = {k: (v + 0.25).redistribute(v.device_mesh, [Replicate()] * v.device_mesh.ndim)
+                      for k, v in get_model_state_dict(plain).items()}
+        plain.load_state_dict(replicated)
+        from_replicated = get_model_state_dict(plain, options=FULL)
         out[code] = {
+            "replicated": max((from_replicated[k] - (want[k] + 0.25)).abs().max().item() for k in want),
+            "replicated_copy_is_cast_master": _copy_is_cast_master(plain),
             "keys": sorted(got), "clean_keys": sorted(clean_keys),
             "dtypes": sorted({str(v.dtype) for v in got.values()}),
             "trained": max((got[k] - want[k]).abs().max().item() for k in want),
@@ -236,3 +245,4 @@ def test_masters_keep_the_parameters_fqns_under_activation_checkpointing_and_com
             assert r["dtypes"] == ["torch.float32"], code
             assert r["trained"] == 0.0 and r["inner"] == 0.0, (code, r)  # the wrappers change no value
             assert r["loaded"] == 0.0 and r["copy_is_cast_master"], (code, r)  # a load reaches the masters
+            assert r["replicated"] == 0.0 and r["replicated_copy_is_cast_master"], (code, r)
