@@ -13,10 +13,11 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, HO_RING_DEPTHS
+from paro_fsdp.comm.names import AUTO, PLANNER_COMM_NAMES
 from paro_fsdp.comm.quant import DEFAULT_BLOCK_SIZE, INT8, InterQuant
 from paro_fsdp.comm.quant import FORMATS as QUANT_FORMATS
-from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_comm, check_ho_ring_chunks
+from paro_fsdp.comm.registry import DEFAULT, HO_RING
 
 GIB = 2**30
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -159,12 +160,14 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                     help="sustained TFLOP/s per rank: compute time = FLOPs per token x tokens / this")
     tr.add_argument("--tokens", type=positive_int, help="tokens per rank per micro-step, for --device-tflops "
                     "(default: --config's local_batch_size x seq_len)")
-    tr.add_argument("--comm", choices=COMM_NAMES,
-                    help=f"global collectives: two phases in sequence ({DEFAULT}) or overlapped ({HO_RING}); "
+    tr.add_argument("--comm", choices=PLANNER_COMM_NAMES,
+                    help=f"global collectives: two phases in sequence ({DEFAULT}), overlapped ({HO_RING}), or "
+                         f"{AUTO}: each strategy with the fastest of both (and of HO-Ring's depths); "
                          f"default: --config's parallelism.paro_comm, else {DEFAULT}")
     tr.add_argument("--ho-ring-chunks", type=positive_int,
                     help=f"with --comm {HO_RING}: its pipeline depth, at most this many chunks per global collective "
-                         f"(default: --config's parallelism.paro_ho_ring_chunks, else {DEFAULT_CHUNKS})")
+                         f"(default: --config's parallelism.paro_ho_ring_chunks, else {DEFAULT_CHUNKS}; with --comm "
+                         f"{AUTO}, the planner tries {', '.join(map(str, HO_RING_DEPTHS))})")
     q = p.add_argument_group("quantized inter-group traffic (each strategy is then ranked exact and quantized)")
     q.add_argument("--quant-params", choices=(INT8,), help="parameters crossing groups as block-quantized int8")
     q.add_argument("--quant-grads", choices=QUANT_FORMATS, help="gradients crossing groups as block-quantized int8 "
@@ -291,9 +294,10 @@ def _plan_inputs(args: argparse.Namespace, error: Callable[[str], None]):
     chunks_field = "--ho-ring-chunks" if args.ho_ring_chunks is not None else "parallelism.paro_ho_ring_chunks"
     args.comm = _pick(args.comm, job.comm if job else None, DEFAULT)
     args.ho_ring_chunks = _pick(args.ho_ring_chunks, job.ho_ring_chunks if job else None)
+    from paro_fsdp.planner import collectives_candidates  # noqa: PLC0415
+
     try:
-        check_comm(args.comm, field=comm_field)
-        check_ho_ring_chunks(args.ho_ring_chunks, args.comm, field=chunks_field, comm_field=comm_field)
+        collectives_candidates(args.comm, args.ho_ring_chunks, field=comm_field, chunks_field=chunks_field)
     except ValueError as e:
         error(str(e))
     quant = None

@@ -71,7 +71,7 @@ strategies_field = st.sampled_from(range(10)).flatmap(lambda i: [
     st.one_of(st.sampled_from(["GIN", "NGI", "XYZ", "II", "IIGG", "zero4", "NONE", 3, True, 1.5, ["IIG"]]),
               st.text(alphabet="NIGnig auto", max_size=5)),
 ][i] if i < 2 else st.builds(_case, st.sampled_from(CODES + list(ALIASES) + ["auto", "AUTO", " iig "]), st.booleans()))
-comm_field = mostly(st.sampled_from(["default", "ho_ring"]),
+comm_field = mostly(st.sampled_from(["default", "ho_ring", "auto"]),
                     st.one_of(st.sampled_from(["ring", "HO_RING", "", " default", 3, None]), st.text(max_size=4)))
 chunks_field = mostly(st.sampled_from([0, 0, 1, 4, 16, 64]), st.sampled_from([-1, -16, True, 2.5, "4", None]))
 memory_field = mostly(st.one_of(st.just(0), st.integers(0, 200), st.floats(0, 1e6)),
@@ -123,12 +123,12 @@ def oracle(f: dict[str, Any]) -> tuple[str, list[tuple[str, str | None]]]:
     code = _parse_strategy(f["paro_strategy"])
     if code is None:
         bad.append(("parallelism.paro_strategy", repr(f["paro_strategy"])))
-    if f["paro_comm"] not in ("default", "ho_ring"):
+    if f["paro_comm"] not in ("default", "ho_ring", "auto"):
         bad.append(("parallelism.paro_comm", repr(f["paro_comm"])))
     chunks = f["paro_ho_ring_chunks"]
     if not _is_int(chunks) or chunks < 0:
         bad.append(("parallelism.paro_ho_ring_chunks", repr(chunks)))
-    elif chunks and f["paro_comm"] == "default":
+    elif chunks and f["paro_comm"] in ("default", "auto"):
         bad.append(("parallelism.paro_ho_ring_chunks", repr(chunks)))
     mem = f["paro_device_memory_gib"]
     if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem) or mem < 0:
@@ -159,10 +159,12 @@ def oracle(f: dict[str, Any]) -> tuple[str, list[tuple[str, str | None]]]:
             layout_bad.append(("do not multiply to the world size", None))
         elif pp > 1 and ("ZeroBubble" in f["schedule"] or "DualPipe" in f["schedule"]):
             layout_bad.append(("parallelism.pipeline_parallel_schedule", repr(f["schedule"])))
-        elif code == "auto":
-            if g * m == 1:
+        else:
+            # The planner runs for the strategy, or for the collectives where there are two links.
+            plans_comm = g > 1 and m > 1 and f["paro_comm"] == "auto"
+            if code == "auto" and g * m == 1:
                 layout_bad.append(("parallelism.paro_strategy='auto' needs at least 2 data-parallel ranks", None))
-            if f["calibration_kind"] not in ("empty", "match", "not_a_string"):
+            if (code == "auto" or plans_comm) and f["calibration_kind"] not in ("empty", "match", "not_a_string"):
                 layout_bad.append(("parallelism.paro_calibration", repr(f["paro_calibration"])))
         f["expected_mesh"] = (g, m)
     return "paro", bad + layout_bad
@@ -244,9 +246,13 @@ def test_paro_fields_and_degrees_are_accepted_or_refused_naming_the_field(
     code = _parse_strategy(strategy)
     assert result.auto == (code == "auto")
     assert result.strategy is None if code == "auto" else result.strategy.code == code
-    assert (result.groups, result.group_size, result.comm) == (*fields["expected_mesh"], comm)
+    g, m = fields["expected_mesh"]
+    one_link = g == 1 or m == 1
+    assert (result.groups, result.group_size) == (g, m)
+    assert result.comm == ("default" if comm == "auto" and one_link else comm)
     assert result.device_memory_gib == float(memory)
     assert result.ho_ring_chunks == (chunks or None)
+    assert result.plans_collectives == (not one_link and comm == "auto")
 
 
 def _job(**fields: Any) -> Any:
@@ -330,7 +336,7 @@ ACCEPTED = [
     ({"paro_strategy": " zero2 ", "data_parallel_replicate_degree": 1, "data_parallel_shard_degree": 1,
       "tensor_parallel_degree": 2}, 2, ("NGG", 1, 1)),  # one data-parallel rank: every strategy runs as NNN
     ({"paro_device_memory_gib": 0}, 4, ("IIG", 2, 2)),
-    ({"paro_calibration": "{tmp}/none.json"}, 4, ("IIG", 2, 2)),  # only "auto" reads it
+    ({"paro_comm": "ho_ring", "paro_calibration": "{tmp}/none.json"}, 4, ("IIG", 2, 2)),  # only "auto" reads it
     ({**AUTO, "paro_calibration": "good.json", "paro_device_memory_gib": 80}, 4, ("auto", 2, 2)),
     ({"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "Interleaved1F1B"}, 8, ("IIG", 2, 2)),
 ]

@@ -20,7 +20,9 @@ from paro_fsdp.planner import (
     LinkFit,
     ModelSizes,
     TrainingSetup,
+    best_collectives,
     choose_strategy,
+    collectives_candidates,
     cluster_from_calibration,
     describe_assumptions,
     compute_seconds_from_flops,
@@ -451,6 +453,49 @@ def test_cli_ho_ring_chunks_from_the_flag_or_the_toml(capsys, tmp_path) -> None:
         main(["plan", "--config", str(cfg), *cluster, "--comm", "default"])
     assert ("parallelism.paro_ho_ring_chunks=2 is HO-Ring's pipeline depth, valid only with --comm='ho_ring', "
             "but --comm='default'") in capsys.readouterr().err
+
+
+def test_comm_auto_prices_every_collectives_choice_and_keeps_the_fastest() -> None:
+    assert collectives_candidates("auto") == [("default", None), ("ho_ring", 2), ("ho_ring", 4), ("ho_ring", 8),
+                                              ("ho_ring", 16)]
+    assert collectives_candidates("ho_ring", 4) == [("ho_ring", 4)] and collectives_candidates("default") == [
+        ("default", None)]
+    with pytest.raises(ValueError, match=r"--hrc=4 is invalid with --c='auto' \(the planner chooses the depth\): "
+                                         r"leave --hrc unset, or set --c='ho_ring'"):
+        collectives_candidates("auto", 4, "--c", "--hrc")
+    with pytest.raises(ValueError, match="comm='ring' is invalid; valid values: default, ho_ring, auto"):
+        collectives_candidates("ring")
+    model = ModelSizes(params=400_000_000, blocks=8)  # 50M-parameter blocks: 200 MB collectives, cut 16 ways
+    setup = TrainingSetup(accum=1)
+    # Two links of equal speed and no latency: HO-Ring's overlap halves a global collective,
+    # and the deepest pipeline overlaps most.
+    balanced = Cluster(nodes=2, ranks_per_node=4, intra_bw=1e9, inter_bw=1e9, device_memory=1e12)
+    # A fast network whose collectives each cost 50 ms: every chunk pays it, two-phase wins.
+    costly_calls = dataclasses.replace(balanced, intra_bw=1e11, inter_bw=1e11, intra_latency=0.05, inter_latency=0.05)
+    for cluster, want in ((balanced, ("ho_ring", 16)), (costly_calls, ("default", None))):
+        chosen = best_collectives("GGG", model, cluster, setup)
+        every = [estimate("GGG", model, cluster, setup, c, d) for c, d in collectives_candidates("auto")]
+        assert (chosen.comm, chosen.ho_ring_chunks) == want
+        assert chosen.step_seconds == min(e.step_seconds for e in every)
+        assert chosen.collectives_label == ("default" if want[0] == "default" else f"ho_ring/{want[1]}")
+    # A strategy with no global collective costs the same either way: the tie goes to two-phase.
+    assert best_collectives("IIG", model, balanced, setup).comm == "default"
+    ranking = plan(model, balanced, setup, "auto")
+    assert {e.strategy.code: e.collectives_label for e in ranking}["GGG"] == "ho_ring/16"
+    assert "comm = auto: each strategy priced with the two-phase collectives (default) and HO-Ring at depth C in " \
+           "{2, 4, 8, 16}" in "\n".join(describe_assumptions(model, balanced, setup, "auto"))
+
+
+def test_cli_comm_auto(capsys) -> None:
+    assert main([*CLI, "--comm", "auto"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    assert "global collectives" in header and "comm = auto: each strategy priced" in out
+    rows = [line.split() for line in out.splitlines() if line and not line.startswith(("#", "rank", "best"))]
+    assert len(rows) == 14 and all(r[12] == "default" or r[12].startswith("ho_ring/") for r in rows)
+    with pytest.raises(SystemExit):
+        main([*CLI, "--comm", "auto", "--ho-ring-chunks", "4"])
+    assert "--ho-ring-chunks=4 is invalid with --comm='auto'" in capsys.readouterr().err
 
 
 def test_cli_missing_cluster_flag_and_nothing_fits(capsys) -> None:

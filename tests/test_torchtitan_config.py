@@ -29,15 +29,24 @@ def _config(*overrides: str) -> Any:
     return ConfigManager().parse_args(["--job.config_file", str(CONFIG), *overrides])
 
 
-def test_debug_config_parses_to_iig_with_ho_ring() -> None:
+def test_debug_config_parses_to_iig_with_the_planners_collectives() -> None:
     settings = paro_settings(_config(), world_size=4)
     assert settings is not None
-    assert (settings.strategy.code, settings.comm, settings.groups, settings.group_size) == ("IIG", "ho_ring", 2, 2)
+    assert (settings.strategy.code, settings.comm, settings.groups, settings.group_size) == ("IIG", "auto", 2, 2)
+    assert settings.plans_collectives and settings.describe() == (
+        "PaRO IIG (collectives chosen by the planner: default or ho_ring at depth 2/4/8/16) on 2 group(s) x 2 rank(s)")
+    chosen = settings.with_choice(settings.strategy, None, "ho_ring", 4)
+    assert not chosen.plans_collectives and chosen.describe() == (
+        "PaRO IIG (ho_ring, at most 4 chunks (chosen by the planner)) on 2 group(s) x 2 rank(s)")
+    one_link = paro_settings(_config("--parallelism.data_parallel_replicate_degree", "1",
+                                     "--parallelism.data_parallel_shard_degree", "4"), 4)
+    assert (one_link.comm, one_link.plans_collectives) == ("default", False)  # one link: nothing to overlap
 
 
 def test_ho_ring_chunks_reach_the_settings() -> None:
-    assert paro_settings(_config(), 4).ho_ring_chunks is None  # 0: HO-Ring's default
-    settings = paro_settings(_config("--parallelism.paro_ho_ring_chunks", "4"), 4)
+    ho_ring = paro_settings(_config("--parallelism.paro_comm", "ho_ring"), 4)
+    assert ho_ring.ho_ring_chunks is None and not ho_ring.plans_collectives  # 0: HO-Ring's default
+    settings = paro_settings(_config("--parallelism.paro_comm", "ho_ring", "--parallelism.paro_ho_ring_chunks", "4"), 4)
     assert settings.ho_ring_chunks == 4
     assert "PaRO IIG (ho_ring, at most 4 chunks) on 2 group(s) x 2 rank(s)" == settings.describe()
 
@@ -47,8 +56,8 @@ def test_quantization_fields_reach_the_settings() -> None:
     settings = paro_settings(_config("--parallelism.paro_quant_params", "int8", "--parallelism.paro_quant_grads",
                                      "int4", "--parallelism.paro_quant_block_size", "128"), 4)
     assert (settings.quant.params, settings.quant.grads, settings.quant.block_size) == ("int8", "int4", 128)
-    assert settings.describe() == ("PaRO IIG (ho_ring; across groups params int8 and grads int4 in blocks of 128) "
-                                   "on 2 group(s) x 2 rank(s)")
+    assert settings.describe() == ("PaRO IIG (collectives chosen by the planner: default or ho_ring at depth 2/4/8/16; "
+                                   "across groups params int8 and grads int4 in blocks of 128) on 2 group(s) x 2 rank(s)")
     grads_only = paro_settings(_config("--parallelism.paro_quant_grads", "int8"), 4).quant
     assert (grads_only.params, grads_only.grads, grads_only.block_size) == (None, "int8", 256)
     feedback = paro_settings(_config("--parallelism.paro_quant_grads", "int4", "--parallelism.paro_quant_error_feedback"), 4)
@@ -70,13 +79,18 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
     [
         (("--parallelism.paro_strategy", "GIN"), 4, r"paro_strategy='GIN' is invalid.*not effective"),
         (("--parallelism.paro_strategy", "XYZ"), 4, r"paro_strategy='XYZ' is invalid.*Valid codes"),
-        (("--parallelism.paro_comm", "ring"), 4, r"paro_comm='ring' is invalid; valid values: default, ho_ring"),
+        (("--parallelism.paro_comm", "ring"), 4,
+         r"paro_comm='ring' is invalid; valid values: default, ho_ring, auto"),
         (("--parallelism.paro_ho_ring_chunks", "-1"), 4,
-         r"paro_ho_ring_chunks=-1 is invalid: HO-Ring's pipeline depth is a positive int, or 0 for its default \(16\)"),
+         r"paro_ho_ring_chunks=-1 is invalid: HO-Ring's pipeline depth is a positive int, or 0 for its default "
+         r"\(16; with paro_comm = 'auto', the planner's choice\)"),
         (("--parallelism.paro_comm", "default", "--parallelism.paro_ho_ring_chunks", "4"), 4,
          r"paro_ho_ring_chunks=4 is HO-Ring's pipeline depth, valid only with parallelism.paro_comm='ho_ring', "
          r"but parallelism.paro_comm='default': set "
          r"parallelism.paro_comm='ho_ring', or leave parallelism.paro_ho_ring_chunks unset \(0\)"),
+        (("--parallelism.paro_comm", "auto", "--parallelism.paro_ho_ring_chunks", "4"), 4,
+         r"paro_ho_ring_chunks=4 is invalid with parallelism.paro_comm='auto' \(the planner chooses the depth\): leave "
+         r"parallelism.paro_ho_ring_chunks unset, or set parallelism.paro_comm='ho_ring' to fix it"),
         (("--parallelism.paro_quant_params", "int4"), 4,
          r"parallelism.paro_quant_params='int4' is invalid; valid values: int8, or None \(exact\) \(empty\)"),
         (("--parallelism.paro_quant_grads", "fp8"), 4,
@@ -116,10 +130,10 @@ def test_auto_strategy_is_accepted_with_its_fields(tmp_path: Path) -> None:
         _config("--parallelism.paro_strategy", "auto", "--parallelism.paro_calibration", cal,
                 "--parallelism.paro_device_memory_gib", "12.5"), 4)
     assert settings is not None and settings.auto and settings.strategy is None
-    assert (settings.calibration, settings.device_memory_gib, settings.comm) == (cal, 12.5, "ho_ring")
-    assert "PaRO auto (ho_ring)" in settings.describe()
-    chosen = settings.with_strategy(ParoStrategy.parse("NIG"))
-    assert "PaRO NIG (chosen by paro_strategy='auto') (ho_ring)" in chosen.describe()
+    assert (settings.calibration, settings.device_memory_gib, settings.comm) == (cal, 12.5, "auto")
+    assert "PaRO auto (collectives chosen by the planner" in settings.describe()
+    chosen = settings.with_choice(ParoStrategy.parse("NIG"), None, "default", None)
+    assert "PaRO NIG (chosen by paro_strategy='auto') (default (chosen by the planner))" in chosen.describe()
     defaults = paro_settings(_config("--parallelism.paro_strategy", "AUTO"), 4)
     assert (defaults.calibration, defaults.device_memory_gib) == ("", 0.0)
 
@@ -201,10 +215,10 @@ def test_auto_quantization_is_chosen_only_where_it_pays() -> None:
     # A slow inter link and fast quantization: a quantized variant is fastest, and the trainer runs it.
     fast, lines = plan(model, settings, job, 2, _calibration(2, 2, 1e7, quant_rate=1e10), device_memory=2**34)
     assert fast.quant == settings.quant and len([line for line in lines if not line.startswith("#")]) == 29
-    assert settings.with_strategy(fast.strategy, fast.quant).quant == settings.quant
+    assert settings.with_choice(fast.strategy, fast.quant, fast.comm, fast.ho_ring_chunks).quant == settings.quant
     # Quantizing slower than the link it saves: exact wins, and the trainer runs exact traffic.
     slow, _ = plan(model, settings, job, 2, _calibration(2, 2, 1e10, quant_rate=1e3), device_memory=2**34)
-    assert slow.quant is None and settings.with_strategy(slow.strategy, slow.quant).quant is None
+    assert slow.quant is None and settings.with_choice(slow.strategy, slow.quant, slow.comm, slow.ho_ring_chunks).quant is None
     with pytest.raises(ParoConfigError, match=r"parallelism.paro_quant_grads='auto' lets parallelism.paro_strategy="
                                               r"'auto' choose whether to quantize, but the strategy is set"):
         paro_settings(_config("--parallelism.paro_quant_grads", "auto"), 4)

@@ -124,15 +124,20 @@ def _auto(dump: Path) -> dict[str, Any]:
     messages, sizes = _Messages(), paro_fsdp.probe.ADAPTIVE_SIZES
     logging.getLogger().addHandler(messages)
     paro_fsdp.probe.ADAPTIVE_SIZES = sizes[:3]
+    calibration = dump / "paro_calibration.json"
     try:
-        losses = run(args(dump, 2, (2, 2), "auto"))["losses"]
+        losses = run(args(dump, 2, (2, 2), "auto", "--parallelism.paro_comm", "auto"))["losses"]
+        written: list[Any] = [calibration.is_file()]
+        dist.broadcast_object_list(written, src=0)
+        # A set strategy with paro_comm = "auto": only its collectives are chosen, here from the
+        # calibration the run above wrote (no probe).
+        run(args(dump.with_name(dump.name + "_nig"), 1, (2, 2), "NIG", "--parallelism.paro_comm", "auto",
+                 "--parallelism.paro_calibration", str(calibration)))
     finally:
         paro_fsdp.probe.ADAPTIVE_SIZES = sizes
         logging.getLogger().removeHandler(messages)
     logs: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(logs, [m for m in messages.messages if "PaRO" in m])
-    written: list[Any] = [(dump / "paro_calibration.json").is_file()]
-    dist.broadcast_object_list(written, src=0)
     return {"losses": losses, "logs": logs, "calibration_written": written[0]}
 
 
@@ -262,10 +267,21 @@ def test_auto_strategy_plans_logs_the_ranking_and_trains_the_choice(four: dict[s
     assert any(line.startswith("# model: Psi = ") for line in table[:header])
     rows = [line.split() for line in table[header + 1:]]
     assert len(rows) == 14 and rows[0][:2] == ["1", code], table
+    comm = chosen[0].split(" with ")[1].split(" collectives")[0]  # "default" or "ho_ring at depth C"
+    assert comm == "default" or comm.startswith("ho_ring at depth "), chosen
+    assert rows[0][12] == ("default" if comm == "default" else f"ho_ring/{comm.split()[-1]}"), rows[0]
+    applied = comm if comm == "default" else f"ho_ring, at most {comm.split()[-1]} chunks"
     for rank_logs in auto["logs"]:  # every rank wraps the model with rank 0's choice
-        assert f"Applied PaRO {code} (chosen by paro_strategy='auto') (ho_ring) on 2 group(s) x 2 rank(s) to the model" \
-            in rank_logs, rank_logs
+        assert (f"Applied PaRO {code} (chosen by paro_strategy='auto') ({applied} (chosen by the planner)) on "
+                "2 group(s) x 2 rank(s) to the model") in rank_logs, rank_logs
     assert auto["calibration_written"]
+    # NIG with paro_comm = "auto": its five candidate collectives ranked, the fastest applied.
+    nig = next(m for m in rank0 if m.startswith("PaRO auto: NIG's collectives ranked")).splitlines()
+    candidates = [line.split() for line in nig[next(i for i, line in enumerate(nig) if line.startswith("rank")) + 1:]]
+    assert sorted(row[12] for row in candidates) == ["default", "ho_ring/16", "ho_ring/2", "ho_ring/4", "ho_ring/8"]
+    nig_chosen = next(m for m in rank0 if m.startswith("PaRO auto: chose NIG with "))
+    assert "(chosen by the planner)) on 2 group(s) x 2 rank(s)" in next(
+        m for m in auto["logs"][0] if m.startswith("Applied PaRO NIG")), nig_chosen
     # Whatever it chose, it starts from stock HSDP's weights (torchtitan_patch.init) on the same
     # data, so step 1 agrees; then it must train.
     losses = curve(auto["losses"])

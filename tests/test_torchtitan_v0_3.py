@@ -107,7 +107,8 @@ def test_paro_config_turns_any_trainer_config_into_one_paro_can_run() -> None:
     ("overrides", "expected"),
     [
         (("--parallelism.paro_strategy", "GIN"), r"parallelism.paro_strategy='GIN' is invalid"),
-        (("--parallelism.paro_comm", "ring"), r"parallelism.paro_comm='ring' is invalid; valid values: default, ho_ring"),
+        (("--parallelism.paro_comm", "ring"),
+         r"parallelism.paro_comm='ring' is invalid; valid values: default, ho_ring, auto"),
         (("--parallelism.data_parallel_replicate_degree", "3"),
          r"data_parallel_replicate_degree \(3\) x data_parallel_shard_degree \(2\).* = 6, but 4 ranks"),
         (("--parallelism.context_parallel_degree", "2"), r"context_parallel_degree"),
@@ -198,7 +199,7 @@ def _launch(dump: Path, *overrides: str) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone",
            "--local-ranks-filter", "0", "--tee", "3", "-m", "torchtitan_patch.train", *MODULE,
            "--config", "llama3_debug_paro", "--dump_folder", str(dump), "--training.seq_len", "64",
-           "--parallelism.paro_strategy", "NIG", "--parallelism.paro_ho_ring_chunks", "2",
+           "--parallelism.paro_strategy", "NIG", "--parallelism.paro_comm", "ho_ring", "--parallelism.paro_ho_ring_chunks", "2",
            "--checkpoint.enable", "--checkpoint.interval", "2", "--metrics.disable-color-printing", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

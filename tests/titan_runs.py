@@ -57,6 +57,9 @@ def args(dump: Path, steps: int, dp: tuple[int, int], strategy: str | None, *ext
         "--parallelism.data_parallel_replicate_degree", str(g),
         "--parallelism.data_parallel_shard_degree", str(m),
         "--parallelism.paro_strategy", strategy or "None",
+        # The config's paro_comm = "auto" probes and plans at start-up; runs compared with each
+        # other pin the collectives, so that both run the same sums.
+        *(["--parallelism.paro_comm", "ho_ring"] if strategy and "--parallelism.paro_comm" not in extra else []),
         *extra,
         *tail,
     ]

@@ -1,4 +1,5 @@
-"""``paro_strategy = "auto"``: rank the strategies for the model being trained and train the best that fits.
+"""``paro_strategy = "auto"``: rank the strategies for the model being trained and train the best that fits;
+``paro_comm = "auto"``: choose the global collectives and HO-Ring's depth.
 
 The parallelize hook calls :func:`auto_strategy` after torchtitan's TP / AC / compile and
 before PaRO wraps the model (once per trainer: pipeline stages after the first reuse the
@@ -28,6 +29,7 @@ from torchtitan.tools.logging import logger
 
 from paro_fsdp.comm.device import broadcast_object
 from paro_fsdp.comm.quant import InterQuant
+from paro_fsdp.comm.registry import DEFAULT
 from paro_fsdp.planner import (
     Calibration,
     ModelSizes,
@@ -35,7 +37,9 @@ from paro_fsdp.planner import (
     TrainingSetup,
     choose_strategy,
     cluster_from_calibration,
+    collectives_candidates,
     describe_assumptions,
+    estimate,
     format_table,
     read_calibration,
     sizes_from_model,
@@ -54,18 +58,24 @@ _GIB = 2**30
 # that proves the id is still that object.
 @dataclass(frozen=True)
 class AutoChoice:
-    """What ``paro_strategy = "auto"`` chose: the strategy and, where ``paro_quant_*`` = "auto"
-    allowed it, the quantization of its inter-group traffic (``None``: exact)."""
+    """What the planner chose: the strategy (``paro_strategy = "auto"``, else the job's), the
+    global collectives and HO-Ring's depth (``paro_comm = "auto"``, else the job's)
+    and, where ``paro_quant_*`` = "auto" allowed it, the quantization of the inter-group traffic
+    (``None``: exact)."""
 
     strategy: ParoStrategy
     quant: InterQuant | None = None
+    comm: str = DEFAULT
+    ho_ring_chunks: int | None = None
 
     @property
     def code(self) -> str:
         return self.strategy.code
 
     def __str__(self) -> str:
-        return str(self.strategy) + ("" if self.quant is None else f" with {self.quant.label} quantized traffic")
+        comm = self.comm if self.ho_ring_chunks is None else f"{self.comm} at depth {self.ho_ring_chunks}"
+        return (f"{self.strategy} with {comm} collectives"
+                + ("" if self.quant is None else f" and {self.quant.label} quantized traffic"))
 
 
 _AUTO_CHOICES: "dict[int, tuple[weakref.ref[ParallelDims], AutoChoice]]" = {}
@@ -118,10 +128,13 @@ def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> t
 
 def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_per_step: int,
          calibration: Calibration, device_memory: float) -> tuple[AutoChoice, list[str]]:
-    """The fastest strategy that fits, and the lines to log: assumptions (``#``), then the ranking.
+    """The planner's choice, and the lines to log: assumptions (``#``), then the ranking.
 
-    Every strategy is priced with the quantization the job sets; with ``paro_quant_*`` = "auto",
-    also exact, and the choice says which of the two is faster.
+    With ``paro_strategy = "auto"``, the fastest strategy that fits; every strategy is priced
+    with the quantization the job sets (with ``paro_quant_*`` = "auto", also exact, and the
+    choice says which of the two is faster) and, where the collectives are the planner's to
+    choose, with the fastest of them. With a strategy set, only its collectives are chosen,
+    and the ranking lists it under each candidate.
     """
     if (calibration.nodes, calibration.ranks_per_node) != (settings.groups, settings.group_size):
         raise ParoConfigError(
@@ -135,15 +148,22 @@ def plan(model: nn.Module, settings: ParoSettings, job_config: Any, backwards_pe
     cluster = cluster_from_calibration(calibration, device_memory)
     if settings.quant is not None and cluster.quant_rate is None:  # a file from before paro probe measured it
         cluster = replace(cluster, quant_rate=quant_rate(torch.device(calibration.device_type or "cpu")))
-    try:
-        _, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
-                                     settings.quant, exact=settings.quant is None or settings.quant_auto)
-    except ValueError as e:
-        raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
+    if settings.strategy is None:
+        try:
+            _, ranking = choose_strategy(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
+                                         settings.quant, exact=settings.quant is None or settings.quant_auto)
+        except ValueError as e:
+            raise ParoConfigError(f"parallelism.paro_strategy='auto': {e}") from None
+    else:
+        ranking = sorted((estimate(settings.strategy, sizes, cluster, setup, comm, chunks, settings.quant)
+                          for comm, chunks in collectives_candidates(settings.comm, settings.ho_ring_chunks)),
+                         key=lambda e: e.step_seconds)
     assumptions = describe_assumptions(sizes, cluster, setup, settings.comm, settings.ho_ring_chunks,
                                        settings.quant)
     lines = [f"# {line}" for line in assumptions]
-    return AutoChoice(ranking[0].strategy, ranking[0].quant), [*lines, *format_table(ranking).splitlines()]
+    best = ranking[0]
+    choice = AutoChoice(best.strategy, best.quant, best.comm, best.ho_ring_chunks)
+    return choice, [*lines, *format_table(ranking).splitlines()]
 
 
 def _calibration_on_rank0(settings: ParoSettings, probed: Calibration | None, job_config: Any) -> Calibration:
@@ -169,7 +189,7 @@ def _probe(mesh: DeviceMesh) -> Calibration:
         return run_probe(mesh)
     except ValueError as e:
         raise ParoConfigError(
-            f"parallelism.paro_strategy='auto': the start-up probe of the links failed ({e}); run "
+            f"PaRO auto (paro_strategy or paro_comm = 'auto'): the start-up probe of the links failed ({e}); run "
             f"`torchrun ... -m paro_fsdp probe --sizes ...` on this layout and set parallelism.paro_calibration "
             f"to the file it writes"
         ) from None
@@ -190,16 +210,18 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
             calibration = _calibration_on_rank0(settings, probed, job_config)
             device_memory = device_memory_bytes(settings, mesh.device_type)
             choice, lines = plan(model, settings, job_config, backwards_per_step, calibration, device_memory)
-            logger.info("PaRO auto: strategies ranked for this model\n" + "\n".join(lines))
-            logger.info(f"PaRO auto: chose {choice}, the fastest estimate that fits in memory")
-            decision[0] = ("chosen", (choice.code, choice.quant is not None))
+            what = "strategies" if settings.strategy is None else f"{settings.strategy.code}'s collectives"
+            logger.info(f"PaRO auto: {what} ranked for this model\n" + "\n".join(lines))
+            logger.info(f"PaRO auto: chose {choice}, the fastest estimate"
+                        + (" that fits in memory" if settings.strategy is None else ""))
+            decision[0] = ("chosen", (choice.code, choice.quant is not None, choice.comm, choice.ho_ring_chunks))
         except (ParoConfigError, OSError, ValueError) as e:  # ValueError: the planner's input checks
             decision[0] = ("error", str(e))
     outcome, value = broadcast_object(decision[0], src=0)  # on the default group's device (NCCL: this GPU)
     if outcome == "error":
         raise ParoConfigError(value)
-    code, quantized = value
-    return AutoChoice(ParoStrategy.parse(code), settings.quant if quantized else None)
+    code, quantized, comm, chunks = value
+    return AutoChoice(ParoStrategy.parse(code), settings.quant if quantized else None, comm, chunks)
 
 
 def auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, parallel_dims: ParallelDims,

@@ -26,14 +26,17 @@ class Parallelism:
     paro_comm: str = DEFAULT
     """
     Global collectives for P=G / G=G / O=G traffic: "default" (intra and inter phases one after
-    the other) or "ho_ring" (hierarchical overlapping rings: the phases overlap in chunks).
+    the other), "ho_ring" (hierarchical overlapping rings: the phases overlap in chunks), or
+    "auto": the planner prices both, HO-Ring at depths 2, 4, 8 and 16, on the links probed at
+    start-up (or paro_calibration) and runs the fastest (the shipped configs set it).
     """
 
     paro_ho_ring_chunks: int = 0
     """
     With paro_comm = "ho_ring": its pipeline depth, at most this many chunks (of at least 1 MiB)
     per global collective. More chunks hide more of the intra-node phase behind the inter-node
-    one, and each chunk pays its own collectives' latency. 0: HO-Ring's default (16).
+    one, and each chunk pays its own collectives' latency. 0: HO-Ring's default (16); with
+    paro_comm = "auto", the planner's choice.
     """
 
     paro_quant_params: str = ""
@@ -66,7 +69,7 @@ class Parallelism:
 
     paro_calibration: str = ""
     """
-    With paro_strategy = "auto": a link calibration written by `paro probe` (JSON) for this
+    With paro_strategy or paro_comm = "auto": a link calibration written by `paro probe` (JSON) for this
     job's groups x ranks per group. Empty: every rank probes the links at start-up, and rank 0
     writes the result to <dump_folder>/paro_calibration.json for the next run to reuse.
     """

@@ -103,7 +103,7 @@ def parallelize_with_paro(model: nn.Module, settings: ParoSettings, parallel_dim
     ``blocks`` are the part's units (:func:`blocks_of`), the root takes the rest.
     """
     mesh = paro_mesh(parallel_dims)
-    if settings.auto:
+    if settings.auto or settings.plans_collectives:
         choice = auto_strategy(model, settings, mesh, parallel_dims, job_config)
-        settings = settings.with_strategy(choice.strategy, choice.quant)
+        settings = settings.with_choice(choice.strategy, choice.quant, choice.comm, choice.ho_ring_chunks)
     return apply_paro(model, settings, mesh, parallel_dims, job_config, blocks)

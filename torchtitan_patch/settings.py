@@ -7,8 +7,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from paro_fsdp.comm import quant as q
-from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS
-from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, check_ho_ring_chunks
+from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, HO_RING_DEPTHS
+from paro_fsdp.comm.names import AUTO, PLANNER_COMM_NAMES
+from paro_fsdp.comm.registry import DEFAULT, HO_RING
+from paro_fsdp.planner import collectives_candidates
 from paro_fsdp.strategy import ParoStrategy
 
 SUPPORTED_MODELS = ("llama3", "qwen3")
@@ -23,8 +25,9 @@ class ParoSettings:
     """The validated PaRO settings of a job: strategy and collectives on a g x m data-parallel mesh.
 
     With ``paro_strategy = "auto"``, ``auto`` is true and ``strategy`` is ``None`` until the
-    planner has chosen one (:func:`torchtitan_patch.auto.choose_auto_strategy`); then
-    :meth:`with_strategy` gives the settings the model is wrapped with.
+    planner has chosen one (:func:`torchtitan_patch.auto.choose_auto_strategy`); with
+    ``paro_comm = "auto"`` :attr:`plans_collectives` is true until it has chosen the collectives
+    and HO-Ring's depth. :meth:`with_choice` gives the settings the model is wrapped with.
     """
 
     strategy: ParoStrategy | None
@@ -34,20 +37,36 @@ class ParoSettings:
     auto: bool = False
     calibration: str = ""  # "auto": a `paro probe` file; empty: probe at start-up
     device_memory_gib: float = 0.0  # "auto": memory per rank; 0: ask the device
-    ho_ring_chunks: int | None = None  # HO-Ring's pipeline depth; None: its default
+    ho_ring_chunks: int | None = None  # HO-Ring's pipeline depth; None: its default (or the planner's, with auto)
     quant: q.InterQuant | None = None  # what crosses groups quantized; None: all exact
     quant_auto: bool = False  # paro_quant_* = "auto": ``auto`` chooses between exact and ``quant``
+    comm_chosen: bool = False  # ``comm`` / ``ho_ring_chunks`` are the planner's choice
 
-    def with_strategy(self, strategy: ParoStrategy, quant: q.InterQuant | None = None) -> ParoSettings:
-        """The settings ``auto``'s choice runs: ``strategy``, and with ``quant_auto`` its quantization."""
-        return replace(self, strategy=strategy, quant=quant if self.quant_auto else self.quant)
+    @property
+    def plans_collectives(self) -> bool:
+        """Whether the planner still has to choose the collectives and HO-Ring's depth."""
+        return self.comm == AUTO
+
+    def with_choice(self, strategy: ParoStrategy, quant: q.InterQuant | None, comm: str,
+                    ho_ring_chunks: int | None) -> ParoSettings:
+        """The settings the planner's choice runs: ``strategy``, the collectives where
+        :attr:`plans_collectives`, and with ``quant_auto`` the quantization."""
+        chosen = self.plans_collectives
+        return replace(self, strategy=strategy, quant=quant if self.quant_auto else self.quant,
+                       comm=comm if chosen else self.comm, ho_ring_chunks=ho_ring_chunks if chosen else self.ho_ring_chunks,
+                       comm_chosen=chosen)
 
     def describe(self) -> str:
         if self.strategy is None:
             name = "auto"
         else:
             name = f"{self.strategy}" + (" (chosen by paro_strategy='auto')" if self.auto else "")
-        comm = self.comm if self.ho_ring_chunks is None else f"{self.comm}, at most {self.ho_ring_chunks} chunks"
+        if self.plans_collectives:
+            comm = (f"collectives chosen by the planner: {DEFAULT} or {HO_RING} at depth "
+                    f"{'/'.join(map(str, HO_RING_DEPTHS))}")
+        else:
+            comm = self.comm if self.ho_ring_chunks is None else f"{self.comm}, at most {self.ho_ring_chunks} chunks"
+            comm += " (chosen by the planner)" if self.comm_chosen else ""
         if self.quant is not None:
             formats = [f"{what} {fmt}" for what, fmt in (("params", self.quant.params), ("grads", self.quant.grads)) if fmt]
             comm += f"; across groups {' and '.join(formats)} in blocks of {self.quant.block_size}"
@@ -180,18 +199,29 @@ def _check_calibration(path: str, groups: int, group_size: int) -> None:
         )
 
 
-def _ho_ring_chunks(par: Any, comm: str) -> int | None:
-    """``parallelism.paro_ho_ring_chunks`` checked against ``comm``; ``None`` for 0 (HO-Ring's default)."""
+def _comm(par: Any, g: int, m: int) -> tuple[str, int | None]:
+    """``parallelism.paro_comm`` and ``paro_ho_ring_chunks`` checked together: the collectives and
+    HO-Ring's depth (``None`` for 0: HO-Ring's default, or the planner's choice with ``auto``).
+
+    Where one link is all there is (one group, or one rank per group), HO-Ring has nothing to
+    overlap: ``auto`` is the two-phase collectives, with no planning.
+    """
+    comm = getattr(par, "paro_comm", DEFAULT)
     chunks = getattr(par, "paro_ho_ring_chunks", 0)
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0:
         raise ParoConfigError(
             f"parallelism.paro_ho_ring_chunks={chunks!r} is invalid: HO-Ring's pipeline depth is a positive int, "
-            f"or 0 for its default ({DEFAULT_CHUNKS})"
+            f"or 0 for its default ({DEFAULT_CHUNKS}; with paro_comm = 'auto', the planner's choice)"
         )
+    if not isinstance(comm, str):
+        raise ParoConfigError(f"parallelism.paro_comm={comm!r} is invalid; valid values: {', '.join(PLANNER_COMM_NAMES)}")
     try:
-        return check_ho_ring_chunks(chunks or None, comm, "parallelism.paro_ho_ring_chunks", "parallelism.paro_comm")
+        collectives_candidates(comm, chunks or None, "parallelism.paro_comm", "parallelism.paro_ho_ring_chunks")
     except ValueError as e:
-        raise ParoConfigError(f"{e} (0)") from None
+        raise ParoConfigError(f"{e} (0)" if comm != AUTO else str(e)) from None
+    if comm == AUTO and (g == 1 or m == 1):
+        return DEFAULT, None
+    return comm, chunks or None
 
 
 def _quant(par: Any, auto_strategy: bool) -> tuple[q.InterQuant | None, bool]:
@@ -253,9 +283,6 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
         return None
     strategy = _strategy(value)
     calibration, device_memory_gib = _auto_fields(par)
-    comm = getattr(par, "paro_comm", DEFAULT)
-    _check_choice("parallelism", "paro_comm", comm, COMM_NAMES)
-    ho_ring_chunks = _ho_ring_chunks(par, comm)
     quant, quant_auto = _quant(par, strategy is None)
     model = job_config.model.name
     if model not in SUPPORTED_MODELS:
@@ -264,6 +291,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
             f"{', '.join(SUPPORTED_MODELS)} (dense flavors)"
         )
     g, m, _, pp = _degrees(par, world_size)
+    comm, ho_ring_chunks = _comm(par, g, m)
     schedule = str(par.pipeline_parallel_schedule)
     if pp > 1 and ("ZeroBubble" in schedule or "DualPipe" in schedule):
         raise ParoConfigError(
@@ -291,7 +319,7 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
             "with data_parallel_replicate_degree (1) x data_parallel_shard_degree (1) they all keep a full copy "
             "and send nothing: set a strategy code such as 'NNN'"
         )
-    if strategy is None and calibration:
+    if (strategy is None or comm == AUTO) and calibration:
         _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
                         device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks, quant=quant,

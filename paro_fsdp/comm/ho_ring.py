@@ -39,6 +39,9 @@ ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 # under 1 MiB cost more in per-collective latency than the overlap gains.
 DEFAULT_CHUNKS = 16
 DEFAULT_MIN_CHUNK_BYTES = 1 << 20
+HO_RING_DEPTHS = (2, 4, 8, 16)
+"""The depths the planner chooses among with ``comm="auto"``: the measured range
+(``docs/ho-ring-depth.md``: 4 best from 1 gbit up, 16 best at 250 mbit)."""
 
 
 def supports_reduction(op: ReduceOpLike, dtype: torch.dtype) -> bool:

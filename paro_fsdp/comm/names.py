@@ -9,3 +9,10 @@ DEFAULT = "default"
 
 HO_RING = "ho_ring"
 """Hierarchical overlapping rings: the two phases pipelined chunk by chunk."""
+
+AUTO = "auto"
+"""Not collectives but a request to the planner: choose, per job, between :data:`DEFAULT` and
+:data:`HO_RING` and HO-Ring's depth (``paro_fsdp.planner.choose_collectives``)."""
+
+PLANNER_COMM_NAMES: tuple[str, ...] = (DEFAULT, HO_RING, AUTO)
+"""What the planner's ``comm`` (``paro plan --comm``, ``parallelism.paro_comm``) takes."""

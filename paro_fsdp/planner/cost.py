@@ -62,6 +62,13 @@ class StrategyEstimate:
     compute_seconds: float
     fits: bool
     quant: InterQuant | None = None  # what crosses groups quantized; None: exact
+    comm: str = DEFAULT  # the global collectives priced
+    ho_ring_chunks: int | None = None  # with comm="ho_ring": its pipeline depth (None: its default)
+
+    @property
+    def collectives_label(self) -> str:
+        """``default`` or ``ho_ring/C`` (HO-Ring at pipeline depth C)."""
+        return self.comm if self.comm != HO_RING else f"{HO_RING}/{self.ho_ring_chunks or DEFAULT_CHUNKS}"
 
     @property
     def label(self) -> str:
@@ -166,4 +173,6 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         compute_seconds=setup.compute_seconds,
         fits=total <= cluster.device_memory,
         quant=quant,
+        comm=comm,
+        ho_ring_chunks=depth if comm == HO_RING else None,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from paro_fsdp.comm.ho_ring import HO_RING_DEPTHS
+from paro_fsdp.comm.names import AUTO, PLANNER_COMM_NAMES
 from paro_fsdp.comm.quant import InterQuant
-from paro_fsdp.comm.registry import DEFAULT
+from paro_fsdp.comm.registry import COMM_NAMES, DEFAULT, HO_RING, check_ho_ring_chunks
 from paro_fsdp.planner.cost import StrategyEstimate, estimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.units import BINARY, fmt
@@ -11,6 +13,39 @@ from paro_fsdp.strategy import ParoStrategy
 
 
 TIME_TOLERANCE = 1e-6  # relative: equal up to float rounding
+
+
+def collectives_candidates(comm: str, ho_ring_chunks: int | None = None, field: str = "comm",
+                           chunks_field: str = "ho_ring_chunks") -> list[tuple[str, int | None]]:
+    """The (collectives, depth) pairs to price for ``comm`` and ``ho_ring_chunks``.
+
+    ``comm="auto"``: the two-phase collectives and HO-Ring at each of :data:`HO_RING_DEPTHS`
+    (``ho_ring_chunks`` must be unset); otherwise just the pair given. ``field`` and
+    ``chunks_field``: how the caller's user spells the two.
+
+    Raises:
+        ValueError: an unknown ``comm``, a depth that is not a positive int, or a depth set with
+            collectives other than HO-Ring.
+    """
+    if comm == AUTO:
+        if ho_ring_chunks is not None:
+            raise ValueError(f"{chunks_field}={ho_ring_chunks} is invalid with {field}='{AUTO}' (the planner chooses "
+                             f"the depth): leave {chunks_field} unset, or set {field}='{HO_RING}' to fix it")
+        return [(DEFAULT, None), *((HO_RING, d) for d in HO_RING_DEPTHS)]
+    if comm not in COMM_NAMES:
+        raise ValueError(f"{field}={comm!r} is invalid; valid values: {', '.join(PLANNER_COMM_NAMES)}")
+    return [(comm, check_ho_ring_chunks(ho_ring_chunks, comm, field=chunks_field, comm_field=field))]
+
+
+def best_collectives(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
+                     setup: TrainingSetup = TrainingSetup(), comm: str = AUTO, ho_ring_chunks: int | None = None,
+                     quant: InterQuant | None = None) -> StrategyEstimate:
+    """``strategy``'s estimate with the fastest of the collectives ``comm`` allows
+    (:func:`collectives_candidates`); on a tie the first (two-phase, then shallower HO-Ring)."""
+    estimates = [estimate(strategy, model, cluster, setup, c, d, quant)
+                 for c, d in collectives_candidates(comm, ho_ring_chunks)]
+    fastest = min(e.step_seconds for e in estimates)
+    return next(e for e in estimates if e.step_seconds <= fastest * (1 + TIME_TOLERANCE))
 
 
 def _order(estimates: list[StrategyEstimate]) -> list[StrategyEstimate]:
@@ -33,10 +68,12 @@ def plan(model: ModelSizes, cluster: Cluster, setup: TrainingSetup = TrainingSet
     """Estimates for all 14 strategies: those that fit by step time, then those that do not.
 
     With ``quant``, each strategy is also estimated with that quantized inter-group traffic
-    (beside its exact variant, or instead of it where ``exact`` is false).
+    (beside its exact variant, or instead of it where ``exact`` is false). With ``comm="auto"``
+    each row is priced with its fastest collectives
+    (:func:`best_collectives`; ``StrategyEstimate.comm`` / ``.ho_ring_chunks`` say which).
     """
     variants = ([None] if exact or quant is None else []) + ([quant] if quant is not None else [])
-    return _order([estimate(s, model, cluster, setup, comm, ho_ring_chunks, q)
+    return _order([best_collectives(s, model, cluster, setup, comm, ho_ring_chunks, q)
                    for s in ParoStrategy.all_valid() for q in variants])
 
 

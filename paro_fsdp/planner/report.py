@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, DEFAULT_MIN_CHUNK_BYTES
 from paro_fsdp.comm.quant import InterQuant
-from paro_fsdp.comm.registry import HO_RING
+from paro_fsdp.comm.names import AUTO
+from paro_fsdp.comm.registry import DEFAULT, HO_RING
 from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
-from paro_fsdp.planner.rank import pareto_front
+from paro_fsdp.planner.rank import collectives_candidates, pareto_front
 from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
 
 def _dtypes(model: ModelSizes) -> str:
@@ -19,6 +20,24 @@ def _dtypes(model: ModelSizes) -> str:
     if compute < master:
         line += (f"; where P is coarser than O the copy at P is {compute}-byte and the {master}-byte master "
                  f"lives at O with the moments (K = {model.optim_bytes + master})")
+    return line
+
+
+def _comm_line(comm: str, ho_ring_chunks: int | None) -> str:
+    candidates = collectives_candidates(comm, ho_ring_chunks)
+    depths = [d for c, d in candidates if c == HO_RING]
+    line = f"comm = {comm}"
+    if comm == AUTO:
+        line += (f": each strategy priced with the two-phase collectives ({DEFAULT}) and HO-Ring at depth C in "
+                 f"{{{', '.join(map(str, depths))}}}, its row with the fastest (the 'global collectives' column)")
+    line += ": a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
+    if depths:
+        bound = str(depths[0] or DEFAULT_CHUNKS) if len(depths) == 1 else "the depth"
+        line += (", except, with HO-Ring, one global collective (P=G gathers; with P=N or G, G=G reductions and "
+                 "N->G gradient syncs; N->N gradient syncs; G->N parameter syncs), pipelined in C chunks of >= "
+                 f"{DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB (C <= {bound}), "
+                 "costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap), every chunk paying each "
+                 "link's latency")
     return line
 
 
@@ -39,12 +58,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"training: A = {setup.accum} micro-steps per optimizer step; activations "
         f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
-        f"comm = {comm}: a phase costs intra_bytes/intra_bw + inter_bytes/inter_bw"
-        + (", except one global collective (P=G gathers; with P=N or G, G=G reductions and N->G gradient "
-           "syncs; N->N gradient syncs; G->N parameter syncs), pipelined in C chunks of >= "
-           f"{DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB (C <= {ho_ring_chunks or DEFAULT_CHUNKS}), costs "
-           "max(intra, inter) + min(intra, inter) / C (HO-Ring overlap)"
-           if comm == HO_RING else "")
+        _comm_line(comm, ho_ring_chunks)
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
         "rank by memory, less first",
@@ -72,7 +86,7 @@ def format_table(ranking: list[StrategyEstimate]) -> str:
     sec_scale, sec_unit = unit(max(e.step_seconds for e in ranking), SECONDS)
     front = {e.label for e in pareto_front(ranking)}
     header = (["rank", "strategy", "aliases", "same as"] + [f"{k} {mem_unit}" for k in MEMORY_KINDS]
-              + [f"total {mem_unit}", f"intra {byte_unit}", f"inter {byte_unit}", "collectives",
+              + [f"total {mem_unit}", f"intra {byte_unit}", f"inter {byte_unit}", "global collectives", "collectives",
                  f"comm {sec_unit}", f"step {sec_unit}", "fits", "pareto"])
     rows = []
     fitting = 0
@@ -83,7 +97,7 @@ def format_table(ranking: list[StrategyEstimate]) -> str:
              e.effective.code if e.effective != e.strategy else "-"]
             + [f"{e.memory[k] / mem_scale:.3f}" for k in MEMORY_KINDS]
             + [f"{e.total_memory / mem_scale:.3f}", f"{e.intra_bytes / byte_scale:.3f}",
-               f"{e.inter_bytes / byte_scale:.3f}", str(e.collectives),
+               f"{e.inter_bytes / byte_scale:.3f}", e.collectives_label, str(e.collectives),
                f"{e.comm_seconds / sec_scale:.4g}", f"{e.step_seconds / sec_scale:.4g}",
                "yes" if e.fits else "no", "*" if e.label in front else ""]
         )

@@ -64,12 +64,12 @@ def _paro_job(config: ParoTrainer.Config, dump_folder: str, dataset_path: str | 
     config.checkpoint.last_save_model_only = False
     config.training.max_norm = 1.0
     config.training.disable_cuda_graphs = True  # PaRO's micro-batches differ (check_release_fields)
-    config.parallelism.paro_comm = "ho_ring"
+    config.parallelism.paro_comm = "auto"  # the planner's collectives and depth for the links at hand
     return config
 
 
 def _debug_paro(stock: Trainer.Config, dump_folder: str) -> ParoTrainer.Config:
-    """A debug model, PaRO IIG + HO-Ring on 2 groups x 2 ranks, as ``train_configs/llama3_debug_paro.toml``."""
+    """A debug model, PaRO IIG on 2 groups x 2 ranks, as ``train_configs/llama3_debug_paro.toml``."""
     config = _paro_job(paro_config(stock), dump_folder, None)
     config.hf_assets_path = TOKENIZER
     config.metrics.log_freq = 1
@@ -93,7 +93,7 @@ def _debug_paro(stock: Trainer.Config, dump_folder: str) -> ParoTrainer.Config:
 
 
 def llama3_debug_paro() -> ParoTrainer.Config:
-    """llama3 debug model, PaRO IIG + HO-Ring on 2 groups x 2 ranks (``train_configs/llama3_debug_paro.toml``)."""
+    """llama3 debug model, PaRO IIG on 2 groups x 2 ranks (``train_configs/llama3_debug_paro.toml``)."""
     return _debug_paro(llama3.llama3_debugmodel(), "./outputs/llama3_debug_paro")
 
 
@@ -125,7 +125,7 @@ def _large(stock: Trainer.Config, dump_folder: str, global_batch_size: int, grou
 
 
 def llama3_8b_paro() -> ParoTrainer.Config:
-    """Llama 3 8B, PaRO IIG + HO-Ring, 4 nodes x 8 GPUs (``train_configs/llama3_8b_paro.toml``).
+    """Llama 3 8B, PaRO IIG, 4 nodes x 8 GPUs (``train_configs/llama3_8b_paro.toml``).
 
     bf16 compute: per parameter, a 2-byte copy at P = I and 4-byte gradients at G = I (1/8 of
     the model per GPU each), the fp32 master and AdamW's moments, 12 bytes at O = G (1/32):
@@ -137,7 +137,7 @@ def llama3_8b_paro() -> ParoTrainer.Config:
 
 
 def llama3_70b_paro() -> ParoTrainer.Config:
-    """Llama 3 70B, PaRO IGG + HO-Ring, 16 nodes x 8 GPUs (``train_configs/llama3_70b_paro.toml``).
+    """Llama 3 70B, PaRO IGG, 16 nodes x 8 GPUs (``train_configs/llama3_70b_paro.toml``).
 
     bf16 compute: per parameter, a 2-byte copy at P = I (1/8 of the model per GPU), 4-byte
     gradients and the 12 bytes of fp32 master and AdamW's moments at G (1/128):
