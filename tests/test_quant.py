@@ -114,21 +114,25 @@ def _net(dim: int) -> Net:
     return Net(dim=dim, in_features=dim, out_features=dim)  # rows divide by n: no padding in the bytes
 
 
+def _step(model, opt, s: int, dim: int) -> None:
+    """One optimizer step on step ``s``'s ACCUM micro-batches (each rank its own)."""
+    for a in range(ACCUM):
+        model.set_requires_gradient_sync(a == ACCUM - 1)
+        (loss_fn(model, batch(s, a, dist.get_rank(), dim, dim)) / ACCUM).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def _train(mesh, code: str, quant: InterQuant | None, dim: int = 16, **kwargs) -> tuple[dict, dict]:
     """Train ``Net`` with SGD for a few steps; its full state dict and the last step's bytes."""
-    rank = dist.get_rank()
     torch.manual_seed(0)
     model = _net(dim)
     model = paro_parallelize(model, mesh, code, blocks=model.units(), quant=quant, **kwargs)
     opt = ParoOptimizer(model, torch.optim.SGD, lr=0.1)
     for s in range(STEPS):
         comm_stats(model).reset()
-        for a in range(ACCUM):
-            model.set_requires_gradient_sync(a == ACCUM - 1)
-            (loss_fn(model, batch(s, a, rank, dim, dim)) / ACCUM).backward()
-        opt.step()
-        opt.zero_grad()
-        model.wait_parameters()
+        _step(model, opt, s, dim)
+    model.wait_parameters()
     stats = comm_stats(model).as_dict()  # the step's; the state dict below gathers masters (exactly)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     # numpy arrays travel back by value (tensors would go through shared memory the worker frees)
@@ -307,7 +311,7 @@ def _feedback_resume(path: str) -> dict:
     """Save IIG with int4 + error feedback on 2x2 after 2 steps; resume in fresh models."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
     quant = InterQuant(params="int8", grads="int4", block_size=64, error_feedback=True)
-    rank, full = dist.get_rank(), StateDictOptions(full_state_dict=True)
+    full = StateDictOptions(full_state_dict=True)
 
     def build(code: str):
         torch.manual_seed(0)
@@ -317,11 +321,7 @@ def _feedback_resume(path: str) -> dict:
 
     def steps(model, opt, start: int, count: int) -> None:
         for s in range(start, start + count):
-            for a in range(ACCUM):
-                model.set_requires_gradient_sync(a == ACCUM - 1)
-                (loss_fn(model, batch(s, a, rank, DIM, DIM)) / ACCUM).backward()
-            opt.step()
-            opt.zero_grad()
+            _step(model, opt, s, DIM)
         model.wait_parameters()
 
     def resumed(code: str, with_feedback: bool) -> tuple[int, float]:

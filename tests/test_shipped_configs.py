@@ -121,7 +121,9 @@ def test_shipped_config_trains_saves_and_resumes(config: Path, tmp_path: Path) -
     # The same command over a copy of the step-2 checkpoint resumes from it.
     resumed_dump = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run" / folder / "step-2", resumed_dump / folder / "step-2")
-    resumed = _losses(_train(config, [*overrides, "--job.dump_folder", str(resumed_dump)], world))
+    planned = tmp_path / "run" / "paro_calibration.json"  # the links paro_comm / paro_strategy = "auto" probed
+    same_choice = ["--parallelism.paro_calibration", str(planned)] if planned.is_file() else []
+    resumed = _losses(_train(config, [*overrides, "--job.dump_folder", str(resumed_dump), *same_choice], world))
     assert resumed == {3: losses[3]}, f"{config.name}: resumed {resumed}, uninterrupted {losses}"
 
 

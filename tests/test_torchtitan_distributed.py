@@ -259,7 +259,7 @@ def test_qwen3_trains_with_paro(four: dict[str, Any]) -> None:
 
 def test_auto_strategy_plans_logs_the_ranking_and_trains_the_choice(four: dict[str, Any]) -> None:
     auto, rank0 = four["auto"], four["auto"]["logs"][0]
-    chosen = [m for m in rank0 if m.startswith("PaRO auto: chose ")]
+    chosen = [m for m in rank0 if m.startswith("PaRO auto: chose ") and m.endswith("that fits in memory")]
     assert len(chosen) == 1, rank0
     code = chosen[0].split()[3].rstrip(",")
     table = next(m for m in rank0 if m.startswith("PaRO auto: strategies ranked")).splitlines()

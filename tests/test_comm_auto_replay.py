@@ -1,0 +1,44 @@
+"""``benchmarks.comm_auto_replay``: the replay of ``paro_comm = "auto"`` against measured step
+times rebuilds from its saved calibrations, and its gaps are what the measurements say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.comm_auto_replay import BEFORE, MEASURED, evaluate, measured_scenarios, render
+from conftest import needs_torchtitan
+from paro_fsdp.planner import best_collectives, calibration_from_dict, cluster_from_calibration
+
+SAVED = MEASURED.parent / "comm-auto-replay.json"
+
+
+@needs_torchtitan
+def test_replay_rebuilds_from_the_saved_calibrations_and_its_gaps_follow_the_measurements() -> None:
+    measured = measured_scenarios(json.loads(MEASURED.read_text()))
+    raw = json.loads(SAVED.read_text())
+    rows = evaluate(measured, raw["calibrations"])
+    assert len(rows) == len(measured) == 6
+    labels = {"two-phase": ("default", None), "HO-Ring, 4 chunks": ("ho_ring", 4), "HO-Ring, 16 chunks": ("ho_ring", 16)}
+    for row in rows:
+        steps = measured[(row["nodes"], row["ranks"], row["rate"])]
+        best = min(steps.values())
+        assert row["best"] in labels and steps[labels[row["best"]]] == best
+        assert row["gap"] == pytest.approx(steps[labels[row["choice"]]] / best - 1)
+        assert row["before_gap"] == pytest.approx(steps[BEFORE] / best - 1)
+        # the choice among the measured variants is the cheapest estimate among them
+        assert row["estimated"][row["choice"]] == min(row["estimated"].values())
+    page = render(rows, raw)
+    assert page.count("\n| 2x4 |") == 3 and page.count("\n| 4x2 |") == 3
+    assert page == (MEASURED.parent / "comm-auto-replay.md").read_text(), "docs/comm-auto-replay.md is stale: --render"
+
+
+def test_auto_picks_the_two_phase_collectives_on_the_probed_floor() -> None:
+    from paro_fsdp.planner import ModelSizes, TrainingSetup
+
+    raw = json.loads(SAVED.read_text())
+    cluster = cluster_from_calibration(calibration_from_dict(raw["calibrations"]["2x4@20gbit"]), device_memory=2**40)
+    model = ModelSizes(params=56_640_000, blocks=16)
+    chosen = best_collectives("GGG", model, cluster, TrainingSetup(accum=1))
+    assert (chosen.comm, chosen.ho_ring_chunks) == ("default", None)  # the floor: every chunk only costs
