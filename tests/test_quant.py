@@ -358,3 +358,32 @@ def test_error_feedback_residuals_resume_exactly_from_a_checkpoint(tmp_path):
         loaded, diff = got["IIG without"]
         assert loaded == 0 and diff > 0, f"rank {rank}: dropping the residuals must show ({diff})"
         assert got["NIG"][0] == 0, f"rank {rank}: another strategy's run starts its residuals at zero"
+
+
+def _bf16_inter_bytes() -> dict:
+    """IIG and NIG on 2x2 with bf16 compute, exact and int8 (params) + int8 / int4 (grads): the
+    last step's inter-group bytes by phase."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = {}
+    for code in ("IIG", "NIG"):
+        for name, quant in (("exact", None), ("int8", InterQuant(params="int8", grads="int8")),
+                            ("int4", InterQuant(params="int8", grads="int4"))):
+            _, stats = _train(mesh, code, quant, DIM, mp_policy=bf16)
+            out[code, name] = {ph: links["inter"] for ph, links in stats.items()}
+    return out
+
+
+def test_with_bf16_compute_quantized_traffic_is_about_half_of_the_exact_bytes():
+    """bf16 compute moves a bf16 copy in sync_p and fp32 gradients in sync_g: int8 halves the
+    parameters' bytes (<= 0.53x), quarters the gradients' (<= 0.27x), int4 gradients <= 0.14x."""
+    for rank, got in enumerate(run_distributed(_bf16_inter_bytes, 4)):
+        for code in ("IIG", "NIG"):
+            exact, int8, int4 = (got[code, name] for name in ("exact", "int8", "int4"))
+            assert exact["sync_p"] > 0 and exact["sync_g"] > 0, (rank, code, exact)
+            assert int8["sync_p"] <= 0.53 * exact["sync_p"], (rank, code, int8, exact)
+            assert int8["sync_g"] <= 0.27 * exact["sync_g"], (rank, code, int8, exact)
+            assert int4["sync_g"] <= 0.14 * exact["sync_g"], (rank, code, int4, exact)
+            assert sum(int8.values()) <= 0.53 * sum(exact.values()), (rank, code)
