@@ -121,6 +121,7 @@ def _step(model, opt, s: int, dim: int) -> None:
         (loss_fn(model, batch(s, a, dist.get_rank(), dim, dim)) / ACCUM).backward()
     opt.step()
     opt.zero_grad()
+    model.wait_parameters()  # the step's sync_p lands in its own byte counts
 
 
 def _train(mesh, code: str, quant: InterQuant | None, dim: int = 16, **kwargs) -> tuple[dict, dict]:
@@ -132,7 +133,6 @@ def _train(mesh, code: str, quant: InterQuant | None, dim: int = 16, **kwargs) -
     for s in range(STEPS):
         comm_stats(model).reset()
         _step(model, opt, s, dim)
-    model.wait_parameters()
     stats = comm_stats(model).as_dict()  # the step's; the state dict below gathers masters (exactly)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     # numpy arrays travel back by value (tensors would go through shared memory the worker frees)
@@ -322,7 +322,6 @@ def _feedback_resume(path: str) -> dict:
     def steps(model, opt, start: int, count: int) -> None:
         for s in range(start, start + count):
             _step(model, opt, s, DIM)
-        model.wait_parameters()
 
     def resumed(code: str, with_feedback: bool) -> tuple[int, float]:
         model, opt = build(code)
