@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 
 import torch
@@ -13,17 +14,27 @@ from paro_fsdp.parallelize import paro_state
 from paro_fsdp.strategy import Granularity
 
 
+# By the parameter's id (tensors compare elementwise, so they cannot key a weak dictionary).
+_PARALLEL_DIMS: dict[int, tuple[weakref.ref, dict[str, dist.ProcessGroup]]] = {}
+
+
 def _model_parallel_dims(param: torch.Tensor) -> dict[str, dist.ProcessGroup]:
     """Non-data-parallel mesh dims (e.g. TP) over which ``param``'s local shard is split, by name.
 
     FSDP2 puts its own data-parallel placement first; later dims come from the parameter's
-    model-parallel mesh. Replicated dims hold identical gradients and are counted once.
+    model-parallel mesh. Replicated dims hold identical gradients and are counted once. Kept per
+    parameter: the norm is taken every step, and a parameter's placements do not change.
     """
     if not isinstance(param, DTensor):
         return {}
+    kept = _PARALLEL_DIMS.get(id(param))
+    if kept is not None and kept[0]() is param:
+        return kept[1]
     mesh = param.device_mesh
     names = mesh.mesh_dim_names or tuple(str(d) for d in range(mesh.ndim))
-    return {names[d]: mesh.get_group(d) for d in range(1, mesh.ndim) if not isinstance(param.placements[d], Replicate)}
+    dims = {names[d]: mesh.get_group(d) for d in range(1, mesh.ndim) if not isinstance(param.placements[d], Replicate)}
+    _PARALLEL_DIMS[id(param)] = (weakref.ref(param), dims)
+    return dims
 
 
 @torch.no_grad()

@@ -159,8 +159,9 @@ _DONE = Pending(None)
 class Unit:
     """One FSDP2 module's trainable parameters and their gradient / optimizer slices."""
 
-    def __init__(self, module: FSDPModule, state: EngineState, index: int) -> None:
-        self.module = module
+    def __init__(self, modules: list[FSDPModule], state: EngineState, index: int) -> None:
+        self.modules = modules  # sharded together (one FSDP2 state); hooks that read or write go on each
+        self.module = module = modules[0]  # whose FSDP2 state the unit's seam uses
         self.state = state
         self.index = index  # position in ``state.units``: the same on every rank and in every run of the model
         params = fsdp_seam.sharded_params(module)
@@ -185,6 +186,10 @@ class Unit:
         self._grad_reduce: tuple[torch.Tensor, Pending] | None = None
         self._sync_g: tuple[torch.Tensor | None, Pending] | None = None
         self._sync_p: tuple[torch.Tensor, Pending] | None = None
+        # Where G=N and the unit computes in place: the row this window's gradient accumulates
+        # in, and, once the step has consumed it, the zeroed row the next window reuses.
+        self._row_in_use: torch.Tensor | None = None
+        self._spare_row: torch.Tensor | None = None
         if params is not None:
             fsdp_seam.attach(self)
 
@@ -280,15 +285,28 @@ class Unit:
         where G=N keeps accumulating it in place until the last."""
         return self.state.last_microstep or self.state.strategy.grad is not N
 
+    def new_row(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed gradient row for a unit that computes in place: the last window's row where it
+        is kept (G=N), else a new one. Reusing it spares an allocation per step (on CPU a fresh
+        buffer is also faulted in page by page); the row is the gradient G=N holds through every
+        window anyway, as DDP keeps its buckets."""
+        spare, self._spare_row = self._spare_row, None
+        if spare is not None and spare.dtype == dtype and spare.device == device:
+            return spare.zero_()
+        return torch.zeros(self.layout.padded_numel, dtype=dtype, device=device)
+
     def on_reduced(self, reduce_output: torch.Tensor) -> None:
         """FSDP2's all-reduce hook: ``reduce_output`` is this rank's P row, summed over P's ranks."""
         self.on_row(self.layout.pad(reduce_output))
 
-    def on_row(self, row: torch.Tensor) -> None:
+    def on_row(self, row: torch.Tensor, *, own: bool = False) -> None:
         """This rank's P row of gradients, summed over P's ranks and padded to the layout's
-        chunks: FSDP2's reduce output, or, for a unit that computes in place, the row autograd
-        accumulated into (taken over here, as the accumulation at G where G=N)."""
+        chunks: FSDP2's reduce output, or, for a unit that computes in place (``own``: made by
+        :meth:`new_row`), the row autograd accumulated into (taken over here, as the
+        accumulation at G where G=N)."""
         s, last = self.state.strategy, self.state.last_microstep
+        if own and s.grad is N:
+            self._row_in_use = row  # free again once zero_grad has seen this window's sync_g land
         to_optim, completion = reduce(max(s.param, s.grad), s.optim), complete(s.optim)
         if s.param <= s.grad:
             self._finish_grad_reduce()
@@ -362,10 +380,12 @@ class Unit:
         self._finish_grad_reduce()
         self.wait_grads()
         self.grad_accum = self._optim_grad = None
+        if self._row_in_use is not None:
+            self._spare_row, self._row_in_use = self._row_in_use, None
 
     def grad_bytes(self) -> int:
         """Bytes of gradient state this unit keeps between micro-steps."""
-        held = [t for t in (self.grad_accum, self._optim_grad) if t is not None]
+        held = [t for t in (self.grad_accum, self._optim_grad, self._spare_row) if t is not None]
         held += [p[0] for p in (self._grad_reduce, self._sync_g) if p is not None and p[0] is not None]
         held += fsdp_seam.fsdp_held_gradients(self.module)
         held += [r for (slot, _), r in self.state.groups.residuals.items() if slot[0] == self.index]

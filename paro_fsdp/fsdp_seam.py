@@ -16,6 +16,7 @@ autograd accumulates its gradients into one flat row that is handed to the engin
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,14 +142,26 @@ def _wait_params_before_unshard(module: FSDPModule, unit: "Unit") -> None:
 
 def _unshards_locally(p: Any) -> bool:
     """Whether a one-rank unit's parameter can be unsharded by :func:`_unshard_locally`: FSDP2's
-    default layout (no tensor-subclass extension, no CPU offload, no padding)."""
-    return hasattr(p, "orig_dtype") and not p.offload_to_cpu \
-        and not hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather") \
-        and p._sharded_param_data.numel() == p.padded_sharded_param_size.numel()
+    default layout (no tensor-subclass extension, no CPU offload, no padding). Asked at every
+    unshard and backward, so the answer is kept until the stored data is replaced."""
+    data = p._sharded_param_data
+    kept = vars(p).get("_paro_unshards_locally")
+    if kept is not None and kept[0]() is data:
+        return kept[1]
+    if not hasattr(p, "orig_dtype"):  # FSDP2's lazy initialization has not run yet
+        return False
+    local = not p.offload_to_cpu and not hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather") \
+        and data.numel() == p.padded_sharded_param_size.numel()
+    vars(p)["_paro_unshards_locally"] = (weakref.ref(data), local)
+    return local
 
 
 def _in_place(p: Any) -> bool:
-    return _unshards_locally(p) and p.param_dtype in (None, p.orig_dtype)
+    return _unshards_locally(p) and _compute_as_stored(p)
+
+
+def _compute_as_stored(p: Any) -> bool:
+    return p.param_dtype in (None, p.orig_dtype)
 
 
 def grads_in_place(module: FSDPModule) -> bool:
@@ -172,24 +185,27 @@ def _unshard_locally(group: Any) -> bool:
     with ``assign=True``) is noticed here and the views are made again.
     """
     params = group.fsdp_params
+    if group.is_unsharded and all(_aliased(p) == _compute_as_stored(p) for p in params):
+        return True  # the views are current (asked once per module of a unit, at every forward)
     if not all(_unshards_locally(p) for p in params):
         return False
-    stale = [p for p in params if _aliased(p) != _in_place(p)]
+    as_stored = [_compute_as_stored(p) for p in params]  # with the check above: _in_place
+    stale = [(p, in_place) for p, in_place in zip(params, as_stored) if _aliased(p) != in_place]
     if group.is_unsharded:
         if not stale:
             return True
         group._to_sharded()
-    for p in stale:
+    for p, in_place in stale:
         if hasattr(p, "_unsharded_param"):
             del p._unsharded_param
-        if _in_place(p):
+        if in_place:
             p.all_gather_outputs = [p._sharded_param_data]
             p.free_unsharded_param = _keep_storage
         else:  # aliased before the stored dtype changed: back to a buffer of its own
             p.all_gather_outputs = []
             vars(p).pop("free_unsharded_param", None)
-    for p in params:
-        if not _in_place(p):
+    for p, in_place in zip(params, as_stored):
+        if not in_place:
             data = p._sharded_param_data
             p.init_all_gather_outputs([data.numel()], [p.param_dtype], 1, data.device)
             p.alloc_all_gather_outputs()
@@ -236,7 +252,7 @@ def _compute_in_place(module: FSDPModule, unit: "Unit") -> None:
         out = fsdp_post_backward(*args, **kwargs)
         if held["row"] is not None and unit.row_due():
             row = _take_row(trainable(), held)
-            unit.on_row(row)
+            unit.on_row(row, own=True)
         return out
 
     group.pre_backward, group.post_backward = pre_backward, post_backward
@@ -250,7 +266,7 @@ def _grads_into_row(params: list[Any], unit: "Unit", held: dict[str, Any]) -> No
         return
     layout = unit.layout
     if held["row"] is None:
-        held["row"] = torch.zeros(layout.padded_numel, dtype=unsharded[0].dtype, device=_local(unsharded[0]).device)
+        held["row"] = unit.new_row(unsharded[0].dtype, _local(unsharded[0]).device)
     else:
         held["row"].zero_()
     grads = []

@@ -538,3 +538,28 @@ def test_probe(tmp_path) -> None:
             assert all(t > 0 for _, t in cal.points[kind][link])
         fits = [getattr(cal, link), cal.ops["reduce_scatter"][link], cal.ops["all_reduce"][link]]
         assert all(math.isfinite(f.bandwidth) and f.bandwidth > 0 for f in fits)
+
+
+@pytest.mark.parametrize("width, blocks", [(1000, 8), (300, 40), (3000, 4)])
+def test_planner_units_are_the_units_paro_parallelize_makes(width, blocks):
+    """Where P = N, the planner's unit count and size are those of ``bucket_blocks`` (consecutive
+    blocks up to 25 MiB); other strategies keep one unit per block."""
+    from paro_fsdp.parallelize import bucket_blocks
+
+    modules = [nn.Linear(width, width) for _ in range(blocks)]
+    block_params = width * width + width
+    sizes = ModelSizes(params=block_params * blocks, blocks=blocks, block_params=block_params)
+    runs = bucket_blocks(modules, sizes.bucket_cap_bytes)
+    for code in ("NNN", "NIG", "NGG"):
+        s = ParoStrategy.parse(code)
+        assert sizes.units_for(s) == len(runs) + 1
+        assert sizes.unit_params_for(s) == max(len(r) for r in runs) * block_params
+    for code in ("IIG", "GGG", "INI"):
+        assert sizes.units_for(ParoStrategy.parse(code)) == blocks + 1
+    assert len(bucket_blocks(modules, 0)) == blocks
+    assert dataclasses.replace(sizes, bucket_cap_bytes=0).units_for(ParoStrategy.parse("NNN")) == blocks + 1
+
+
+def test_bucket_cap_is_validated():
+    with pytest.raises(ValueError, match=r"ModelSizes.bucket_cap_bytes must be a finite number >= 0, got -1"):
+        ModelSizes(params=10, bucket_cap_bytes=-1)
