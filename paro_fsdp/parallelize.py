@@ -15,7 +15,7 @@ from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, per_mesh, validate_mesh
 from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.registry import DEFAULT, check_comm, check_ho_ring_chunks, make_collectives
 from paro_fsdp.engine import EngineState, Unit
-from paro_fsdp.strategy import Granularity, ParoStrategy
+from paro_fsdp.strategy import Granularity, ParoStrategy, bucket_bytes
 
 logger = logging.getLogger("paro_fsdp")
 
@@ -105,15 +105,15 @@ def paro_parallelize(
     reshard_after_forward: bool = True,
     sync_p_window: int | None = 2,
     quant: InterQuant | None = None,
-    bucket_cap_mb: float = 25.0,
+    bucket_cap_mb: float | None = None,
 ) -> nn.Module:
     """Shard ``model`` for a PaRO strategy on ``mesh`` = (dp_replicate, dp_shard) = (groups, ranks per group).
 
     Each of ``blocks`` becomes one FSDP2 unit (gathered, reduced and synchronized together),
     then the root takes the remaining parameters, as torchtitan wraps transformer blocks. Where
-    P = N nothing is gathered, so a unit is only what DDP calls a bucket: the gradients reduced
-    together. There consecutive blocks share a unit up to ``bucket_cap_mb`` (as DDP's buckets),
-    since each unit costs its own hooks and collectives at every micro-step.
+    P = N nothing is gathered, so a unit is what DDP calls a bucket, the gradients reduced
+    together, and consecutive blocks may share one (``bucket_cap_mb``): each unit costs its own
+    hooks and collectives at every micro-step.
 
     Args:
         model: a freshly built module, not yet wrapped by ``fully_shard``; its parameters may
@@ -142,7 +142,10 @@ def paro_parallelize(
             default; intra-group traffic, the fp32 masters, the moments and checkpoints stay exact.
         bucket_cap_mb: where P = N, consecutive blocks join one unit until it holds at least
             this many MiB of trainable parameters (this rank's, as stored); 0 keeps one unit per
-            block. Other strategies keep one unit per block (it bounds what is gathered at once).
+            block. ``None``: 25 MiB (DDP's bucket) where P = O = N, one unit per block where O is
+            finer (each unit's sync_p then overlaps the next forward), see
+            :func:`~paro_fsdp.strategy.bucket_bytes`. Other strategies keep one unit per block
+            (it bounds what is gathered at once).
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
@@ -165,8 +168,10 @@ def paro_parallelize(
     if sync_p_window is not None and (isinstance(sync_p_window, bool) or not isinstance(sync_p_window, int)
                                       or sync_p_window < 1):
         raise ValueError(f"sync_p_window must be a positive int or None (all at once), got {sync_p_window!r}")
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb >= 0:
-        raise ValueError(f"bucket_cap_mb must be a number >= 0 (0: one unit per block), got {bucket_cap_mb!r}")
+    if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
+                                      or not bucket_cap_mb >= 0):
+        raise ValueError(f"bucket_cap_mb must be a number >= 0 (0: one unit per block) or None (by strategy), "
+                         f"got {bucket_cap_mb!r}")
     if quant is not None and not isinstance(quant, InterQuant):
         raise TypeError(f"quant must be a paro_fsdp.InterQuant or None, got {type(quant).__name__}; "
                         f"e.g. InterQuant(params='int8', grads='int8')")
@@ -196,8 +201,7 @@ def paro_parallelize(
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward and effective.param is not Granularity.N}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    cap = bucket_cap_mb * 2**20 if effective.param is Granularity.N else 0
-    unit_modules = [*bucket_blocks(blocks, cap), [model]]
+    unit_modules = [*bucket_blocks(blocks, bucket_bytes(effective, bucket_cap_mb)), [model]]
     for modules in unit_modules:
         fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
     model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})

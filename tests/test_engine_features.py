@@ -462,11 +462,12 @@ def _sgd_reference(rank: int) -> list[float]:
 
 
 def _buckets() -> dict:
-    """Units per bucket cap (0, two blocks' bytes, the default) for P = N strategies and one
-    that gathers, and the SGD losses each trains to (as :func:`_sgd_reference`)."""
+    """Units per bucket cap (0, two blocks' bytes, the default, 25 MiB for every strategy) for
+    P = N strategies and one that gathers, and the SGD losses each trains to (as
+    :func:`_sgd_reference`)."""
     mesh, rank = _mesh(2, 2), dist.get_rank()
     sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in Net().units()]
-    caps = (0, (sizes[0] + sizes[1]) / 2**20, 25.0)
+    caps = (0, (sizes[0] + sizes[1]) / 2**20, None, 25.0)
     out: dict = {"reference": _sgd_reference(rank), "caps": caps}
     for code in ("NNN", "NIG", "NGG", "IIG"):
         for cap in caps:
@@ -699,14 +700,17 @@ def test_reused_gradient_rows_train_as_fresh_ones(results, code):
 @pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])
 def test_p_n_units_are_buckets_of_consecutive_blocks(results, code):
     b = results[0]["buckets"]
-    none, pair, default = (b[f"{code}/{cap}"]["units"] for cap in b["caps"])
+    none, pair, default, ddp = (b[f"{code}/{cap}"]["units"] for cap in b["caps"])
     per_block = [["inp"], ["layers.0"], ["layers.1"], ["head"], [""]]
+    one = [["inp", "layers.0", "layers.1", "head"], [""]]
     assert none == per_block
     if code.startswith("N"):  # two blocks reach the pair's cap; all four stay under 25 MiB
         assert pair == [["inp", "layers.0"], ["layers.1", "head"], [""]]
-        assert default == [["inp", "layers.0", "layers.1", "head"], [""]]
+        assert ddp == one
+        # by default only where P = O = N: elsewhere each unit's sync_p overlaps the next forward
+        assert default == (one if code == "NNN" else per_block)
     else:  # P gathers: one unit per block bounds what is gathered at once
-        assert pair == default == per_block
+        assert pair == default == ddp == per_block
 
 
 @pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])
@@ -735,7 +739,7 @@ def test_bad_input_errors(results):
     assert "was not wrapped by paro_parallelize" in e["optimizer"]
     assert "already parallelized" in e["twice"]
     assert "blocks[0]" in e["block"]
-    assert "bucket_cap_mb must be a number >= 0 (0: one unit per block), got -1" in e["bucket"]
+    assert "bucket_cap_mb must be a number >= 0 (0: one unit per block) or None (by strategy), got -1" in e["bucket"]
     assert "set_requires_gradient_sync(True)" in e["step_without_backward"]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from paro_fsdp.comm.stats import INTRA, LINKS
 from paro_fsdp.formulas import StateBytes, state_bytes
-from paro_fsdp.strategy import Granularity, ParoStrategy
+from paro_fsdp.strategy import ParoStrategy, bucket_bytes
 
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
@@ -43,7 +43,7 @@ class ModelSizes:
     Each strategy stores them as :meth:`layout` says: where the compute dtype is narrower and P
     is coarser than O, a compute-dtype copy at P and the master beside the moments at O. ``block_params`` is the
     size of the largest block (a transformer block), defaulting to ``params / blocks``; where P = N
-    consecutive blocks share a unit up to ``bucket_cap_bytes`` (:meth:`blocks_per_unit`).
+    consecutive blocks may share a unit (``bucket_cap_mb``, :meth:`blocks_per_unit`).
     ``flops_per_token`` defaults to 6 per parameter (forward and backward of dense training).
     """
 
@@ -58,7 +58,7 @@ class ModelSizes:
     master_bytes: int = 4
     block_params: int | None = None
     flops_per_token: float | None = None
-    bucket_cap_bytes: float = 25 * 2**20
+    bucket_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("ModelSizes", "params", self.params)
@@ -76,7 +76,8 @@ class ModelSizes:
                 _check_int("ModelSizes", name, value)
         if self.flops_per_token is not None:
             _check_positive("ModelSizes", "flops_per_token", self.flops_per_token)
-        _check_positive("ModelSizes", "bucket_cap_bytes", self.bucket_cap_bytes, allow_zero=True)
+        if self.bucket_cap_mb is not None:
+            _check_positive("ModelSizes", "bucket_cap_mb", self.bucket_cap_mb, allow_zero=True)
 
     @property
     def trainable_params(self) -> int:
@@ -92,12 +93,12 @@ class ModelSizes:
         return self.block_params if self.block_params is not None else self.params / self.blocks
 
     def blocks_per_unit(self, strategy: ParoStrategy) -> int:
-        """Blocks that share one FSDP unit: where P = N, consecutive blocks up to
-        ``bucket_cap_bytes`` of stored parameters (``paro_parallelize``'s ``bucket_cap_mb``),
-        else one each."""
-        if strategy.param is not Granularity.N or self.bucket_cap_bytes == 0:
+        """Blocks that share one FSDP unit, as ``paro_parallelize`` with the same ``bucket_cap_mb``
+        cuts them (:func:`~paro_fsdp.strategy.bucket_bytes` of stored parameters)."""
+        cap = bucket_bytes(strategy, self.bucket_cap_mb)
+        if cap == 0:
             return 1
-        return min(self.blocks, max(1, math.ceil(self.bucket_cap_bytes / (self.unit_params * self.param_bytes))))
+        return min(self.blocks, max(1, math.ceil(cap / (self.unit_params * self.param_bytes))))
 
     def units_for(self, strategy: ParoStrategy) -> int:
         """FSDP units under ``strategy``: the blocks' (:meth:`blocks_per_unit`) and the root's."""

@@ -61,8 +61,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
         _comm_line(comm, ho_ring_chunks)
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root; "
-        f"where P = N, {model.units_for(ParoStrategy.parse('NNN'))}: blocks share units up to "
-        f"{fmt(model.bucket_cap_bytes, BINARY)})",
+        f"NNN's blocks share units as DDP's buckets: {model.units_for(ParoStrategy.parse('NNN'))})",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
         "rank by memory, less first",
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
