@@ -112,8 +112,8 @@ def bucket_bytes(strategy: ParoStrategy, cap_mb: float | None) -> float:
     Only where P = N: elsewhere a unit per block bounds what is gathered at once. ``None``
     buckets as DDP does (25 MiB) where P = O = N, and keeps a unit per block where P = N is
     coarser than O: there each unit's sync_p overlaps the next forward block by block and its
-    gradient reduction the backward, which one unit for many blocks would give up (measured:
-    ``docs/zero-tax.md``).
+    gradient reduction the backward, which one unit for many blocks would give up
+    (``docs/design.md``, "P = N units are buckets").
     """
     if strategy.param is not Granularity.N:
         return 0.0
