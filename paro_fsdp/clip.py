@@ -33,7 +33,8 @@ def _model_parallel_dims(param: torch.Tensor) -> dict[str, dist.ProcessGroup]:
     mesh = param.device_mesh
     names = mesh.mesh_dim_names or tuple(str(d) for d in range(mesh.ndim))
     dims = {names[d]: mesh.get_group(d) for d in range(1, mesh.ndim) if not isinstance(param.placements[d], Replicate)}
-    _PARALLEL_DIMS[id(param)] = (weakref.ref(param), dims)
+    key = id(param)  # the entry leaves with the parameter
+    _PARALLEL_DIMS[key] = (weakref.ref(param, lambda _: _PARALLEL_DIMS.pop(key, None)), dims)
     return dims
 
 
