@@ -159,8 +159,9 @@ _DONE = Pending(None)
 class Unit:
     """One FSDP2 module's trainable parameters and their gradient / optimizer slices."""
 
-    def __init__(self, module: FSDPModule, state: EngineState, index: int) -> None:
-        self.module = module
+    def __init__(self, modules: list[FSDPModule], state: EngineState, index: int) -> None:
+        self.modules = modules  # sharded together (one FSDP2 state); hooks that read or write go on each
+        self.module = module = modules[0]  # whose FSDP2 state the unit's seam uses
         self.state = state
         self.index = index  # position in ``state.units``: the same on every rank and in every run of the model
         params = fsdp_seam.sharded_params(module)

@@ -72,11 +72,14 @@ class MasterStateDict:
             if owned:
                 module.register_state_dict_post_hook(functools.partial(self._into_state_dict, owned))
                 module.register_load_state_dict_pre_hook(functools.partial(self._from_state_dict, owned))
+        # A unit of several modules (P = N blocks sharing a bucket) gathers for each module's
+        # state dict and re-syncs after each module's load: a module's state dict or load may be
+        # taken alone.
         for entry in masters:
-            unit = entry[0]
-            unit.module.register_state_dict_pre_hook(functools.partial(self._gather_unit, entry))
-            unit.module.register_state_dict_post_hook(functools.partial(self._drop_unit, id(unit)))
-            unit.module.register_load_state_dict_post_hook(functools.partial(self._sync_loaded, entry))
+            for module in entry[0].modules:
+                module.register_state_dict_pre_hook(functools.partial(self._gather_unit, entry))
+                module.register_state_dict_post_hook(functools.partial(self._drop_unit, id(entry[0])))
+                module.register_load_state_dict_post_hook(functools.partial(self._sync_loaded, entry))
 
     def _gather(self, entry: UnitSlices) -> dict[int, torch.Tensor]:
         unit, slices, values = entry

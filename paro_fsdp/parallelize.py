@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from paro_fsdp.comm.groups import SHARD_DIM, MeshGroups, per_mesh, validate_mesh
 from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.registry import DEFAULT, check_comm, check_ho_ring_chunks, make_collectives
 from paro_fsdp.engine import EngineState, Unit
-from paro_fsdp.strategy import Granularity, ParoStrategy
+from paro_fsdp.strategy import Granularity, ParoStrategy, bucket_bytes
 
 logger = logging.getLogger("paro_fsdp")
 
@@ -73,6 +75,31 @@ def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
         1, (mesh.size(1), 1), ("paro_shard", "paro_none"))["paro_none"])
 
 
+def bucket_blocks(blocks: Sequence[nn.Module], cap_bytes: float) -> list[list[nn.Module]]:
+    """``blocks`` in order, cut into runs of consecutive blocks of one class, each run closed
+    once it holds at least ``cap_bytes`` of trainable parameters; ``cap_bytes`` 0: one block
+    per run.
+
+    Only blocks of one class share a run: a model's repeated layers run one after another in
+    its forward, while a block of its own kind may run apart from them (an output projection
+    called by a chunked loss after the forward, once per chunk), and FSDP2 reduces a unit
+    whose modules' backwards come apart in pieces, which the engine's one row per unit cannot take.
+    """
+    runs: list[list[nn.Module]] = []
+    held = cap_bytes
+    for block in blocks:
+        if held >= cap_bytes or type(block) is not type(runs[-1][0]):
+            runs.append([])
+            held = 0
+        runs[-1].append(block)
+        held += sum(_local(p).numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+    return runs
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
 def paro_parallelize(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -85,11 +112,15 @@ def paro_parallelize(
     reshard_after_forward: bool = True,
     sync_p_window: int | None = 2,
     quant: InterQuant | None = None,
+    bucket_cap_mb: float | None = None,
 ) -> nn.Module:
     """Shard ``model`` for a PaRO strategy on ``mesh`` = (dp_replicate, dp_shard) = (groups, ranks per group).
 
     Each of ``blocks`` becomes one FSDP2 unit (gathered, reduced and synchronized together),
-    then the root takes the remaining parameters, as torchtitan wraps transformer blocks.
+    then the root takes the remaining parameters, as torchtitan wraps transformer blocks. Where
+    P = N nothing is gathered, so a unit is what DDP calls a bucket, the gradients reduced
+    together, and consecutive blocks of one class may share one (``bucket_cap_mb``): each unit costs its own
+    hooks and collectives at every micro-step.
 
     Args:
         model: a freshly built module, not yet wrapped by ``fully_shard``; its parameters may
@@ -116,6 +147,12 @@ def paro_parallelize(
         quant: what crosses the inter-group link block-quantized (:class:`InterQuant`:
             parameters as int8, gradients as int8 or int4, summed in fp32). Lossy, so off by
             default; intra-group traffic, the fp32 masters, the moments and checkpoints stay exact.
+        bucket_cap_mb: where P = N, consecutive blocks of one class (a model's repeated layers)
+            join one unit until it holds at least this many MiB of trainable parameters (this rank's, as stored); 0 keeps one unit per
+            block. ``None``: 25 MiB (DDP's bucket) where P = O = N, one unit per block where O is
+            finer (each unit's sync_p then overlaps the next forward), see
+            :func:`~paro_fsdp.strategy.bucket_bytes`. Other strategies keep one unit per block
+            (it bounds what is gathered at once).
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
@@ -124,7 +161,8 @@ def paro_parallelize(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: the model is already parallelized, the mesh, strategy, ``comm``,
-            ``ho_ring_chunks`` or ``sync_p_window`` is invalid, or a block is not a submodule of ``model``.
+            ``ho_ring_chunks``, ``sync_p_window`` or ``bucket_cap_mb`` is invalid, or a block is not a
+            submodule of ``model``.
         TypeError: ``quant`` is not an :class:`InterQuant` or ``None``.
     """
     if not isinstance(model, nn.Module):
@@ -137,6 +175,10 @@ def paro_parallelize(
     if sync_p_window is not None and (isinstance(sync_p_window, bool) or not isinstance(sync_p_window, int)
                                       or sync_p_window < 1):
         raise ValueError(f"sync_p_window must be a positive int or None (all at once), got {sync_p_window!r}")
+    if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
+                                      or not bucket_cap_mb >= 0):
+        raise ValueError(f"bucket_cap_mb must be a number >= 0 (0: one unit per block) or None (by strategy), "
+                         f"got {bucket_cap_mb!r}")
     if quant is not None and not isinstance(quant, InterQuant):
         raise TypeError(f"quant must be a paro_fsdp.InterQuant or None, got {type(quant).__name__}; "
                         f"e.g. InterQuant(params='int8', grads='int8')")
@@ -166,14 +208,15 @@ def paro_parallelize(
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward and effective.param is not Granularity.N}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    unit_modules = [*bucket_blocks(blocks, bucket_bytes(effective, bucket_cap_mb)), [model]]
+    for modules in unit_modules:
+        fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
     model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})
     setattr(model, _STATE_ATTR, state)
-    state.units = [Unit(mod, state, i) for i, mod in enumerate([*blocks, model])]
+    state.units = [Unit(modules, state, i) for i, modules in enumerate(unit_modules)]
     for unit in state.units:  # a state dict reads, and a load writes, what a sync_p in flight would overwrite
-        unit.module.register_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
-        unit.module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.prepare_load())
+        for module in unit.modules:
+            module.register_state_dict_pre_hook(lambda *_, u=unit: u.wait_params())
+            module.register_load_state_dict_pre_hook(lambda *_, u=unit: u.prepare_load())
     state.set_last_microstep(True)
     return model

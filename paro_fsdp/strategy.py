@@ -102,5 +102,25 @@ class ParoStrategy:
         return ParoStrategy(collapse(self.param), collapse(self.grad), collapse(self.optim))
 
 
+DDP_BUCKET_MB = 25.0  # torch DDP's default bucket_cap_mb
+
+
+def bucket_bytes(strategy: ParoStrategy, cap_mb: float | None) -> float:
+    """Bytes of trainable parameters consecutive blocks gather into one unit under ``strategy``
+    (0: a unit per block); ``cap_mb`` is ``paro_parallelize``'s ``bucket_cap_mb``.
+
+    Only where P = N: elsewhere a unit per block bounds what is gathered at once. ``None``
+    buckets as DDP does (25 MiB) where P = O = N, and keeps a unit per block where P = N is
+    coarser than O: there each unit's sync_p overlaps the next forward block by block and its
+    gradient reduction the backward, which one unit for many blocks would give up
+    (``docs/design.md``, "P = N units are buckets").
+    """
+    if strategy.param is not Granularity.N:
+        return 0.0
+    if cap_mb is None:
+        return DDP_BUCKET_MB * 2**20 if strategy.optim is Granularity.N else 0.0
+    return cap_mb * 2**20
+
+
 def _valid_codes_text() -> str:
     return ", ".join(s.code for s in ParoStrategy.all_valid())

@@ -461,6 +461,35 @@ def _sgd_reference(rank: int) -> list[float]:
     return losses
 
 
+def _buckets() -> dict:
+    """Units per bucket cap (0, one layer's bytes, the default, 25 MiB for every strategy) for
+    P = N strategies and one that gathers, and the SGD losses each trains to (as
+    :func:`_sgd_reference`)."""
+    mesh, rank = _mesh(2, 2), dist.get_rank()
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in Net().units()]
+    caps = (0, sizes[1] / 2**20, None, 25.0)
+    out: dict = {"reference": _sgd_reference(rank), "caps": caps}
+    for code in ("NNN", "NIG", "NGG", "IIG"):
+        for cap in caps:
+            torch.manual_seed(0)
+            model = Net()
+            names = {id(m): n for n, m in model.named_modules()}
+            model = paro_parallelize(model, mesh, code, blocks=model.units(), bucket_cap_mb=cap)
+            units = [[names[id(m)] for m in unit.modules] for unit in paro_state(model).units]
+            opt = ParoOptimizer(model, torch.optim.SGD, lr=0.5)
+            losses = []
+            for step in range(3):
+                opt.zero_grad()
+                for a in range(2):
+                    model.set_requires_gradient_sync(a == 1)
+                    loss_fn(model, batch(step, a, rank)).backward()
+                opt.step()
+                with torch.no_grad():
+                    losses.append(loss_fn(model, batch(9, 0, rank)).item())
+            out[f"{code}/{cap}"] = {"units": units, "losses": losses}
+    return out
+
+
 def _sync_p_window() -> dict:
     """A bounded sync_p window: the same training, at most that many units in flight after the
     step, the rest started in forward order (root first) as forward consumes them."""
@@ -526,6 +555,7 @@ def _errors() -> dict:
     twice = _build(mesh, "IIG")
     catch("twice", lambda: paro_parallelize(twice, mesh, "GGG"))
     catch("block", lambda: paro_parallelize(Net(), mesh, "IIG", blocks=[torch.nn.Linear(2, 2)]))
+    catch("bucket", lambda: paro_parallelize(Net(), mesh, "NNN", bucket_cap_mb=-1))
     opt = ParoOptimizer(twice, torch.optim.AdamW, lr=1e-3)
     try:
         opt.step()
@@ -549,6 +579,7 @@ def _all(path: str) -> dict:
         "hot_path_copies": _hot_path_copies(),
         "step_after_unsynchronized_backward": _step_after_unsynchronized_backward(),
         "row_reuse": _row_reuse(),
+        "buckets": _buckets(),
         "sync_p_window": _sync_p_window(),
         "errors": _errors(),
     }
@@ -666,6 +697,31 @@ def test_reused_gradient_rows_train_as_fresh_ones(results, code):
         assert reuse[code]["losses"] == pytest.approx(reuse["reference"], rel=1e-5), f"rank {rank}"
 
 
+@pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])
+def test_p_n_units_are_buckets_of_consecutive_blocks(results, code):
+    b = results[0]["buckets"]
+    none, layer, default, ddp = (b[f"{code}/{cap}"]["units"] for cap in b["caps"])
+    per_block = [["inp"], ["layers.0"], ["layers.1"], ["head"], [""]]
+    # the layers (one class) share a unit; the projections around them are Linear, not Block
+    one = [["inp"], ["layers.0", "layers.1"], ["head"], [""]]
+    assert none == per_block
+    if code.startswith("N"):  # one layer reaches the layer's cap; all four stay under 25 MiB
+        assert layer == per_block
+        assert ddp == one
+        # by default only where P = O = N: elsewhere each unit's sync_p overlaps the next forward
+        assert default == (one if code == "NNN" else per_block)
+    else:  # P gathers: one unit per block bounds what is gathered at once
+        assert layer == default == ddp == per_block
+
+
+@pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])
+def test_bucketed_units_train_as_one_unit_per_block(results, code):
+    for rank, r in enumerate(results):
+        b = r["buckets"]
+        for cap in b["caps"]:
+            assert b[f"{code}/{cap}"]["losses"] == pytest.approx(b["reference"], rel=1e-5), f"rank {rank} cap {cap}"
+
+
 @pytest.mark.parametrize("code", P_N_CODES)
 def test_step_after_unsynchronized_backward_reaches_the_next_forward(results, code):
     without, with_extra = results[0]["step_after_unsynchronized_backward"][code]
@@ -684,6 +740,7 @@ def test_bad_input_errors(results):
     assert "was not wrapped by paro_parallelize" in e["optimizer"]
     assert "already parallelized" in e["twice"]
     assert "blocks[0]" in e["block"]
+    assert "bucket_cap_mb must be a number >= 0 (0: one unit per block) or None (by strategy), got -1" in e["bucket"]
     assert "set_requires_gradient_sync(True)" in e["step_without_backward"]
 
 

@@ -538,3 +538,29 @@ def test_probe(tmp_path) -> None:
             assert all(t > 0 for _, t in cal.points[kind][link])
         fits = [getattr(cal, link), cal.ops["reduce_scatter"][link], cal.ops["all_reduce"][link]]
         assert all(math.isfinite(f.bandwidth) and f.bandwidth > 0 for f in fits)
+
+
+@pytest.mark.parametrize("width, blocks", [(1000, 8), (300, 40), (3000, 4)])
+def test_planner_units_are_the_units_paro_parallelize_makes(width, blocks):
+    """The planner's unit count and size are those ``bucket_blocks`` makes: where P = N,
+    consecutive blocks up to the cap (by default 25 MiB for NNN only); else a unit per block."""
+    from paro_fsdp.parallelize import bucket_blocks
+    from paro_fsdp.strategy import bucket_bytes
+
+    modules = [nn.Linear(width, width) for _ in range(blocks)]
+    block_params = width * width + width
+    for cap_mb in (None, 25.0, 0):
+        sizes = ModelSizes(params=block_params * blocks, blocks=blocks, block_params=block_params,
+                           bucket_cap_mb=cap_mb)
+        for code in ("NNN", "NIG", "NGG", "IIG", "GGG", "INI"):
+            s = ParoStrategy.parse(code)
+            runs = bucket_blocks(modules, bucket_bytes(s, cap_mb))
+            assert sizes.units_for(s) == len(runs) + 1, (cap_mb, code)
+            assert sizes.unit_params_for(s) == max(len(r) for r in runs) * block_params, (cap_mb, code)
+            if code[0] != "N" or cap_mb == 0 or (cap_mb is None and code != "NNN"):
+                assert len(runs) == blocks, (cap_mb, code)
+
+
+def test_bucket_cap_is_validated():
+    with pytest.raises(ValueError, match=r"ModelSizes.bucket_cap_mb must be a finite number >= 0, got -1"):
+        ModelSizes(params=10, bucket_cap_mb=-1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from paro_fsdp.comm.stats import INTRA, LINKS
 from paro_fsdp.formulas import StateBytes, state_bytes
-from paro_fsdp.strategy import ParoStrategy
+from paro_fsdp.strategy import ParoStrategy, bucket_bytes
 
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
@@ -42,7 +42,10 @@ class ModelSizes:
     all-gathers (the compute dtype) and gradient reductions, defaulting to the storage dtypes.
     Each strategy stores them as :meth:`layout` says: where the compute dtype is narrower and P
     is coarser than O, a compute-dtype copy at P and the master beside the moments at O. ``block_params`` is the
-    size of the largest FSDP unit (a transformer block), defaulting to ``params / blocks``.
+    size of the largest block (a transformer block), defaulting to ``params / blocks``; where P = N
+    consecutive blocks may share a unit (``bucket_cap_mb``, :meth:`blocks_per_unit`; every block
+    is counted as one kind, while ``paro_parallelize`` keeps a block of another class, such as
+    the embeddings, in a unit of its own).
     ``flops_per_token`` defaults to 6 per parameter (forward and backward of dense training).
     """
 
@@ -57,6 +60,7 @@ class ModelSizes:
     master_bytes: int = 4
     block_params: int | None = None
     flops_per_token: float | None = None
+    bucket_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("ModelSizes", "params", self.params)
@@ -74,6 +78,8 @@ class ModelSizes:
                 _check_int("ModelSizes", name, value)
         if self.flops_per_token is not None:
             _check_positive("ModelSizes", "flops_per_token", self.flops_per_token)
+        if self.bucket_cap_mb is not None:
+            _check_positive("ModelSizes", "bucket_cap_mb", self.bucket_cap_mb, allow_zero=True)
 
     @property
     def trainable_params(self) -> int:
@@ -87,6 +93,22 @@ class ModelSizes:
     @property
     def unit_params(self) -> float:
         return self.block_params if self.block_params is not None else self.params / self.blocks
+
+    def blocks_per_unit(self, strategy: ParoStrategy) -> int:
+        """Blocks that share one FSDP unit, as ``paro_parallelize`` with the same ``bucket_cap_mb``
+        cuts them (:func:`~paro_fsdp.strategy.bucket_bytes` of stored parameters)."""
+        cap = bucket_bytes(strategy, self.bucket_cap_mb)
+        if cap == 0:
+            return 1
+        return min(self.blocks, max(1, math.ceil(cap / (self.unit_params * self.param_bytes))))
+
+    def units_for(self, strategy: ParoStrategy) -> int:
+        """FSDP units under ``strategy``: the blocks' (:meth:`blocks_per_unit`) and the root's."""
+        return -(-self.blocks // self.blocks_per_unit(strategy)) + 1
+
+    def unit_params_for(self, strategy: ParoStrategy) -> float:
+        """Parameters of the largest FSDP unit under ``strategy``."""
+        return self.unit_params * self.blocks_per_unit(strategy)
 
     @property
     def wire_param_bytes(self) -> int:

@@ -10,6 +10,7 @@ from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstima
 from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import collectives_candidates, pareto_front
 from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
+from paro_fsdp.strategy import ParoStrategy
 
 def _dtypes(model: ModelSizes) -> str:
     """The dtypes line; where the compute dtype is narrower, the paper's layout for P coarser than O."""
@@ -59,7 +60,8 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
         _comm_line(comm, ho_ring_chunks)
-        + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root)",
+        + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root; "
+        f"NNN's blocks share units as DDP's buckets: {model.units_for(ParoStrategy.parse('NNN'))})",
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
         "rank by memory, less first",
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
