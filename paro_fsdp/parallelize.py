@@ -148,11 +148,11 @@ def paro_parallelize(
             parameters as int8, gradients as int8 or int4, summed in fp32). Lossy, so off by
             default; intra-group traffic, the fp32 masters, the moments and checkpoints stay exact.
         bucket_cap_mb: where P = N, consecutive blocks of one class (a model's repeated layers)
-            join one unit until it holds at least this many MiB of trainable parameters (this rank's, as stored); 0 keeps one unit per
-            block. ``None``: 25 MiB (DDP's bucket) where P = O = N, one unit per block where O is
-            finer (each unit's sync_p then overlaps the next forward), see
-            :func:`~paro_fsdp.strategy.bucket_bytes`. Other strategies keep one unit per block
-            (it bounds what is gathered at once).
+            join one unit until it holds at least this many MiB of trainable parameters (this
+            rank's, as stored); 0 keeps one unit per block. ``None``: 25 MiB (DDP's bucket)
+            where P = O = N, one unit per block where O is finer (each unit's sync_p then
+            overlaps the next forward), see :func:`~paro_fsdp.strategy.bucket_bytes`. Other
+            strategies keep one unit per block (it bounds what is gathered at once).
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
