@@ -260,7 +260,12 @@ def _compute_in_place(module: FSDPModule, unit: "Unit") -> None:
 
 def _grads_into_row(params: list[Any], unit: "Unit", held: dict[str, Any]) -> None:
     """Point each parameter's ``.grad`` at its view of the held row (a new zeroed row if none is
-    held; the held one zeroed if something replaced a view, e.g. ``zero_grad(set_to_none)``)."""
+    held; the held one zeroed if something replaced a view, e.g. ``zero_grad(set_to_none)``).
+
+    A gradient autograd accumulated before the unit's backward began is written into its view:
+    a module of the unit called apart from its forward (torchtitan 0.3's chunked loss calls the
+    output projection, left with the root's unit, once per chunk after the forward and runs
+    each chunk's backward at once)."""
     unsharded = [p._unsharded_param for p in params]
     if held["row"] is not None and all(u.grad is g for u, g in zip(unsharded, held["grads"])):
         return
@@ -274,6 +279,8 @@ def _grads_into_row(params: list[Any], unit: "Unit", held: dict[str, Any]) -> No
         view = held["row"][region.offset : region.offset + region.numel].view(_local(u).shape)
         grad = view if not isinstance(u, DTensor) else \
             DTensor.from_local(view, u.device_mesh, u.placements, run_check=False, shape=u.shape, stride=u.stride())
+        if u.grad is not None:
+            view.copy_(_local(u.grad))
         u.grad = grad
         grads.append(grad)
     held["grads"] = grads

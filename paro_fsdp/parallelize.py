@@ -78,12 +78,16 @@ def _param_mesh(groups: MeshGroups, level: Granularity) -> DeviceMesh:
 def bucket_blocks(blocks: Sequence[nn.Module], cap_bytes: float) -> list[list[nn.Module]]:
     """``blocks`` in order, cut into runs of consecutive blocks of one class, each run closed
     once it holds at least ``cap_bytes`` of trainable parameters; ``cap_bytes`` 0: one block
-    per run.
+    per run. A block left out of every run stays with the root's unit.
 
     Only blocks of one class share a run: a model's repeated layers run one after another in
     its forward, while a block of its own kind may run apart from them (an output projection
     called by a chunked loss after the forward, once per chunk), and FSDP2 reduces a unit
-    whose modules' backwards come apart in pieces, which the engine's one row per unit cannot take.
+    whose modules' backwards come apart in pieces, which the engine's one row per unit cannot
+    take. Such a block (neither neighbour of its class) holding less than ``cap_bytes`` is left
+    to the root, whose unit is reduced once the whole backward is done: it would not fill a
+    bucket, and a unit of its own costs hooks and collectives at every micro-step (embeddings
+    and output projection of a small model).
     """
     runs: list[list[nn.Module]] = []
     held = cap_bytes
@@ -92,8 +96,15 @@ def bucket_blocks(blocks: Sequence[nn.Module], cap_bytes: float) -> list[list[nn
             runs.append([])
             held = 0
         runs[-1].append(block)
-        held += sum(_local(p).numel() * p.element_size() for p in block.parameters() if p.requires_grad)
-    return runs
+        held += _trainable_bytes(block)
+    kinds = [type(block) for block in blocks]
+    to_root = {id(block) for i, block in enumerate(blocks)
+               if kinds[i] not in kinds[max(i - 1, 0):i] + kinds[i + 1:i + 2] and _trainable_bytes(block) < cap_bytes}
+    return [run for run in runs if id(run[0]) not in to_root]
+
+
+def _trainable_bytes(block: nn.Module) -> int:
+    return sum(_local(p).numel() * p.element_size() for p in block.parameters() if p.requires_grad)
 
 
 def _local(p: nn.Parameter) -> torch.Tensor:
@@ -149,7 +160,8 @@ def paro_parallelize(
             default; intra-group traffic, the fp32 masters, the moments and checkpoints stay exact.
         bucket_cap_mb: where P = N, consecutive blocks of one class (a model's repeated layers)
             join one unit until it holds at least this many MiB of trainable parameters (this
-            rank's, as stored); 0 keeps one unit per block. ``None``: 25 MiB (DDP's bucket)
+            rank's, as stored), and a block with no neighbour of its class that holds less
+            stays with the root (:func:`bucket_blocks`); 0 keeps one unit per block. ``None``: 25 MiB (DDP's bucket)
             where P = O = N, one unit per block where O is finer (each unit's sync_p then
             overlaps the next forward), see :func:`~paro_fsdp.strategy.bucket_bytes`. Other
             strategies keep one unit per block (it bounds what is gathered at once).

@@ -462,12 +462,13 @@ def _sgd_reference(rank: int) -> list[float]:
 
 
 def _buckets() -> dict:
-    """Units per bucket cap (0, one layer's bytes, the default, 25 MiB for every strategy) for
+    """Units per bucket cap (0, the input projection's bytes, one layer's, the default, 25 MiB
+    for every strategy) for
     P = N strategies and one that gathers, and the SGD losses each trains to (as
     :func:`_sgd_reference`)."""
     mesh, rank = _mesh(2, 2), dist.get_rank()
     sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in Net().units()]
-    caps = (0, sizes[1] / 2**20, None, 25.0)
+    caps = (0, sizes[0] / 2**20, sizes[1] / 2**20, None, 25.0)
     out: dict = {"reference": _sgd_reference(rank), "caps": caps}
     for code in ("NNN", "NIG", "NGG", "IIG"):
         for cap in caps:
@@ -700,18 +701,21 @@ def test_reused_gradient_rows_train_as_fresh_ones(results, code):
 @pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])
 def test_p_n_units_are_buckets_of_consecutive_blocks(results, code):
     b = results[0]["buckets"]
-    none, layer, default, ddp = (b[f"{code}/{cap}"]["units"] for cap in b["caps"])
+    none, inp, layer, default, ddp = (b[f"{code}/{cap}"]["units"] for cap in b["caps"])
     per_block = [["inp"], ["layers.0"], ["layers.1"], ["head"], [""]]
-    # the layers (one class) share a unit; the projections around them are Linear, not Block
-    one = [["inp"], ["layers.0", "layers.1"], ["head"], [""]]
     assert none == per_block
-    if code.startswith("N"):  # one layer reaches the layer's cap; all four stay under 25 MiB
-        assert layer == per_block
+    if code.startswith("N"):
+        # the layers (one class) share a unit up to the cap; the Linear projections around
+        # them (no neighbour of their class) keep a unit only if they reach the cap, else
+        # they stay with the root's
+        assert inp == [["inp"], ["layers.0"], ["layers.1"], [""]]
+        assert layer == [["layers.0"], ["layers.1"], [""]]
+        one = [["layers.0", "layers.1"], [""]]
         assert ddp == one
         # by default only where P = O = N: elsewhere each unit's sync_p overlaps the next forward
         assert default == (one if code == "NNN" else per_block)
     else:  # P gathers: one unit per block bounds what is gathered at once
-        assert layer == default == ddp == per_block
+        assert inp == layer == default == ddp == per_block
 
 
 @pytest.mark.parametrize("code", ["NNN", "NIG", "NGG", "IIG"])

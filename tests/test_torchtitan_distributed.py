@@ -7,11 +7,11 @@ Each launch is one ``torchrun`` of this file; inside it, torchtitan trainers for
 configurations run one after another on the same process group (tiny debug model, a few
 steps), and the last rank writes what it measured to a JSON file the tests read:
 
-- 4 ranks: stock HSDP vs PaRO IIG/HO-Ring on 2x2 (loss curves; 10 steps of IIG and NIG against
+- 4 ranks: stock HSDP vs PaRO IIG/HO-Ring on 2x2 (loss curves; 10 steps of IIG, NIG and NNN against
   HSDP and of GGG against FSDP on 1x4, within 1e-5), an interrupted and resumed
   IIG run vs an uninterrupted one, and a checkpoint chain IIG 2x2 -> GGG 1x4 -> NIG 2x2
   (parameters and optimizer state after each load equal those saved; training continues on
-  the uninterrupted run's losses); qwen3 with PaRO vs stock; ``paro_strategy = "auto"``
+  the uninterrupted run's losses); qwen3 (tied embeddings) with PaRO IIG and NNN; ``paro_strategy = "auto"``
   (links probed at start-up, the ranking logged, the chosen strategy trained);
 - 8 ranks: TP=2 and PP=2, each with PaRO IIG 2x2 vs torchtitan's stock HSDP 2x2 (10 steps, within
   1e-5), and each with
@@ -80,6 +80,7 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["quant_resumed"] = run(args(root / "quant_resumed", 4, (2, 2), "IIG", *ckpt, *quant),
                                snapshot_end=False)["losses"]
     out["qwen3_iig"] = run(args(root / "qwen3", 3, (2, 2), "IIG", model="qwen3"))["losses"]
+    out["qwen3_nnn"] = run(args(root / "qwen3_nnn", 3, (2, 2), "NNN", model="qwen3"), snapshot_end=False)["losses"]
     # torchtitan's bf16 compute: PaRO keeps a bf16 copy at P and the fp32 master at O.
     bf16 = ["--training.mixed_precision_param", "bfloat16"]
     out["bf16_stock"] = run(args(root / "bf16_stock", 4, (1, 4), None, *bf16))["losses"]
@@ -96,7 +97,7 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
     out["parity"] = {
         name: run(args(root / f"parity_{name}", 10, dp, strategy), snapshot_end=False)["losses"]
         for name, dp, strategy in (("hsdp", (2, 2), None), ("iig", (2, 2), "IIG"), ("nig", (2, 2), "NIG"),
-                                   ("fsdp", (1, 4), None), ("ggg", (1, 4), "GGG"))
+                                   ("nnn", (2, 2), "NNN"), ("fsdp", (1, 4), None), ("ggg", (1, 4), "GGG"))
     }
     return out
 
@@ -181,9 +182,13 @@ def test_paro_matches_stock_hsdp_and_learns(four: dict[str, Any]) -> None:
     assert iig[-1] < iig[0] - 0.5
 
 
-@pytest.mark.parametrize(("strategy", "stock"), [("iig", "hsdp"), ("nig", "hsdp"), ("ggg", "fsdp")])
+@pytest.mark.parametrize(("strategy", "stock"), [("iig", "hsdp"), ("nig", "hsdp"), ("nnn", "hsdp"),
+                                                ("ggg", "fsdp")])
 def test_ten_steps_equal_stock_torchtitan(four: dict[str, Any], strategy: str, stock: str) -> None:
-    """IIG and NIG against stock HSDP on 2 x 2, GGG against stock FSDP on 1 x 4, HO-Ring, fp32."""
+    """IIG, NIG and NNN against stock HSDP on 2 x 2, GGG against stock FSDP on 1 x 4, HO-Ring,
+    fp32. NNN's transformer blocks share one unit and its embeddings and output projection
+    stay with the root's, where on torchtitan 0.3 the chunked loss's per-chunk backwards reach
+    the projection before the unit's backward begins."""
     paro, reference = curve(four["parity"][strategy]), curve(four["parity"][stock])
     assert len(paro) == 10
     assert_close(paro, reference, rtol=1e-5)
@@ -255,6 +260,10 @@ def test_qwen3_trains_with_paro(four: dict[str, Any]) -> None:
     losses = curve(four["qwen3_iig"])
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.5
+    # NNN computes on the tied weight in place, in the root's unit; on torchtitan 0.3 the
+    # chunked loss's backwards reach the weight before that unit's backward begins, and their
+    # gradient must join the row, not be replaced by it.
+    assert_close(curve(four["qwen3_nnn"]), losses, rtol=1e-5)
 
 
 def test_auto_strategy_plans_logs_the_ranking_and_trains_the_choice(four: dict[str, Any]) -> None:

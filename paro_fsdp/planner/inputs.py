@@ -44,8 +44,8 @@ class ModelSizes:
     is coarser than O, a compute-dtype copy at P and the master beside the moments at O. ``block_params`` is the
     size of the largest block (a transformer block), defaulting to ``params / blocks``; where P = N
     consecutive blocks may share a unit (``bucket_cap_mb``, :meth:`blocks_per_unit`; every block
-    is counted as one kind, while ``paro_parallelize`` keeps a block of another class, such as
-    the embeddings, in a unit of its own).
+    is counted as one kind, while ``paro_parallelize`` gives a block of another class, such as
+    the embeddings, a unit of its own, or none where it is smaller than the cap: the root's).
     ``flops_per_token`` defaults to 6 per parameter (forward and backward of dense training).
     """
 
