@@ -44,8 +44,9 @@ def paro_mesh(parallel_dims: ParallelDims) -> DeviceMesh:
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """PaRO's units of a torchtitan model part: embeddings, each transformer block, the output
-    projection; the root takes the rest.
+    """PaRO's blocks of a torchtitan model part: embeddings, each transformer block, the output
+    projection; the root takes the rest (where P = N the blocks are bucketed and a small
+    embedding or projection stays with the root, :func:`paro_fsdp.parallelize.bucket_blocks`).
 
     The projection is ``output`` in torchtitan 0.2.2 and ``lm_head`` in 0.3; weight tying is a
     field of ``model_args`` in 0.2.2 and of the model in 0.3. With tied embeddings the shared
