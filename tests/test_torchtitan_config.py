@@ -65,6 +65,17 @@ def test_quantization_fields_reach_the_settings() -> None:
                                                                           "feedback) on 2 group(s) x 2 rank(s)")
 
 
+def test_bucket_cap_reaches_the_settings() -> None:
+    assert paro_settings(_config(), 4).bucket_cap_mb is None  # by strategy
+    settings = paro_settings(_config("--parallelism.paro_strategy", "NNG", "--parallelism.paro_bucket_cap_mb", "25"), 4)
+    assert settings.bucket_cap_mb == 25.0
+    assert settings.describe().endswith("; P = N blocks in units of 25 MiB) on 2 group(s) x 2 rank(s)")
+    per_block = paro_settings(_config("--parallelism.paro_strategy", "NNN", "--parallelism.paro_bucket_cap_mb", "0"), 4)
+    assert per_block.bucket_cap_mb == 0.0 and "; P = N blocks in a unit each)" in per_block.describe()
+    gathered = paro_settings(_config("--parallelism.paro_bucket_cap_mb", "0"), 4)  # IIG: P is gathered per block
+    assert gathered.bucket_cap_mb == 0.0 and "P = N" not in gathered.describe()
+
+
 def test_command_line_overrides_the_toml_strategy_and_aliases_parse() -> None:
     assert paro_settings(_config("--parallelism.paro_strategy", "NIG"), 4).strategy.code == "NIG"
     assert paro_settings(_config("--parallelism.paro_strategy", "zero3"), 4).strategy.code == "GGG"
@@ -91,6 +102,10 @@ def test_unset_strategy_means_stock_torchtitan() -> None:
         (("--parallelism.paro_comm", "auto", "--parallelism.paro_ho_ring_chunks", "4"), 4,
          r"paro_ho_ring_chunks=4 is invalid with parallelism.paro_comm='auto' \(the planner chooses the depth\): leave "
          r"parallelism.paro_ho_ring_chunks unset, or set parallelism.paro_comm='ho_ring' to fix it"),
+        (("--parallelism.paro_bucket_cap_mb", "-1"), 4,
+         r"parallelism.paro_bucket_cap_mb=-1.0 is invalid: MiB of parameters per unit where P = N, a number >= 0 "
+         r"\(0: a unit per transformer block\), or unset \(25 for NNN, a unit per block otherwise\)"),
+        (("--parallelism.paro_bucket_cap_mb", "inf"), 4, r"parallelism.paro_bucket_cap_mb=inf is invalid"),
         (("--parallelism.paro_quant_params", "int4"), 4,
          r"parallelism.paro_quant_params='int4' is invalid; valid values: int8, or None \(exact\) \(empty\)"),
         (("--parallelism.paro_quant_grads", "fp8"), 4,

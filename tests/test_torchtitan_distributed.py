@@ -99,6 +99,9 @@ def _scenarios_4(root: Path) -> dict[str, Any]:
         for name, dp, strategy in (("hsdp", (2, 2), None), ("iig", (2, 2), "IIG"), ("nig", (2, 2), "NIG"),
                                    ("nnn", (2, 2), "NNN"), ("fsdp", (1, 4), None), ("ggg", (1, 4), "GGG"))
     }
+    # NIG with its transformer blocks bucketed from the config (by default a unit per block).
+    out["parity"]["nig_bucketed"] = run(args(root / "parity_nig_bucketed", 10, (2, 2), "NIG",
+                                             "--parallelism.paro_bucket_cap_mb", "25"), snapshot_end=False)["losses"]
     return out
 
 
@@ -183,12 +186,12 @@ def test_paro_matches_stock_hsdp_and_learns(four: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("strategy", "stock"), [("iig", "hsdp"), ("nig", "hsdp"), ("nnn", "hsdp"),
-                                                ("ggg", "fsdp")])
+                                                ("nig_bucketed", "hsdp"), ("ggg", "fsdp")])
 def test_ten_steps_equal_stock_torchtitan(four: dict[str, Any], strategy: str, stock: str) -> None:
     """IIG, NIG and NNN against stock HSDP on 2 x 2, GGG against stock FSDP on 1 x 4, HO-Ring,
-    fp32. NNN's transformer blocks share one unit and its embeddings and output projection
-    stay with the root's, where on torchtitan 0.3 the chunked loss's per-chunk backwards reach
-    the projection before the unit's backward begins."""
+    fp32. NNN's transformer blocks share one unit (and NIG's, with ``paro_bucket_cap_mb`` set)
+    and the embeddings and output projection stay with the root's, where on torchtitan 0.3 the
+    chunked loss's per-chunk backwards reach the projection before the unit's backward begins."""
     paro, reference = curve(four["parity"][strategy]), curve(four["parity"][stock])
     assert len(paro) == 10
     assert_close(paro, reference, rtol=1e-5)

@@ -47,7 +47,7 @@ def test_every_paro_field_is_set_from_the_command_line() -> None:
                      "--parallelism.paro_calibration", "cal.json", "--debug.no-layout-independent-init",
                      "--checkpoint.no-paro-checksums", "--parallelism.paro_quant_params", "int8",
                      "--parallelism.paro_quant_grads", "int4", "--parallelism.paro_quant_block_size", "64",
-                     "--parallelism.paro_quant_error_feedback")
+                     "--parallelism.paro_quant_error_feedback", "--parallelism.paro_bucket_cap_mb", "10")
     assert isinstance(config, ParoTrainer.Config)
     par = config.parallelism
     assert (par.paro_strategy, par.paro_comm, par.paro_ho_ring_chunks, par.paro_device_memory_gib,
@@ -56,6 +56,7 @@ def test_every_paro_field_is_set_from_the_command_line() -> None:
     settings = paro_settings(job_view(config), 4)
     assert settings.describe() == ("PaRO GGG (ho_ring, at most 4 chunks; across groups params int8 and grads int4 "
                                    "in blocks of 64 with error feedback) on 2 group(s) x 2 rank(s)")
+    assert par.paro_bucket_cap_mb == settings.bucket_cap_mb == 10.0  # GGG gathers P: no buckets to name
     assert paro_settings(job_view(_config("llama3_debug_paro", "--parallelism.paro_strategy", "None")), 4) is None
 
 

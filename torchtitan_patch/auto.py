@@ -116,6 +116,7 @@ def plan_inputs(model: nn.Module, job_config: Any, backwards_per_step: int) -> t
     sizes = sizes_from_model(
         model, param_bytes=stored, grad_bytes=stored, optim_bytes=ADAM_STATES * stored,
         gather_bytes=gather, reduce_bytes=TORCH_DTYPE_MAP[training.mixed_precision_reduce].itemsize,
+        bucket_cap_mb=getattr(job_config.parallelism, "paro_bucket_cap_mb", None),
     )
     job = TorchtitanJob(
         name=job_config.model.name, flavor=job_config.model.flavor, model=sizes, dim=_model_dim(model),

@@ -39,6 +39,16 @@ class Parallelism:
     paro_comm = "auto", the planner's choice.
     """
 
+    paro_bucket_cap_mb: float | None = None
+    """
+    Where parameters are not partitioned (P = N: NNN, NNI, NII, NNG, NIG, NGG), consecutive
+    transformer blocks share one unit (one set of hooks and one gradient reduction, as DDP's
+    buckets) until it holds at least this many MiB of parameters, and an embedding or output
+    projection smaller than that stays with the root's unit. 0: a unit per block. Unset: by
+    strategy, 25 MiB (DDP's bucket) for NNN and a unit per block for the others, whose
+    parameter sync after the step overlaps the next forward block by block.
+    """
+
     paro_quant_params: str = ""
     """
     Parameters crossing groups (sync_p, the inter phase of P=G gathers) as block-quantized

@@ -82,6 +82,7 @@ def apply_paro(model: nn.Module, settings: ParoSettings, mesh: DeviceMesh, paral
         comm=settings.comm,
         ho_ring_chunks=settings.ho_ring_chunks,
         quant=settings.quant,
+        bucket_cap_mb=settings.bucket_cap_mb,
         mp_policy=MixedPrecisionPolicy(
             param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],

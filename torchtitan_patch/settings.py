@@ -11,7 +11,7 @@ from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, HO_RING_DEPTHS
 from paro_fsdp.comm.names import AUTO, PLANNER_COMM_NAMES
 from paro_fsdp.comm.registry import DEFAULT, HO_RING
 from paro_fsdp.planner import collectives_candidates
-from paro_fsdp.strategy import ParoStrategy
+from paro_fsdp.strategy import Granularity, ParoStrategy
 
 SUPPORTED_MODELS = ("llama3", "qwen3")
 
@@ -41,6 +41,7 @@ class ParoSettings:
     quant: q.InterQuant | None = None  # what crosses groups quantized; None: all exact
     quant_auto: bool = False  # paro_quant_* = "auto": ``auto`` chooses between exact and ``quant``
     comm_chosen: bool = False  # ``comm`` / ``ho_ring_chunks`` are the planner's choice
+    bucket_cap_mb: float | None = None  # P = N units' bucket cap; None: by strategy
 
     @property
     def plans_collectives(self) -> bool:
@@ -74,6 +75,9 @@ class ParoSettings:
                 comm += " with error feedback"
             if self.quant_auto and self.strategy is None:
                 comm += ", or exact, as auto chooses"
+        if self.bucket_cap_mb is not None and (self.strategy is None or self.strategy.param is Granularity.N):
+            comm += f"; P = N blocks in units of {self.bucket_cap_mb:g} MiB" if self.bucket_cap_mb else \
+                "; P = N blocks in a unit each"
         return f"PaRO {name} ({comm}) on {self.groups} group(s) x {self.group_size} rank(s)"
 
 
@@ -261,6 +265,19 @@ def _quant(par: Any, auto_strategy: bool) -> tuple[q.InterQuant | None, bool]:
     return q.InterQuant(block_size=block, error_feedback=feedback, **formats), auto
 
 
+def _bucket_cap_mb(par: Any) -> float | None:
+    """``parallelism.paro_bucket_cap_mb``: ``None`` (by strategy) or a finite number >= 0."""
+    value = getattr(par, "paro_bucket_cap_mb", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ParoConfigError(
+            f"parallelism.paro_bucket_cap_mb={value!r} is invalid: MiB of parameters per unit where P = N, a "
+            f"number >= 0 (0: a unit per transformer block), or unset (25 for NNN, a unit per block otherwise)"
+        )
+    return float(value)
+
+
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in valid:
         raise ParoConfigError(f"{section}.{name}={value!r} is invalid; valid values: {', '.join(valid)}")
@@ -323,4 +340,4 @@ def paro_settings(job_config: Any, world_size: int) -> ParoSettings | None:
         _check_calibration(calibration, g, m)
     return ParoSettings(strategy, comm, g, m, auto=strategy is None, calibration=calibration,
                         device_memory_gib=device_memory_gib, ho_ring_chunks=ho_ring_chunks, quant=quant,
-                        quant_auto=quant_auto)
+                        quant_auto=quant_auto, bucket_cap_mb=_bucket_cap_mb(par))

@@ -31,10 +31,11 @@ def _local_numel(param: "torch.Tensor") -> int:
 
 def sizes_from_model(model: "nn.Module", flops_per_token: float | None = None, param_bytes: int = 4,
                      grad_bytes: int = 4, optim_bytes: int = 8, gather_bytes: int | None = None,
-                     reduce_bytes: int | None = None) -> ModelSizes:
+                     reduce_bytes: int | None = None, bucket_cap_mb: float | None = None) -> ModelSizes:
     """Sizes of a (possibly meta-device) torchtitan-style model with ``model.layers`` blocks.
 
-    Trainable parameters are those with ``requires_grad``; each block is one FSDP unit and the
+    Trainable parameters are those with ``requires_grad``; each block is one FSDP unit (where
+    P = N, blocks share units up to ``bucket_cap_mb``, as ``paro_parallelize`` cuts them) and the
     largest one sizes the transient buffers. A tensor-parallel DTensor counts its local shard:
     that is what each rank holds and data-parallel sharding divides further.
     """
@@ -53,7 +54,7 @@ def sizes_from_model(model: "nn.Module", flops_per_token: float | None = None, p
         block_params=max(sum(_local_numel(p) for p in b.parameters()) for b in blocks),
         param_bytes=param_bytes, grad_bytes=grad_bytes, optim_bytes=optim_bytes,
         gather_bytes=gather_bytes, reduce_bytes=reduce_bytes,
-        flops_per_token=flops_per_token,
+        flops_per_token=flops_per_token, bucket_cap_mb=bucket_cap_mb,
     )
 
 
