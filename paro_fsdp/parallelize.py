@@ -161,10 +161,11 @@ def paro_parallelize(
         bucket_cap_mb: where P = N, consecutive blocks of one class (a model's repeated layers)
             join one unit until it holds at least this many MiB of trainable parameters (this
             rank's, as stored), and a block with no neighbour of its class that holds less
-            stays with the root (:func:`bucket_blocks`); 0 keeps one unit per block. ``None``: 25 MiB (DDP's bucket)
-            where P = O = N, one unit per block where O is finer (each unit's sync_p then
-            overlaps the next forward), see :func:`~paro_fsdp.strategy.bucket_bytes`. Other
-            strategies keep one unit per block (it bounds what is gathered at once).
+            stays with the root (:func:`bucket_blocks`); 0 keeps one unit per block. ``None``:
+            25 MiB (DDP's bucket) where P = O = N, one unit per block where O is finer (each
+            unit's sync_p then overlaps the next forward), see
+            :func:`~paro_fsdp.strategy.bucket_bytes`. Other strategies keep one unit per block
+            (it bounds what is gathered at once).
 
     Returns:
         ``model`` itself, whose class gains ``set_requires_gradient_sync`` and
