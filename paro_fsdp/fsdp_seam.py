@@ -138,6 +138,19 @@ def _wait_params_before_unshard(module: FSDPModule, unit: "Unit") -> None:
         return unshard(*args, **kwargs)
 
     group.unshard = unshard_after_sync
+    to_sharded = group._to_sharded
+
+    def to_sharded_dropping_views() -> None:
+        vars(group).pop(_VIEWS_CURRENT, None)
+        to_sharded()
+
+    group._to_sharded = to_sharded_dropping_views
+
+
+# Set on an FSDP2 parameter group when :func:`_unshard_locally` has made its unsharded parameters;
+# dropped when the group reshards, as FSDP2 does before anything replaces the stored parameters
+# (``FSDPModule._apply``, which casts and moves them, and the state-dict pre-hooks).
+_VIEWS_CURRENT = "_paro_views_current"
 
 
 def _unshards_locally(p: Any) -> bool:
@@ -182,17 +195,19 @@ def _unshard_locally(group: Any) -> bool:
     is never freed (it is what the optimizer updates): the unsharded parameter is a view of it,
     and updates and loads reach compute with no copy. Otherwise the stored data is cast straight
     into the output, one copy instead of two. FSDP2 replacing the stored data (a cast, a load
-    with ``assign=True``) is noticed here and the views are made again.
+    with ``assign=True``) reshards the group first; the next unshard notices the new data and
+    makes the views again.
     """
+    if group.is_unsharded and vars(group).get(_VIEWS_CURRENT):
+        return True  # asked at every unshard: each module's forward, the backward, prefetches
     params = group.fsdp_params
-    if group.is_unsharded and all(_aliased(p) == _compute_as_stored(p) for p in params):
-        return True  # the views are current (asked once per module of a unit, at every forward)
     if not all(_unshards_locally(p) for p in params):
         return False
     as_stored = [_compute_as_stored(p) for p in params]  # with the check above: _in_place
     stale = [(p, in_place) for p, in_place in zip(params, as_stored) if _aliased(p) != in_place]
     if group.is_unsharded:
         if not stale:
+            vars(group)[_VIEWS_CURRENT] = True
             return True
         group._to_sharded()
     for p, in_place in stale:
@@ -213,6 +228,7 @@ def _unshard_locally(group: Any) -> bool:
                 p.all_gather_outputs[0].copy_(data)
         p.init_unsharded_param()
     group._to_unsharded()
+    vars(group)[_VIEWS_CURRENT] = True
     return True
 
 
