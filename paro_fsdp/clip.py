@@ -61,12 +61,15 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
             dims = _model_parallel_dims(region.param)
             groups[tuple(sorted(dims))] = tuple(dims[d] for d in sorted(dims))
     slices: defaultdict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)
+    divisors: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
     for unit in state.units:
-        if unit.optim_grad is None:
+        grad, divisor = unit.summed_grad()  # not divided yet: clip_grad_norm_ scales it once
+        if grad is None:
             continue
         for sl in unit.layout.slices(level):
             key = tuple(sorted(_model_parallel_dims(sl.region.param)))
-            slices[key].append(unit.optim_grad[sl.compact_start : sl.compact_start + sl.numel])
+            slices[key].append(grad[sl.compact_start : sl.compact_start + sl.numel])
+            divisors[key].append(divisor)
     partial: dict[tuple[str, ...], torch.Tensor] = {}
     for key in groups:
         # One fused fp32 norm per slice, as torch's own clipping computes it; the slices'
@@ -74,10 +77,9 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         norms = torch._foreach_norm(slices[key], norm_type) if slices[key] else []
         if not norms:
             partial[key] = torch.zeros((), dtype=torch.float64, device=device)
-        elif two:
-            partial[key] = torch.stack(norms).double().square().sum()
-        else:
-            partial[key] = torch.stack(norms).double().max()
+            continue
+        norms = torch.stack(torch._foreach_div(norms, divisors[key])).double()
+        partial[key] = norms.square().sum() if two else norms.max()
     op = dist.ReduceOp.SUM if two else dist.ReduceOp.MAX
     dp_group = (state.groups.flat_mesh.get_group() if level is Granularity.G
                 else state.groups.intra if level is Granularity.I else None)
@@ -102,6 +104,5 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
     norm = grad_norm(model, norm_type) if total_norm is None else total_norm
     coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0)
     for unit in paro_state(model).units:
-        if unit.optim_grad is not None:
-            unit.optim_grad.mul_(coef.to(unit.optim_grad))  # a given total_norm may live on another device
+        unit.scale_grad_(coef)  # a given total_norm may live on another device
     return norm

@@ -77,7 +77,7 @@ class EngineState:
             unit.release_gathered()
 
     def grads_ready(self) -> bool:
-        return all(u.optim_grad is not None for u in self.units if u.layout.regions)
+        return all(u.summed_grad()[0] is not None for u in self.units if u.layout.regions)
 
     @property
     def forward_order(self) -> list["Unit"]:
@@ -180,7 +180,8 @@ class Unit:
         quantized = quantizes_sync_p(s, state.groups.groups, state.groups.quant)
         self.keeps_master_apart = bool(regions) and s.param < s.optim and (narrower or quantized)
         self.grad_accum: torch.Tensor | None = None  # fp32, at G, summed over this window's micro-steps
-        self._optim_grad: torch.Tensor | None = None  # fp32, averaged, at O
+        self._optim_grad: torch.Tensor | None = None  # fp32, at O, summed over ranks until divided
+        self._grad_divisor = 1.0  # what _optim_grad is still to be divided by
         # In flight: a micro-step's reduction to G, the gradient's sync_g and the parameters'
         # sync_p, each as (the buffer it fills, its handle).
         self._grad_reduce: tuple[torch.Tensor, Pending] | None = None
@@ -349,24 +350,47 @@ class Unit:
             self._accumulate(x)
 
     def wait_grads(self) -> None:
-        """Finish this unit's sync_g, if one is in flight, into the averaged gradient at O."""
+        """Finish this unit's sync_g, if one is in flight, into the gradient at O, summed over the
+        ranks: it is divided when read (:attr:`optim_grad`) or scaled (:meth:`scale_grad_`)."""
         if self._sync_g is None:
             return
         (x, pending), self._sync_g = self._sync_g, None
         pending.wait()
         if x is None:  # the sync was the last micro-step's reduction: its sum is the gradient
             x, self.grad_accum = self.grad_accum, None
-        x.div_(self.state.divide_factor or self.state.groups.world)
+        divisor = self.state.divide_factor or self.state.groups.world
         if self._optim_grad is None:
-            self._optim_grad = x
+            self._optim_grad, self._grad_divisor = x, divisor
         else:  # several synchronized backwards before one step: gradients add up, as in DDP
-            self._optim_grad += x
+            self._divide_grad()
+            self._optim_grad += x.div_(divisor)
+
+    def _divide_grad(self) -> None:
+        if self._grad_divisor != 1.0:
+            self._optim_grad.div_(self._grad_divisor)
+            self._grad_divisor = 1.0
 
     @property
     def optim_grad(self) -> torch.Tensor | None:
         """The synchronized gradient at O (fp32, averaged), once its sync_g has completed."""
         self.wait_grads()
+        if self._optim_grad is not None:
+            self._divide_grad()
         return self._optim_grad
+
+    def summed_grad(self) -> tuple[torch.Tensor | None, float]:
+        """The synchronized gradient at O as it is held, and what it is still to be divided by:
+        the clip takes its norm from it and scales it once, the division folded in, where
+        dividing first would cost a pass over the gradient of its own."""
+        self.wait_grads()
+        return self._optim_grad, self._grad_divisor
+
+    def scale_grad_(self, factor: torch.Tensor) -> None:
+        """Multiply the averaged gradient at O by ``factor`` (a scalar tensor on any device)."""
+        grad, divisor = self.summed_grad()
+        if grad is not None:
+            grad.mul_((factor.double() / divisor).to(grad))
+            self._grad_divisor = 1.0
 
     def _accumulate(self, x: torch.Tensor) -> None:
         """Add ``x`` to the fp32 sum at G. ``x`` may be FSDP2's reduce output itself: FSDP2 only
@@ -380,6 +404,7 @@ class Unit:
         self._finish_grad_reduce()
         self.wait_grads()
         self.grad_accum = self._optim_grad = None
+        self._grad_divisor = 1.0
         if self._row_in_use is not None:
             self._spare_row, self._row_in_use = self._row_in_use, None
 

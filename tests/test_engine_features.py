@@ -45,11 +45,12 @@ def _build(mesh, code: str, **kwargs):
     return paro_parallelize(model, mesh, code, blocks=model.units(), **kwargs)
 
 
-def _ddp_reference(steps: int, n: int = 4, clip: float | None = None) -> dict[str, torch.Tensor]:
-    """One process, AdamW on the mean over n ranks' batches (what DDP computes)."""
+def _ddp_reference(steps: int, n: int = 4, clip: float | None = None, optimizer_class: type = torch.optim.AdamW,
+                   lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    """One process, AdamW (or ``optimizer_class``) on the mean over n ranks' batches (what DDP computes)."""
     torch.manual_seed(0)
     ref = Net()
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = optimizer_class(ref.parameters(), lr=lr)
     for s in range(steps):
         (sum(loss_fn(ref, batch(s, 0, r)) for r in range(n)) / n).backward()
         if clip is not None:
@@ -94,6 +95,41 @@ def _clipping() -> dict:
         clip_diff[code] = _max_diff(full, ref)
     trainable = sum(p.numel() for p in Net().parameters())
     return {"ones": ones_norm, "clip_diff": clip_diff, "trainable": trainable}
+
+
+class _GradientPasses(TorchDispatchMode):
+    """The in-place divisions and multiplications run, while active, on tensors of ``sizes`` elements."""
+
+    def __init__(self, sizes: set[int]) -> None:
+        super().__init__()
+        self.sizes, self.ops = sizes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - dispatch protocol
+        if func._schema.name in ("aten::div_", "aten::mul_") and args[0].numel() in self.sizes:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _clipped_sgd() -> dict:
+    """Clipped SGD, where a wrong gradient scale shows (AdamW's update hides it), against one
+    process with torch's clipping; and the element-wise passes the clip and the step make over
+    the units' gradients: one scaling each, the division by n folded into it."""
+    mesh, rank, n = _mesh(2, 2), dist.get_rank(), 4
+    ref = _ddp_reference(2, n, clip=0.05, optimizer_class=torch.optim.SGD, lr=0.5)
+    out = {}
+    for code in CODES:
+        model = _build(mesh, code)
+        opt = ParoOptimizer(model, torch.optim.SGD, lr=0.5)
+        loss_fn(model, batch(0, 0, rank)).backward()
+        grads = [g for g, _ in (unit.summed_grad() for unit in paro_state(model).units) if g is not None]
+        with _GradientPasses({g.numel() for g in grads}) as passes:
+            clip_grad_norm_(model, 0.05)
+            opt.step()
+        opt.zero_grad()
+        _train(model, opt, 1, start=1, clip=0.05)
+        out[code] = {"diff": _max_diff(get_model_state_dict(model, options=FULL), ref), "passes": passes.ops,
+                     "units": len(grads)}
+    return out
 
 
 def _zero_padding(unit) -> None:
@@ -569,6 +605,7 @@ def _errors() -> dict:
 def _all(path: str) -> dict:
     return {
         "clipping": _clipping(),
+        "clipped_sgd": _clipped_sgd(),
         "frozen": _frozen(),
         "mixed": _mixed_precision(),
         "checkpoint": _checkpoint(path),
@@ -668,6 +705,19 @@ def test_ho_ring_engine_matches_default(results, code):
 def test_gradient_divide_factor(results):
     for code, diff in results[0]["divide_factor"].items():
         assert diff < 1e-5, f"{code}: {diff}"
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_clipped_sgd_matches_single_process(results, code):
+    for rank, r in enumerate(results):
+        assert r["clipped_sgd"][code]["diff"] < 1e-5, f"rank {rank}: {r['clipped_sgd'][code]['diff']}"
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_clip_scales_each_gradient_in_one_pass(results, code):
+    for rank, r in enumerate(results):
+        got = r["clipped_sgd"][code]
+        assert got["units"] and got["passes"] == ["aten::mul_"] * got["units"], f"rank {rank}: {got['passes']}"
 
 
 @pytest.mark.parametrize("code", CODES)
