@@ -347,6 +347,8 @@ def torchtitan_args(spec: dict, dump_folder: str) -> list[str]:
         argv += ["--parallelism.paro_ho_ring_chunks", str(spec["ho_ring_chunks"])]
     for field, value in (spec.get("quant") or {}).items():  # benchmarks.quant_speed's runs; the sweep is exact
         argv += [f"--parallelism.paro_quant_{field}", str(value)]
+    if spec.get("bucket_cap_mb") is not None:  # benchmarks.bucket_cap's runs; the sweep keeps the default
+        argv += ["--parallelism.paro_bucket_cap_mb", str(spec["bucket_cap_mb"])]
     return [*argv, *no_ac]
 
 

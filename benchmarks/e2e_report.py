@@ -173,6 +173,21 @@ def step_times(run: dict) -> list[float]:
     return _per_step(run, 1)
 
 
+def median_step(run: dict | None) -> float | None:
+    """Median seconds per step after the warm-up of a run that worked; None otherwise."""
+    return statistics.median(step_times(run)) if run and run["status"] == "ok" else None
+
+
+def step_cell(run: dict | None, digits: int = 3) -> str:
+    """A side-by-side table's cell for ``run``: its median step (min-max), or why it has none."""
+    if run is None:
+        return "-"
+    if run["status"] != "ok":
+        return f"{run['status']}: {run.get('reason', '')}"
+    times = step_times(run)
+    return f"{statistics.median(times):.{digits}f} s ({min(times):.{digits}f}-{max(times):.{digits}f})"
+
+
 def cpu_per_step(run: dict) -> float | None:
     """Median CPU seconds (all threads) node 0's first rank spent per step after the warm-up;
     None for probes that did not report it."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
 from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, saved_series
 from benchmarks.e2e_report import (ANY_COMM, FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters,
-                                   link_bytes_per_step, run_key, step_times)
+                                   link_bytes_per_step, median_step, run_key, step_cell)
 from paro_fsdp.comm.registry import DEFAULT
 
 BEGIN, END = "<!-- quant-speed:begin -->", "<!-- quant-speed:end -->"
@@ -37,10 +36,6 @@ def _label(quant: dict | None) -> str:
 
 def _key(run: dict) -> tuple:
     return (*run_key(run), json.dumps(run.get("quant"), sort_keys=True))
-
-
-def _median(run: dict | None) -> float | None:
-    return statistics.median(step_times(run)) if run and run["status"] == "ok" else None
 
 
 def render(runs: list[dict], commands: list[str]) -> str:
@@ -61,22 +56,13 @@ def render(runs: list[dict], commands: list[str]) -> str:
         exact, quant = variants.get("exact"), variants.get(_label(INT8))
         floor = by.get((scenario, FLOOR_RATE, config), {}).get("exact")
         stock = by.get((scenario, rate, "fsdp"), {}).get("exact")
-        e, q, f, st = _median(exact), _median(quant), _median(floor), _median(stock)
-
-        def cell(run: dict | None) -> str:
-            if run is None:
-                return "-"
-            if run["status"] != "ok":
-                return f"{run['status']}: {run.get('reason', '')}"
-            times = step_times(run)
-            return f"{statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f})"
-
+        e, q, f, st = median_step(exact), median_step(quant), median_step(floor), median_step(stock)
         ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
         bytes_e = link_bytes_per_step(exact) if exact and exact["status"] == "ok" else None
         bytes_q = link_bytes_per_step(quant) if quant and quant["status"] == "ok" else None
         model, nodes, ranks, accum = scenario
-        lines.append(f"| {model} {nodes}x{ranks} A={accum} | {_rate_label(rate)} | {config} | {cell(exact)} "
-                     f"| {cell(quant)} | {ratio(e, q)} | {ratio(e, f)} | {ratio(q, f)} | {ratio(st, q)} "
+        lines.append(f"| {model} {nodes}x{ranks} A={accum} | {_rate_label(rate)} | {config} | {step_cell(exact)} "
+                     f"| {step_cell(quant)} | {ratio(e, q)} | {ratio(e, f)} | {ratio(q, f)} | {ratio(st, q)} "
                      f"| {ratio(bytes_q, bytes_e)} |")
     return "\n".join([*lines, END])
 

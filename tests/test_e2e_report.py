@@ -484,6 +484,48 @@ def test_ho_ring_depth_table():
     assert "10.00 s (10.00-10.00), -20.0%" in rows[1] and rows[1].endswith("| failed: timeout |")
 
 
+def test_bucket_cap_table():
+    from benchmarks import bucket_cap
+
+    def run(config, cap, step_s, rate="1gbit"):
+        return {**_record(config, None if config in e2e.STOCK else "default", rate, step_s, accum=1),
+                "bucket_cap_mb": cap}
+
+    runs = [run("ddp", None, 1.2), run("NIG", 0.0, 1.0), run("NIG", 25.0, 0.8), run("NNN", 0.0, 1.5),
+            {**run("NNN", 25.0, 1.0), "status": "failed", "reason": "timeout"}, run("NNN", 8.0, 1.6, rate="250mbit")]
+    lines = bucket_cap.render(runs, ["cmd"]).splitlines()
+    assert lines[0] == bucket_cap.BEGIN and lines[-1] == bucket_cap.END
+    assert lines[3] == "| scenario | link | strategy | stock DDP | a unit per block | 8 MiB | 25 MiB | fastest |"
+    assert lines[5:-1] == [
+        "| debug 2x4 A=1 | 1gbit | NIG | 1.200 s | 1.000 s (1.000-1.000), 1.200x | - "
+        "| 0.800 s (0.800-0.800), 1.500x | 25 MiB |",
+        "| debug 2x4 A=1 | 1gbit | NNN | 1.200 s | 1.500 s (1.500-1.500), 0.800x | - | failed: timeout "
+        "| a unit per block |",
+        "| debug 2x4 A=1 | 250mbit | NNN | - | - | 1.600 s (1.600-1.600) | - | 8 MiB |",
+    ]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", "GGG"], "--configs GGG: only strategies with P = N"),
+    (["--configs", "ddp"], "--configs ddp: only strategies with P = N"),
+    (["--topologies", "2x4,1x4"], "--topologies '1x4': expected NODESxRANKS"),
+])
+def test_bucket_cap_refuses_what_it_cannot_measure(tmp_path, argv, message):
+    from benchmarks import bucket_cap
+
+    with pytest.raises(SystemExit) as exit_info:
+        bucket_cap.main([*argv, "--out", str(tmp_path / "caps.md")])
+    assert message in str(exit_info.value)
+    assert not (tmp_path / "caps.md").exists()
+
+
+def test_bucket_cap_reaches_the_trainer():
+    spec = {**e2e._spec("debug", 2, 4, 1, "NIG", "default", "1gbit", 8, "sweep"), "bucket_cap_mb": 8.0}
+    args = e2e.torchtitan_args(spec, "/tmp/dump")
+    assert args[args.index("--parallelism.paro_bucket_cap_mb") + 1] == "8.0"
+    assert "--parallelism.paro_bucket_cap_mb" not in e2e.torchtitan_args({**spec, "bucket_cap_mb": None}, "/tmp/d")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--configs", "IGG"], "--configs IGG: no global collective, so HO-Ring's depth changes nothing; give strategies "
                            "with one (NNN, NNG, NIG, NGG, GNG, GIG, GGG)"),
