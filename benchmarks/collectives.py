@@ -89,6 +89,13 @@ def _topology(text: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def topology_arg(text: str) -> tuple[int, int]:
+    """``--topologies`` items as an argparse type: ``(nodes, ranks)`` of NODESxRANKS."""
+    if (layout := _topology(text)) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NODESxRANKS, both at least 2, e.g. 2x4")
+    return layout
+
+
 def _worker_args(args: argparse.Namespace, results: Path) -> list[str]:
     argv = ["-m", "benchmarks.collectives", "--worker", "--results", str(results),
             "--sizes", ",".join(map(str, args.sizes)), "--collectives", ",".join(args.collectives),

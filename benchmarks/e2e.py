@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.collectives import _csv, _topology
+from benchmarks.collectives import _csv, _topology, topology_arg
 from benchmarks.e2e_report import (
     ANY_COMM,
     FLOOR_RATE,
@@ -406,6 +406,29 @@ def add_series_args(p: argparse.ArgumentParser, out: Path, steps: int) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per launch")
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--render", action="store_true", help="only re-render the doc from its saved runs")
+
+
+def add_scenario_args(p: argparse.ArgumentParser, *, accum: int, configs: list[str], configs_help: str,
+                      rate: str) -> None:
+    """The scenario options of the side-by-side benchmarks that run one model on several topologies."""
+    p.add_argument("--model", default="debug", choices=list(MODELS))
+    p.add_argument("--topologies", type=_csv(topology_arg), default=[(2, 4), (4, 2)],
+                   help="NODESxRANKS, comma-separated")
+    p.add_argument("--accum", type=int, default=accum, help="micro-batches per step A")
+    p.add_argument("--configs", type=_csv(_config), default=configs, help=configs_help)
+    p.add_argument("--rate", default=rate, help="inter-node link rate (tc units)")
+
+
+def parse_series(parser: argparse.ArgumentParser, argv: list[str],
+                 publish: Callable[[Path, dict], None]) -> tuple[argparse.Namespace, Path, dict] | None:
+    """A side-by-side benchmark's arguments, the raw results file beside its doc and what that
+    holds; None once ``--render`` has rewritten the doc from it (nothing to launch)."""
+    args = parser.parse_args(argv)
+    raw_path, saved = saved_series(args.out)
+    if args.render:
+        publish(args.out, saved)
+        return None
+    return args, raw_path, saved
 
 
 def saved_series(out: Path) -> tuple[Path, dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
-from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, saved_series
+from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, parse_series
 from benchmarks.e2e_report import (FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters, run_key,
                                    step_times)
 from paro_fsdp.comm.ho_ring import check_chunks
@@ -98,11 +98,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    raw_path, saved = saved_series(args.out)
-    if args.render:
-        publish(args.out, saved)
+    if (parsed := parse_series(_parser(), argv, publish)) is None:
         return 0
+    args, raw_path, saved = parsed
     if (layout := _topology(args.topology)) is None:
         raise SystemExit(f"--topology {args.topology!r}: expected NODESxRANKS, both at least 2, e.g. 2x4")
     nodes, ranks = layout

@@ -19,10 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.collectives import _csv, _topology
 from benchmarks.collectives_report import write_generated
-from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series, saved_series
-from benchmarks.e2e_report import (ANY_COMM, FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters,
+from benchmarks.e2e import REPO, _spec, add_scenario_args, add_series_args, launch_series, parse_series
+from benchmarks.e2e_report import (ANY_COMM, FLOOR_RATE, STOCK, _rate_label, _scenario, comm_matters,
                                    link_bytes_per_step, median_step, run_key, step_cell)
 from paro_fsdp.comm.registry import DEFAULT
 
@@ -74,33 +73,22 @@ def publish(out: Path, raw: dict) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="debug", choices=list(MODELS))
-    p.add_argument("--topologies", type=_csv(str), default=["2x4", "4x2"], help="NODESxRANKS, comma-separated")
-    p.add_argument("--accum", type=int, default=4, help="micro-batches per step A")
-    p.add_argument("--configs", type=_csv(_config), default=["GGG", "IIG", "NIG", "NNG"],
-                   help="PaRO strategy codes, comma-separated")
-    p.add_argument("--rate", default="250mbit", help="inter-node link rate (tc units)")
+    add_scenario_args(p, accum=4, configs=["GGG", "IIG", "NIG", "NNG"],
+                      configs_help="PaRO strategy codes, comma-separated", rate="250mbit")
     add_series_args(p, REPO / "docs" / "quant-speed.md", steps=8)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    raw_path, saved = saved_series(args.out)
-    if args.render:
-        publish(args.out, saved)
+    if (parsed := parse_series(_parser(), argv, publish)) is None:
         return 0
+    args, raw_path, saved = parsed
     if bad := [c for c in args.configs if c in STOCK]:
         raise SystemExit(f"--configs {','.join(bad)}: give PaRO strategy codes (stock FSDP runs in every topology)")
-    layouts = []
-    for text in args.topologies:
-        if (layout := _topology(text)) is None:
-            raise SystemExit(f"--topologies {text!r}: expected NODESxRANKS, both at least 2, e.g. 2x4")
-        layouts.append(layout)
     command = " ".join(["python -m benchmarks.quant_speed", *argv])
     plan = []
-    for nodes, ranks in layouts:
+    for nodes, ranks in args.topologies:
         plan.append((nodes, ranks, "fsdp", args.rate, None))
         for config in args.configs:
             plan += [(nodes, ranks, config, args.rate, None), (nodes, ranks, config, args.rate, INT8),

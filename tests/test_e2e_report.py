@@ -508,14 +508,15 @@ def test_bucket_cap_table():
 @pytest.mark.parametrize("argv,message", [
     (["--configs", "GGG"], "--configs GGG: only strategies with P = N"),
     (["--configs", "ddp"], "--configs ddp: only strategies with P = N"),
-    (["--topologies", "2x4,1x4"], "--topologies '1x4': expected NODESxRANKS"),
+    (["--topologies", "2x4,1x4"], "argument --topologies: '1x4': expected NODESxRANKS"),
+    (["--caps", "0,-1"], "argument --caps: '-1': a cap is a number of MiB >= 0"),
 ])
-def test_bucket_cap_refuses_what_it_cannot_measure(tmp_path, argv, message):
+def test_bucket_cap_refuses_what_it_cannot_measure(tmp_path, capsys, argv, message):
     from benchmarks import bucket_cap
 
     with pytest.raises(SystemExit) as exit_info:
         bucket_cap.main([*argv, "--out", str(tmp_path / "caps.md")])
-    assert message in str(exit_info.value)
+    assert message in str(exit_info.value) + capsys.readouterr().err
     assert not (tmp_path / "caps.md").exists()
 
 
