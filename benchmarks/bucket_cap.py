@@ -6,8 +6,8 @@
 Where P = N, consecutive transformer blocks may share one FSDP2 unit up to the cap
 (``docs/design.md``, "P = N units are buckets"): fewer units cost less per step on the CPU,
 while a unit per block lets each block's gradient reduction and sync_p overlap the backward and
-the next forward. Only NNN buckets by default (25 MiB, as DDP); the strategies whose P is coarser
-than O keep a unit per block. For each topology, stock DDP runs first, then each strategy at
+the next forward. By default only NNN on one group buckets (25 MiB, as DDP); elsewhere each
+block keeps its unit. For each topology, stock DDP runs first, then each strategy at
 each cap, back to back, so the runs of one row share the machine's load. Each run is one
 launch of ``benchmarks.e2e``'s configuration on the emulated cluster. Writes
 ``docs/bucket-cap.md`` (``--out``) and the runs beside it (``.json``), keeping saved runs this

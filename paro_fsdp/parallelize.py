@@ -162,8 +162,9 @@ def paro_parallelize(
             join one unit until it holds at least this many MiB of trainable parameters (this
             rank's, as stored), and a block with no neighbour of its class that holds less
             stays with the root (:func:`bucket_blocks`); 0 keeps one unit per block. ``None``:
-            25 MiB (DDP's bucket) where P = O = N, one unit per block where O is finer (each
-            unit's sync_p then overlaps the next forward), see
+            25 MiB (DDP's bucket) where P = O = N on one group, else one unit per block (each
+            unit's gradient reduction across groups then overlaps the backward, its sync_p the
+            next forward), see
             :func:`~paro_fsdp.strategy.bucket_bytes`. Other strategies keep one unit per block
             (it bounds what is gathered at once).
 
@@ -221,7 +222,7 @@ def paro_parallelize(
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward and effective.param is not Granularity.N}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    unit_modules = [*bucket_blocks(blocks, bucket_bytes(effective, bucket_cap_mb)), [model]]
+    unit_modules = [*bucket_blocks(blocks, bucket_bytes(effective, bucket_cap_mb, groups.groups)), [model]]
     for modules in unit_modules:
         fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
     model.__class__ = type(f"Paro{type(model).__name__}", (ParoModule, type(model)), {})

@@ -105,20 +105,21 @@ class ParoStrategy:
 DDP_BUCKET_MB = 25.0  # torch DDP's default bucket_cap_mb
 
 
-def bucket_bytes(strategy: ParoStrategy, cap_mb: float | None) -> float:
+def bucket_bytes(strategy: ParoStrategy, cap_mb: float | None, groups: int) -> float:
     """Bytes of trainable parameters consecutive blocks gather into one unit under ``strategy``
-    (0: a unit per block); ``cap_mb`` is ``paro_parallelize``'s ``bucket_cap_mb``.
+    on ``groups`` groups (0: a unit per block); ``cap_mb`` is ``paro_parallelize``'s ``bucket_cap_mb``.
 
     Only where P = N: elsewhere a unit per block bounds what is gathered at once. ``None``
-    buckets as DDP does (25 MiB) where P = O = N, and keeps a unit per block where P = N is
-    coarser than O: there each unit's sync_p overlaps the next forward block by block and its
-    gradient reduction the backward, which one unit for many blocks would give up
-    (``docs/design.md``, "P = N units are buckets").
+    buckets as DDP does (25 MiB) where P = O = N on one group, and keeps a unit per block
+    otherwise: where P = N is coarser than O each unit's sync_p overlaps the next forward block
+    by block, and wherever the gradient reduction crosses groups each unit's overlaps the
+    backward, which one unit for many blocks would give up (``docs/design.md``, "P = N units
+    are buckets"; ``docs/bucket-cap.md``).
     """
     if strategy.param is not Granularity.N:
         return 0.0
     if cap_mb is None:
-        return DDP_BUCKET_MB * 2**20 if strategy.optim is Granularity.N else 0.0
+        return DDP_BUCKET_MB * 2**20 if strategy.optim is Granularity.N and groups == 1 else 0.0
     return cap_mb * 2**20
 
 

@@ -499,9 +499,8 @@ def _sgd_reference(rank: int) -> list[float]:
 
 def _buckets() -> dict:
     """Units per bucket cap (0, the input projection's bytes, one layer's, the default, 25 MiB
-    for every strategy) for
-    P = N strategies and one that gathers, and the SGD losses each trains to (as
-    :func:`_sgd_reference`)."""
+    for every strategy) for P = N strategies and one that gathers on 2 groups, and the SGD losses
+    each trains to (as :func:`_sgd_reference`); NNN's units by default on one group."""
     mesh, rank = _mesh(2, 2), dist.get_rank()
     sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in Net().units()]
     caps = (0, sizes[0] / 2**20, sizes[1] / 2**20, None, 25.0)
@@ -524,6 +523,11 @@ def _buckets() -> dict:
                 with torch.no_grad():
                     losses.append(loss_fn(model, batch(9, 0, rank)).item())
             out[f"{code}/{cap}"] = {"units": units, "losses": losses}
+    torch.manual_seed(0)
+    model = Net()
+    names = {id(m): n for n, m in model.named_modules()}
+    model = paro_parallelize(model, _mesh(1, 4), "NNN", blocks=model.units())
+    out["NNN/one group"] = [[names[id(m)] for m in unit.modules] for unit in paro_state(model).units]
     return out
 
 
@@ -762,8 +766,10 @@ def test_p_n_units_are_buckets_of_consecutive_blocks(results, code):
         assert layer == [["layers.0"], ["layers.1"], [""]]
         one = [["layers.0", "layers.1"], [""]]
         assert ddp == one
-        # by default only where P = O = N: elsewhere each unit's sync_p overlaps the next forward
-        assert default == (one if code == "NNN" else per_block)
+        # by default only where P = O = N on one group: elsewhere each unit's sync_p overlaps the
+        # next forward, and a gradient reduction across groups the backward
+        assert default == per_block
+        assert b["NNN/one group"] == one
     else:  # P gathers: one unit per block bounds what is gathered at once
         assert inp == layer == default == ddp == per_block
 

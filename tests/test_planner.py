@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -543,7 +544,7 @@ def test_probe(tmp_path) -> None:
 @pytest.mark.parametrize("width, blocks", [(1000, 8), (300, 40), (3000, 4)])
 def test_planner_units_are_the_units_paro_parallelize_makes(width, blocks):
     """The planner's unit count and size are those ``bucket_blocks`` makes: where P = N,
-    consecutive blocks up to the cap (by default 25 MiB for NNN only); else a unit per block."""
+    consecutive blocks up to the cap (by default 25 MiB for NNN on one group only); else a unit per block."""
     from paro_fsdp.parallelize import bucket_blocks
     from paro_fsdp.strategy import bucket_bytes
 
@@ -552,13 +553,13 @@ def test_planner_units_are_the_units_paro_parallelize_makes(width, blocks):
     for cap_mb in (None, 25.0, 0):
         sizes = ModelSizes(params=block_params * blocks, blocks=blocks, block_params=block_params,
                            bucket_cap_mb=cap_mb)
-        for code in ("NNN", "NIG", "NGG", "IIG", "GGG", "INI"):
+        for code, groups in itertools.product(("NNN", "NIG", "NGG", "IIG", "GGG", "INI"), (1, 2)):
             s = ParoStrategy.parse(code)
-            runs = bucket_blocks(modules, bucket_bytes(s, cap_mb))
-            assert sizes.units_for(s) == len(runs) + 1, (cap_mb, code)
-            assert sizes.unit_params_for(s) == max(len(r) for r in runs) * block_params, (cap_mb, code)
-            if code[0] != "N" or cap_mb == 0 or (cap_mb is None and code != "NNN"):
-                assert len(runs) == blocks, (cap_mb, code)
+            runs = bucket_blocks(modules, bucket_bytes(s, cap_mb, groups))
+            assert sizes.units_for(s, groups) == len(runs) + 1, (cap_mb, code, groups)
+            assert sizes.unit_params_for(s, groups) == max(len(r) for r in runs) * block_params, (cap_mb, code)
+            if code[0] != "N" or cap_mb == 0 or (cap_mb is None and (code != "NNN" or groups > 1)):
+                assert len(runs) == blocks, (cap_mb, code, groups)
 
 
 def test_bucket_cap_is_validated():

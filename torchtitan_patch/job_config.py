@@ -45,8 +45,9 @@ class Parallelism:
     transformer blocks share one unit (one set of hooks and one gradient reduction, as DDP's
     buckets) until it holds at least this many MiB of parameters, and an embedding or output
     projection smaller than that stays with the root's unit. 0: a unit per block. Unset: by
-    strategy, 25 MiB (DDP's bucket) for NNN and a unit per block for the others, whose
-    parameter sync after the step overlaps the next forward block by block.
+    strategy, 25 MiB (DDP's bucket) for NNN on one group and a unit per block otherwise: there
+    each unit's gradient reduction across groups overlaps the backward, and the parameter sync
+    after the step the next forward, block by block.
     """
 
     paro_quant_params: str = ""

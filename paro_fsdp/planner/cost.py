@@ -96,9 +96,10 @@ class StrategyEstimate:
         return self.compute_seconds + self.comm_seconds
 
 
-def _unit_collective_bytes(phase_name: str, model: ModelSizes, s: ParoStrategy, layout: StateBytes) -> float:
+def _unit_collective_bytes(phase_name: str, model: ModelSizes, s: ParoStrategy, layout: StateBytes,
+                           groups: int) -> float:
     """Full size of one unit's global collective in a phase (what HO-Ring chunks)."""
-    unit_params = model.unit_params_for(s)
+    unit_params = model.unit_params_for(s, groups)
     unit_trainable = unit_params * model.trainable_params / model.params
     if phase_name == "param_gather":
         return unit_params * model.wire_param_bytes
@@ -128,9 +129,9 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
     states = memory_bytes(s, topo, psi, psi_t, param_bytes=layout.params,
                           grad_bytes=model.grad_bytes, optim_bytes=layout.optim, quant=quant)
     runs = s.effective_on(cluster.nodes, cluster.ranks_per_node)  # whose units paro_parallelize makes
-    unit_trainable = model.unit_params_for(runs) * psi_t / psi
+    unit_trainable = model.unit_params_for(runs, cluster.nodes) * psi_t / psi
     buffers = UNITS_IN_FLIGHT * (
-        (model.unit_params_for(runs) * model.wire_param_bytes if s.param is not N else 0.0)
+        (model.unit_params_for(runs, cluster.nodes) * model.wire_param_bytes if s.param is not N else 0.0)
         + (unit_trainable * model.wire_grad_bytes if s.grad is not N else 0.0)
     )
     memory = {**states, "buffers": buffers, "activations": float(setup.activation_bytes)}
@@ -151,11 +152,11 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         times, is_global = plan.times(setup.accum), plan.is_global
         chunks = 1
         if comm == HO_RING and is_global:
-            chunks = pipeline_depth(_unit_collective_bytes(phase_name, model, runs, layout), depth)
+            chunks = pipeline_depth(_unit_collective_bytes(phase_name, model, runs, layout, cluster.nodes), depth)
             transfer = max(intra_t, inter_t) + min(intra_t, inter_t) / chunks
         else:
             transfer = intra_t + inter_t
-        units = model.units_for(runs)
+        units = model.units_for(runs, cluster.nodes)
         calls_intra = intra_calls * times * chunks * units if has_intra else 0
         calls_inter = inter_calls * times * chunks * units if has_inter else 0
         collectives += calls_intra + calls_inter

@@ -94,21 +94,21 @@ class ModelSizes:
     def unit_params(self) -> float:
         return self.block_params if self.block_params is not None else self.params / self.blocks
 
-    def blocks_per_unit(self, strategy: ParoStrategy) -> int:
-        """Blocks that share one FSDP unit, as ``paro_parallelize`` with the same ``bucket_cap_mb``
-        cuts them (:func:`~paro_fsdp.strategy.bucket_bytes` of stored parameters)."""
-        cap = bucket_bytes(strategy, self.bucket_cap_mb)
+    def blocks_per_unit(self, strategy: ParoStrategy, groups: int) -> int:
+        """Blocks that share one FSDP unit on ``groups`` groups, as ``paro_parallelize`` with the
+        same ``bucket_cap_mb`` cuts them (:func:`~paro_fsdp.strategy.bucket_bytes` of stored parameters)."""
+        cap = bucket_bytes(strategy, self.bucket_cap_mb, groups)
         if cap == 0:
             return 1
         return min(self.blocks, max(1, math.ceil(cap / (self.unit_params * self.param_bytes))))
 
-    def units_for(self, strategy: ParoStrategy) -> int:
-        """FSDP units under ``strategy``: the blocks' (:meth:`blocks_per_unit`) and the root's."""
-        return -(-self.blocks // self.blocks_per_unit(strategy)) + 1
+    def units_for(self, strategy: ParoStrategy, groups: int) -> int:
+        """FSDP units under ``strategy`` on ``groups`` groups: the blocks' (:meth:`blocks_per_unit`) and the root's."""
+        return -(-self.blocks // self.blocks_per_unit(strategy, groups)) + 1
 
-    def unit_params_for(self, strategy: ParoStrategy) -> float:
-        """Parameters of the largest FSDP unit under ``strategy``."""
-        return self.unit_params * self.blocks_per_unit(strategy)
+    def unit_params_for(self, strategy: ParoStrategy, groups: int) -> float:
+        """Parameters of the largest FSDP unit under ``strategy`` on ``groups`` groups."""
+        return self.unit_params * self.blocks_per_unit(strategy, groups)
 
     @property
     def wire_param_bytes(self) -> int:

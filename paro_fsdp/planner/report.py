@@ -60,8 +60,9 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
         _comm_line(comm, ho_ring_chunks)
-        + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root; "
-        f"NNN's blocks share units as DDP's buckets: {model.units_for(ParoStrategy.parse('NNN'))})",
+        + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root"
+        + (f"; NNN's blocks share units as DDP's buckets: {nnn_units})"
+           if (nnn_units := model.units_for(ParoStrategy.parse("NNN"), cluster.nodes)) != model.units else ")"),
         "communication is not overlapped with compute (step time is an upper bound); equal step times "
         "rank by memory, less first",
         f"memory = params + grads + optimizer (PARO.md) + buffers (unsharded params and grads of "
