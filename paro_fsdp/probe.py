@@ -9,6 +9,12 @@ Each sample times a few collectives back to back, as training issues them (one p
 a lone collective after an idle pause can ride a link's burst allowance and look faster than
 sustained traffic. Times are the slowest rank's, the median of several samples; a line
 ``latency + bytes_sent_per_rank / bandwidth`` is fitted per kind and link.
+
+Where both links have more than one rank, the global all-gather and reduce-scatter are then
+timed with the two-phase collectives and with HO-Ring at two pipeline depths, at the size where
+the deeper one cuts chunks of HO-Ring's minimum: what cutting a collective costs beyond the
+overlap it buys (copies, per-call overheads, or a slow link kept busier) is measured rather
+than assumed, and the planner chooses between the collectives and HO-Ring's depth with it.
 """
 
 from __future__ import annotations
@@ -26,14 +32,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from paro_fsdp.comm.device import barrier, collective_device
 from paro_fsdp.comm.groups import REPLICATE_DIM, SHARD_DIM, MeshGroups
+from paro_fsdp.comm.hierarchical import HierarchicalCollectives
+from paro_fsdp.comm.ho_ring import DEFAULT_MIN_CHUNK_BYTES, HO_RING_DEPTHS, HORingCollectives
 from paro_fsdp.comm.quant import DEFAULT_BLOCK_SIZE, INT8, dequantize, quantize
 from paro_fsdp.comm.stats import INTER, INTRA, LINKS
-from paro_fsdp.planner.calibration import Calibration, fit_link, write_calibration
-from paro_fsdp.planner.inputs import COLLECTIVE_KINDS
+from paro_fsdp.planner.calibration import Calibration, LinkFit, fit_ho_ring_cost, fit_link, write_calibration
+from paro_fsdp.planner.inputs import COLLECTIVE_KINDS, HORingCost
 
 ADAPTIVE_SIZES = tuple(64 * 2**10 * 8**i for i in range(4))  # bytes per rank: 64 KiB .. 32 MiB
 BANDWIDTH_BOUND = 4.0
 BACK_TO_BACK = 4
+CHUNK_DEPTHS = (min(HO_RING_DEPTHS), max(HO_RING_DEPTHS))  # the range the planner chooses HO-Ring's depth in
+CHUNKED_KINDS = ("all_gather", "reduce_scatter")  # HO-Ring's collectives in FSDP2's gathers and reductions
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -101,6 +111,50 @@ def measure(groups: MeshGroups, sizes: tuple[int, ...] | None = None, repeats: i
     return points
 
 
+def _global_collective(groups: MeshGroups, kind: str, depth: int) -> Callable[[], None]:
+    """One global ``kind`` over the whole mesh, HO-Ring at pipeline ``depth`` (0: the two-phase
+    collectives), whose full size cuts into ``max(CHUNK_DEPTHS)`` chunks of HO-Ring's minimum."""
+    full = torch.ones(max(CHUNK_DEPTHS) * DEFAULT_MIN_CHUNK_BYTES // 4, dtype=torch.float32, device=groups.device)
+    shard = full.new_ones(full.numel() // groups.world)
+    full = full[: shard.numel() * groups.world]
+    collectives = HORingCollectives(groups, chunks=depth) if depth else HierarchicalCollectives(groups)
+    if kind == "all_gather":
+        return lambda: collectives.all_gather(full, shard)
+    return lambda: collectives.reduce_scatter(shard, full)
+
+
+def measure_ho_ring(groups: MeshGroups, fits: dict[str, dict[str, LinkFit]], repeats: int = 3,
+                    warmup: int = 1) -> tuple[dict[str, list[tuple[int, float]]], dict[str, HORingCost]]:
+    """The two-phase collectives and HO-Ring at each of ``CHUNK_DEPTHS``, timed at one size:
+    ``({kind: [(depth, median seconds)]}, {kind: HORingCost})``, depth 0 for the two-phase ones.
+
+    ``fits`` are the links' fits per kind (from :func:`measure`); they give the overlap term
+    min(a, b) that :func:`~paro_fsdp.planner.calibration.fit_ho_ring_cost` takes out, from the
+    bytes each link carried. Empty on a mesh with a one-rank link (HO-Ring then runs the one
+    link's collective, uncut).
+    """
+    if groups.single_link is not None:
+        return {}, {}
+    points: dict[str, list[tuple[int, float]]] = {}
+    costs: dict[str, HORingCost] = {}
+    for kind in CHUNKED_KINDS:
+        pts = points[kind] = []
+        for depth in (0, *CHUNK_DEPTHS):
+            op = _global_collective(groups, kind, depth)
+
+            def burst() -> None:
+                for _ in range(BACK_TO_BACK):
+                    op()
+
+            groups.stats.reset()
+            times = [_timed(burst, groups.device) / BACK_TO_BACK for _ in range(warmup + repeats)][warmup:]
+            pts.append((depth, statistics.median(times)))
+        calls = (warmup + repeats) * BACK_TO_BACK  # the last depth's; the depth does not change the bytes
+        intra_t, inter_t = (groups.stats.get(link=link) / calls / fits[kind][link].bandwidth for link in (INTRA, INTER))
+        costs[kind] = fit_ho_ring_cost(pts[1:], pts[0][1], min(intra_t, inter_t))
+    return points, costs
+
+
 def quant_rate(device: torch.device, numel: int = 1 << 22, repeats: int = 3) -> float:
     """Elements per second through a block quantize and dequantize on ``device`` (int8, the
     default block), best of ``repeats``: what quantized inter-group traffic costs a rank.
@@ -116,11 +170,14 @@ def quant_rate(device: torch.device, numel: int = 1 << 22, repeats: int = 3) -> 
     return numel / best
 
 
-def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: int = 3) -> Calibration:
+def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: int = 3,
+              chunking: bool = True) -> Calibration:
     """Measure both links of ``mesh`` (2D, ``(dp_replicate, dp_shard)``) and fit them.
 
     A link whose groups have one rank carries no bytes in any strategy, so its rate never
     enters an estimate; it gets the other link's fit (and no points) to keep the file complete.
+    With ``chunking``, what cutting a collective into HO-Ring's chunks costs is measured too
+    (:func:`measure_ho_ring`): what choosing the collectives and HO-Ring's depth needs.
     """
     groups = MeshGroups(mesh)
     points = measure(groups, sizes, repeats)
@@ -130,10 +187,12 @@ def run_probe(mesh: DeviceMesh, sizes: tuple[int, ...] | None = None, repeats: i
     for links in fits.values():
         for link in LINKS:
             links.setdefault(link, next(iter(links.values())))
+    ho_ring_points, ho_ring_cost = measure_ho_ring(groups, fits, repeats) if chunking else ({}, {})
     return Calibration(nodes=groups.groups, ranks_per_node=groups.group_size, intra=fits["all_gather"][INTRA],
                        inter=fits["all_gather"][INTER], ops={k: v for k, v in fits.items() if k != "all_gather"},
                        backend=dist.get_default_backend_for_device(mesh.device_type),
-                       device_type=mesh.device_type, points=points, quant_rate=quant_rate(groups.device))
+                       device_type=mesh.device_type, points=points, quant_rate=quant_rate(groups.device),
+                       ho_ring_cost=ho_ring_cost, ho_ring_points=ho_ring_points)
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +245,11 @@ def run_from_args(args: argparse.Namespace, error: Callable[[str], None]) -> int
                 for link, fit in links.items():
                     print(f"{kind} {link}: {fit.bandwidth / 1e9:.4g} GB/s per rank, {fit.latency * 1e6:.1f} us "
                           f"per collective")
+            for kind, cost in cal.ho_ring_cost.items():
+                timed = ", ".join(f"{t * 1e3:.2f} ms at depth {c}" if c else f"two-phase {t * 1e3:.2f} ms"
+                                  for c, t in cal.ho_ring_points[kind])
+                print(f"HO-Ring {kind}: {cost.fixed * 1e3:+.2f} ms to cut, {cost.per_chunk * 1e3:+.2f} ms per chunk "
+                      f"after the first ({timed})")
             print(f"quantize + dequantize: {cal.quant_rate / 1e6:.4g} M elements/s per rank")
             print(f"calibration for {cal.nodes} x {cal.ranks_per_node} ranks written to {args.out}")
     finally:

@@ -29,6 +29,10 @@ def test_replay_rebuilds_from_the_saved_calibrations_and_its_gaps_follow_the_mea
         assert row["before_gap"] == pytest.approx(steps[BEFORE] / best - 1)
         # the choice among the measured variants is the cheapest estimate among them
         assert row["estimated"][row["choice"]] == min(row["estimated"].values())
+        # priced with the probed cost of a chunk, and again with the links' latencies per chunk
+        assert set(row["ho_ring_cost"]) == {"all_gather", "reduce_scatter"}
+        assert row["assumed_gap"] == pytest.approx(steps[labels[row["assumed_choice"]]] / best - 1)
+        assert -1 <= row["spearman"] <= 1
     page = render(rows, raw)
     assert page.count("\n| 2x4 |") == 3 and page.count("\n| 4x2 |") == 3
     assert page == (MEASURED.parent / "comm-auto-replay.md").read_text(), "docs/comm-auto-replay.md is stale: --render"

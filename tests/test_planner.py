@@ -18,6 +18,7 @@ from paro_fsdp.comm.ho_ring import DEFAULT_CHUNKS, pipeline_depth
 from paro_fsdp.planner import (
     Calibration,
     Cluster,
+    HORingCost,
     LinkFit,
     ModelSizes,
     TrainingSetup,
@@ -28,6 +29,7 @@ from paro_fsdp.planner import (
     describe_assumptions,
     compute_seconds_from_flops,
     estimate,
+    fit_ho_ring_cost,
     fit_link,
     format_table,
     pareto_front,
@@ -260,6 +262,53 @@ def test_input_validation_names_the_field() -> None:
         estimate("GGG", SMALL_MODEL, SMALL_CLUSTER, comm="ring")
 
 
+def test_probed_ho_ring_cost_replaces_the_assumed_latencies() -> None:
+    big = ModelSizes(params=2**24, blocks=2)  # 32 MiB units: cut into DEFAULT_CHUNKS chunks
+    setup = TrainingSetup(accum=1)
+    intra, inter = 2**26 / 100.0, 2**25 / 10.0  # GGG's gathers, as in the test above
+    latencies = 6 * 0.5 + 6 * 1.0  # 2 calls x 3 units per link, paid once per collective
+    probed = dataclasses.replace(SMALL_CLUSTER, ho_ring_cost={"all_gather": HORingCost(fixed=0.5, per_chunk=0.2)})
+    for depth in (4, DEFAULT_CHUNKS):
+        e = estimate("GGG", big, probed, setup, comm="ho_ring", ho_ring_chunks=depth)
+        # Each of the 6 global gathers pays 0.5 s for being cut and 0.2 s per chunk after the first.
+        assert e.comm_seconds_by_phase["param_gather"] == pytest.approx(
+            inter + intra / depth + latencies + 6 * (0.5 + (depth - 1) * 0.2))
+        assert e.collectives == depth * estimate("GGG", big, probed, setup).collectives
+        # A kind the probe did not time (the reductions) keeps paying each link's latency per chunk.
+        assert e.comm_seconds_by_phase["grad_reduce"] == pytest.approx(
+            estimate("GGG", big, SMALL_CLUSTER, setup, comm="ho_ring", ho_ring_chunks=depth)
+            .comm_seconds_by_phase["grad_reduce"])
+    # An uncut collective (depth 1) costs what the two phases cost.
+    assert estimate("GGG", big, probed, setup, comm="ho_ring", ho_ring_chunks=1).comm_seconds_by_phase == \
+        pytest.approx(estimate("GGG", big, probed, setup).comm_seconds_by_phase)
+    # A negative cost (finer chunks measured faster than the overlap term credits) never takes a
+    # collective below the busier link's transfer.
+    gaining = dataclasses.replace(SMALL_CLUSTER, ho_ring_cost={"all_gather": HORingCost(0.0, -1e9)})
+    assert estimate("GGG", big, gaining, setup, comm="ho_ring").comm_seconds_by_phase["param_gather"] == \
+        pytest.approx(inter + latencies)
+    # With the cost measured, auto picks the depth the measurement favours, where the assumed
+    # latencies (50 ms per chunk per link) make it pick the two-phase collectives; a measured
+    # cost of cutting at all outweighs the overlap again.
+    model = ModelSizes(params=400_000_000, blocks=8)
+    costly_calls = Cluster(nodes=2, ranks_per_node=4, intra_bw=1e11, inter_bw=1e11, device_memory=1e12,
+                           intra_latency=0.05, inter_latency=0.05)
+    assert best_collectives("GGG", model, costly_calls, setup).comm == "default"
+    free = HORingCost(0.0, 0.0)
+    cheap_chunks = dataclasses.replace(costly_calls, ho_ring_cost={"all_gather": free, "reduce_scatter": free})
+    chosen = best_collectives("GGG", model, cheap_chunks, setup)
+    assert (chosen.comm, chosen.ho_ring_chunks) == ("ho_ring", 16)
+    costly_cut = HORingCost(1.0, 0.0)
+    assert best_collectives("GGG", model, dataclasses.replace(
+        cheap_chunks, ho_ring_cost={"all_gather": costly_cut, "reduce_scatter": costly_cut}), setup).comm == "default"
+    assert "the probed cost of cutting it, fixed + (C - 1) x per chunk (all_gather 0 us + 0 us, reduce_scatter" in \
+        "\n".join(describe_assumptions(model, cheap_chunks, setup, "auto"))
+    with pytest.raises(ValueError, match="Cluster.ho_ring_cost must map a collective kind"):
+        dataclasses.replace(costly_calls, ho_ring_cost={"ring": free})
+    for bad in (math.nan, True, "1"):
+        with pytest.raises(ValueError, match="HORingCost.per_chunk must be a finite number of seconds"):
+            HORingCost(0.0, bad)
+
+
 def test_calibration_fit_and_file(tmp_path) -> None:
     fit = fit_link([(b, 2e-5 + b / 5e8) for b in (1e3, 1e5, 1e6)])
     assert fit.latency == pytest.approx(2e-5) and fit.bandwidth == pytest.approx(5e8)
@@ -267,20 +316,35 @@ def test_calibration_fit_and_file(tmp_path) -> None:
         fit_link([(1e3, 1.0), (1e6, 0.5)])
     with pytest.raises(ValueError, match=">= 2 distinct sizes"):
         fit_link([(1e3, 1.0)])
+    # Two-phase 0.4 s with 0.08 s of overlap to gain (min(a, b)); HO-Ring pays 10 ms to cut and
+    # 2 ms per chunk after the first: 0.4 - 0.08 (1 - 1/C) + 0.01 + 0.002 (C - 1).
+    timed = [(c, 0.4 - 0.08 * (1 - 1 / c) + 0.01 + 0.002 * (c - 1)) for c in (2, 4, 16)]
+    assert dataclasses.astuple(fit_ho_ring_cost(timed, 0.4, overlap_seconds=0.08)) == pytest.approx((0.01, 0.002))
+    assert fit_ho_ring_cost(timed, 0.4, overlap_seconds=0.0).per_chunk < 0.002  # overlap left in: cheaper chunks
+    for bad in ([(4, 0.3), (4, 0.31)], [(1, 0.3), (4, 0.31)]):
+        with pytest.raises(ValueError, match=">= 2 distinct depths >= 2"):
+            fit_ho_ring_cost(bad, 0.4, 0.0)
     cal = Calibration(nodes=2, ranks_per_node=4, intra=fit, inter=LinkFit(1e-4, 1e7),
                       ops={"reduce_scatter": {"inter": LinkFit(1e-4, 5e6)}}, backend="gloo", device_type="cpu",
-                      points={"all_gather": {"intra": [(1e3, 0.1), (2e3, 0.2)]}})
+                      points={"all_gather": {"intra": [(1e3, 0.1), (2e3, 0.2)]}},
+                      ho_ring_cost={"all_gather": HORingCost(0.01, 0.002)},
+                      ho_ring_points={"all_gather": [(0, 0.4), *timed[:2]]})
     path = tmp_path / "cal.json"
     write_calibration(cal, path)
     assert read_calibration(path) == cal
     cluster = cluster_from_calibration(cal, device_memory=GIB)
     assert (cluster.inter_bw, cluster.bandwidth("reduce_scatter", "inter"), cluster.bandwidth("all_reduce", "inter"),
             cluster.inter_latency) == (1e7, 5e6, 1e7, 1e-4)
+    assert cluster.ho_ring_cost == {"all_gather": HORingCost(0.01, 0.002)}
     data = json.loads(path.read_text())
+    older = {k: v for k, v in data.items() if k not in ("ho_ring_cost", "ho_ring_points")}  # before HO-Ring was probed
+    path.write_text(json.dumps(older))
+    assert cluster_from_calibration(read_calibration(path), GIB).ho_ring_cost == {}
     for broken, message in (
         ({**data, "format_version": 99}, "format_version is 99; this version reads 1"),
         ({k: v for k, v in data.items() if k != "inter"}, "a field is missing or malformed: KeyError\\('inter'\\)"),
         ({**data, "inter": {"latency": 0.0, "bandwidth": 0.0}}, "bandwidth must be a finite number of bytes/s > 0"),
+        ({**data, "ho_ring_cost": {"all_gather": {"fixed": 0.0}}}, "a field is missing or malformed: TypeError"),
     ):
         path.write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=message):
@@ -539,6 +603,13 @@ def test_probe(tmp_path) -> None:
             assert all(t > 0 for _, t in cal.points[kind][link])
         fits = [getattr(cal, link), cal.ops["reduce_scatter"][link], cal.ops["all_reduce"][link]]
         assert all(math.isfinite(f.bandwidth) and f.bandwidth > 0 for f in fits)
+    # Global gathers and reductions timed two-phase (depth 0) and with HO-Ring at the shallowest
+    # and deepest depth the planner picks.
+    assert set(cal.ho_ring_cost) == set(cal.ho_ring_points) == {"all_gather", "reduce_scatter"}
+    for kind, pts in cal.ho_ring_points.items():
+        assert [c for c, _ in pts] == [0, 2, 16] and all(t > 0 for _, t in pts)
+        cost = cal.ho_ring_cost[kind]
+        assert math.isfinite(cost.fixed) and math.isfinite(cost.per_chunk)
 
 
 @pytest.mark.parametrize("width, blocks", [(1000, 8), (300, 40), (3000, 4)])

@@ -184,10 +184,11 @@ def _calibration_on_rank0(settings: ParoSettings, probed: Calibration | None, jo
     return probed
 
 
-def _probe(mesh: DeviceMesh) -> Calibration:
-    """The start-up probe; its fits come from times reduced over all ranks, so all ranks agree or all raise."""
+def _probe(mesh: DeviceMesh, chunking: bool) -> Calibration:
+    """The start-up probe; its fits come from times reduced over all ranks, so all ranks agree or all raise.
+    ``chunking``: time HO-Ring's chunks too (only a choice of its depth needs them)."""
     try:
-        return run_probe(mesh)
+        return run_probe(mesh, chunking=chunking)
     except ValueError as e:
         raise ParoConfigError(
             f"PaRO auto (paro_strategy or paro_comm = 'auto'): the start-up probe of the links failed ({e}); run "
@@ -204,7 +205,7 @@ def choose_auto_strategy(model: nn.Module, settings: ParoSettings, mesh: DeviceM
     which only rank 0 reads. Raises :class:`ParoConfigError` on every rank when rank 0 cannot plan
     (a bad calibration file, an unwritable dump folder, no strategy that fits).
     """
-    probed = None if settings.calibration else _probe(mesh)
+    probed = None if settings.calibration else _probe(mesh, settings.plans_collectives)
     decision: list[Any] = [None]
     if dist.get_rank() == 0:
         try:

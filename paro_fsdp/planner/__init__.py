@@ -12,12 +12,13 @@ from paro_fsdp.planner.calibration import (
     LinkFit,
     calibration_from_dict,
     cluster_from_calibration,
+    fit_ho_ring_cost,
     fit_link,
     read_calibration,
     write_calibration,
 )
 from paro_fsdp.planner.cost import MEMORY_KINDS, StrategyEstimate, estimate
-from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup, compute_seconds_from_flops
+from paro_fsdp.planner.inputs import Cluster, HORingCost, ModelSizes, TrainingSetup, compute_seconds_from_flops
 from paro_fsdp.comm.ho_ring import HO_RING_DEPTHS
 from paro_fsdp.planner.rank import (
     best_collectives,
@@ -37,6 +38,7 @@ __all__ = [
     "MEMORY_KINDS",
     "Calibration",
     "Cluster",
+    "HORingCost",
     "LinkFit",
     "ModelSizes",
     "StrategyEstimate",
@@ -50,6 +52,7 @@ __all__ = [
     "compute_seconds_from_flops",
     "describe_assumptions",
     "estimate",
+    "fit_ho_ring_cost",
     "fit_link",
     "format_table",
     "pareto_front",

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from paro_fsdp.planner.inputs import Cluster
+from paro_fsdp.planner.inputs import Cluster, HORingCost
 
 FORMAT_VERSION = 1
 
@@ -52,6 +52,30 @@ def fit_link(points: list[tuple[float, float]]) -> LinkFit:
     return LinkFit(latency=max(0.0, mean_t - slope * mean_b), bandwidth=1.0 / slope)
 
 
+def fit_ho_ring_cost(points: list[tuple[int, float]], two_phase_seconds: float, overlap_seconds: float) -> HORingCost:
+    """What cutting a global collective into HO-Ring's chunks costs, from one collective timed
+    with the two-phase collectives (``two_phase_seconds``) and with HO-Ring at >= 2 depths
+    (``points``: ``(depth, seconds)``), all at one size.
+
+    ``overlap_seconds`` is min(a, b) of that collective, from the links' fits. The planner
+    prices the two-phase collective as a + b + latencies and HO-Ring at depth C as
+    max(a, b) + min(a, b) / C + latencies + :class:`HORingCost` ``.seconds(C)``, i.e.
+    ``two_phase - overlap_seconds * (1 - 1/C) + fixed + (C - 1) * per_chunk``: ``per_chunk`` is
+    the least-squares slope of ``seconds - overlap_seconds / C`` over C, ``fixed`` what is left
+    against the two-phase time. The planner only prices depths inside the range timed.
+    """
+    if len({c for c, _ in points}) < 2 or min(c for c, _ in points) < 2:
+        raise ValueError(f"fitting HO-Ring's cost needs timings at >= 2 distinct depths >= 2, got {points}")
+    residual = [(c, t - overlap_seconds / c) for c, t in points]
+    mean_c = sum(c for c, _ in residual) / len(residual)
+    mean_r = sum(r for _, r in residual) / len(residual)
+    per_chunk = (sum((c - mean_c) * (r - mean_r) for c, r in residual)
+                 / sum((c - mean_c) ** 2 for c, _ in residual))
+    fixed = sum(t - two_phase_seconds + overlap_seconds * (1 - 1 / c) - (c - 1) * per_chunk
+                for c, t in points) / len(points)
+    return HORingCost(fixed=fixed, per_chunk=per_chunk)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Measured link rates of one cluster shape (``nodes`` x ``ranks_per_node``).
@@ -60,7 +84,10 @@ class Calibration:
     fits, ``{"reduce_scatter": {"inter": LinkFit, ...}, "all_reduce": {...}}``, since backends
     do not run every kind at the same rate. ``points`` keeps the timings, ``{kind: {link: [(bytes,
     seconds)]}}``. ``quant_rate`` is the elements per second one rank quantized and dequantized
-    (0: not measured).
+    (0: not measured). ``ho_ring_cost`` is, per collective kind, what cutting a global collective
+    into HO-Ring's chunks costs (:func:`fit_ho_ring_cost`), fitted from ``ho_ring_points``,
+    ``{kind: [(depth, seconds)]}`` with depth 0 for the two-phase collectives (empty: not
+    measured; the planner then charges each chunk the links' latencies).
     """
 
     nodes: int
@@ -72,6 +99,8 @@ class Calibration:
     device_type: str = ""
     points: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
     quant_rate: float = 0.0
+    ho_ring_cost: dict[str, HORingCost] = field(default_factory=dict)
+    ho_ring_points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def write_calibration(cal: Calibration, path: str | os.PathLike) -> None:
@@ -115,11 +144,14 @@ def calibration_from_dict(data: object) -> Calibration:
             points={kind: {link: [tuple(p) for p in pts] for link, pts in links.items()}
                     for kind, links in data.get("points", {}).items()},
             quant_rate=float(data.get("quant_rate", 0.0)),
+            ho_ring_cost={kind: HORingCost(**cost) for kind, cost in data.get("ho_ring_cost", {}).items()},
+            ho_ring_points={kind: [(int(c), float(t)) for c, t in pts]
+                            for kind, pts in data.get("ho_ring_points", {}).items()},
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"a field is missing or malformed: {e!r}; expected nodes, ranks_per_node, intra and "
-                         f"inter ({{latency, bandwidth}}), optionally ops ({{kind: {{link: {{latency, bandwidth}}}}}})") \
-            from None
+                         f"inter ({{latency, bandwidth}}), optionally ops ({{kind: {{link: {{latency, bandwidth}}}}}}) "
+                         f"and ho_ring_cost ({{kind: {{fixed, per_chunk}}}})") from None
 
 
 def cluster_from_calibration(cal: Calibration, device_memory: float) -> Cluster:
@@ -128,4 +160,5 @@ def cluster_from_calibration(cal: Calibration, device_memory: float) -> Cluster:
                    inter_bw=cal.inter.bandwidth, device_memory=device_memory,
                    intra_latency=cal.intra.latency, inter_latency=cal.inter.latency,
                    **({"quant_rate": cal.quant_rate} if cal.quant_rate > 0 else {}),
+                   ho_ring_cost=dict(cal.ho_ring_cost),
                    op_bw={kind: {link: fit.bandwidth for link, fit in links.items()} for kind, links in cal.ops.items()})

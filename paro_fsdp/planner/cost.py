@@ -9,7 +9,9 @@ Bytes and model-state memory come from ``paro_fsdp.formulas`` (PARO.md). On top 
   pipelined in C chunks, as ``HORingCollectives`` cuts it (``pipeline_depth``: up to its
   pipeline depth, none smaller than ``DEFAULT_MIN_CHUNK_BYTES``), and costs ``max(a, b) + min(a, b) / C`` for
   intra and inter times a and b: the sum when the collective is too small to cut, close to
-  ``max`` when it is cut finely; each chunk pays the links' latencies;
+  ``max`` when it is cut finely; each chunk pays the links' latencies, or, where ``paro probe``
+  timed HO-Ring against the two-phase collectives (``Cluster.ho_ring_cost``), the collective
+  pays them once plus the probed cost of cutting it for the phase's collective kind;
 - collectives are issued per FSDP unit (each transformer block, plus the root module that
   holds embeddings and output), so the latency term grows with the number of blocks and,
   for per-micro-step phases, with the accumulation steps;
@@ -157,10 +159,16 @@ def estimate(strategy: ParoStrategy | str, model: ModelSizes, cluster: Cluster,
         else:
             transfer = intra_t + inter_t
         units = model.units_for(runs, cluster.nodes)
-        calls_intra = intra_calls * times * chunks * units if has_intra else 0
-        calls_inter = inter_calls * times * chunks * units if has_inter else 0
-        collectives += calls_intra + calls_inter
-        seconds[phase_name] = transfer + calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
+        calls_intra = intra_calls * times * units if has_intra else 0
+        calls_inter = inter_calls * times * units if has_inter else 0
+        collectives += (calls_intra + calls_inter) * chunks
+        latency = calls_intra * cluster.intra_latency + calls_inter * cluster.inter_latency
+        measured = cluster.ho_ring_cost.get(max(kinds[INTER], key=kinds[INTER].get)) if kinds[INTER] else None
+        if chunks == 1 or measured is None:  # every chunk pays each link's latency
+            seconds[phase_name] = transfer + latency * chunks
+        else:  # the probed cost of cutting, never below the busier link's transfer
+            seconds[phase_name] = max(transfer + times * units * measured.seconds(chunks), max(intra_t, inter_t)) \
+                + latency
         if quant is not None and has_inter and \
                 quant.format_for(phase_name, "all_gather" if phase_name in PARAM_PHASES else "reduce_scatter"):
             k = cluster.nodes

@@ -130,6 +130,31 @@ class ModelSizes:
 
 
 @dataclass(frozen=True)
+class HORingCost:
+    """What an HO-Ring global collective cut into C > 1 chunks costs beyond ``max(a, b) +
+    min(a, b) / C`` (a, b: its intra and inter transfer times) and the links' latencies:
+    ``fixed + (C - 1) * per_chunk`` seconds. ``fixed`` is what cutting costs at all against the
+    two-phase collectives (the strided chunks' copies, for one); ``per_chunk`` what each
+    further chunk adds, negative where finer chunks gain more than the overlap term credits
+    them with (a slow link kept busier). ``paro probe`` fits both
+    (:func:`~paro_fsdp.planner.calibration.fit_ho_ring_cost`).
+    """
+
+    fixed: float
+    per_chunk: float
+
+    def __post_init__(self) -> None:
+        for name in ("fixed", "per_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"HORingCost.{name} must be a finite number of seconds, got {value!r}")
+
+    def seconds(self, chunks: int) -> float:
+        """The cost beyond the overlap model of one collective cut into ``chunks``."""
+        return self.fixed + (chunks - 1) * self.per_chunk if chunks > 1 else 0.0
+
+
+@dataclass(frozen=True)
 class Cluster:
     """``nodes`` groups of ``ranks_per_node`` ranks, with per-rank link rates.
 
@@ -141,7 +166,9 @@ class Cluster:
     Latencies are per collective on that link (a ring's start-up and step overheads).
     ``quant_rate`` is how many elements per second a rank quantizes and dequantizes (quantized
     inter-group traffic; ``paro probe`` measures it on the device; ``None``: not known, and
-    quantized traffic cannot be priced).
+    quantized traffic cannot be priced). ``ho_ring_cost`` gives, per collective kind, what a
+    global collective cut into chunks costs beyond the overlap model, as ``paro probe`` fits it
+    (:class:`HORingCost`); a kind without one pays each link's latency per chunk.
     """
 
     nodes: int
@@ -153,6 +180,7 @@ class Cluster:
     inter_latency: float = 0.0
     op_bw: dict[str, dict[str, float]] = field(default_factory=dict)
     quant_rate: float | None = None
+    ho_ring_cost: dict[str, HORingCost] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("Cluster", "nodes", self.nodes)
@@ -169,6 +197,10 @@ class Cluster:
                                  f"{{link: bytes/s}} with links {', '.join(LINKS)}; got {kind!r}: {rates!r}")
             for link, value in rates.items():
                 _check_positive("Cluster", f"op_bw[{kind!r}][{link!r}]", value)
+        for kind, cost in self.ho_ring_cost.items():
+            if kind not in COLLECTIVE_KINDS or not isinstance(cost, HORingCost):
+                raise ValueError(f"Cluster.ho_ring_cost must map a collective kind ({', '.join(COLLECTIVE_KINDS)}) "
+                                 f"to an HORingCost; got {kind!r}: {cost!r}")
 
     def bandwidth(self, kind: str, link: str) -> float:
         """Per-rank rate of collective ``kind`` on ``link`` (the all-gather rate unless measured apart)."""

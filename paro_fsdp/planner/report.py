@@ -7,7 +7,7 @@ from paro_fsdp.comm.quant import InterQuant
 from paro_fsdp.comm.names import AUTO
 from paro_fsdp.comm.registry import DEFAULT, HO_RING
 from paro_fsdp.planner.cost import MEMORY_KINDS, UNITS_IN_FLIGHT, StrategyEstimate
-from paro_fsdp.planner.inputs import Cluster, ModelSizes, TrainingSetup
+from paro_fsdp.planner.inputs import Cluster, HORingCost, ModelSizes, TrainingSetup
 from paro_fsdp.planner.rank import collectives_candidates, pareto_front
 from paro_fsdp.planner.units import BINARY, DECIMAL, SECONDS, fmt, unit
 from paro_fsdp.strategy import ParoStrategy
@@ -24,7 +24,7 @@ def _dtypes(model: ModelSizes) -> str:
     return line
 
 
-def _comm_line(comm: str, ho_ring_chunks: int | None) -> str:
+def _comm_line(comm: str, ho_ring_chunks: int | None, measured: dict[str, HORingCost]) -> str:
     candidates = collectives_candidates(comm, ho_ring_chunks)
     depths = [d for c, d in candidates if c == HO_RING]
     line = f"comm = {comm}"
@@ -37,8 +37,12 @@ def _comm_line(comm: str, ho_ring_chunks: int | None) -> str:
         line += (", except, with HO-Ring, one global collective (P=G gathers; with P=N or G, G=G reductions and "
                  "N->G gradient syncs; N->N gradient syncs; G->N parameter syncs), pipelined in C chunks of >= "
                  f"{DEFAULT_MIN_CHUNK_BYTES / 2**20:g} MiB (C <= {bound}), "
-                 "costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap), every chunk paying each "
-                 "link's latency")
+                 "costs max(intra, inter) + min(intra, inter) / C (HO-Ring overlap), "
+                 + ("each link's latency once, and the probed cost of cutting it, fixed + (C - 1) x per chunk ("
+                    + ", ".join(f"{kind} {fmt(c.fixed, SECONDS)} + {fmt(c.per_chunk, SECONDS)}"
+                                for kind, c in measured.items())
+                    + "; other kinds: each link's latency per chunk)" if measured
+                    else "every chunk paying each link's latency"))
     return line
 
 
@@ -59,7 +63,7 @@ def describe_assumptions(model: ModelSizes, cluster: Cluster, setup: TrainingSet
         f"training: A = {setup.accum} micro-steps per optimizer step; activations "
         f"{fmt(setup.activation_bytes, BINARY)} per rank; compute {fmt(setup.compute_seconds, SECONDS)} per step"
         + (" (not modelled: ranking by communication alone)" if setup.compute_seconds == 0 else ""),
-        _comm_line(comm, ho_ring_chunks)
+        _comm_line(comm, ho_ring_chunks, cluster.ho_ring_cost)
         + f"; plus latency per sub-collective, issued per FSDP unit ({model.units} = blocks + root"
         + (f"; NNN's blocks share units as DDP's buckets: {nnn_units})"
            if (nnn_units := model.units_for(ParoStrategy.parse("NNN"), cluster.nodes)) != model.units else ")"),
