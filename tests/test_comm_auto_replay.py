@@ -3,11 +3,12 @@ times rebuilds from its saved calibrations, and its gaps are what the measuremen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from benchmarks.comm_auto_replay import BEFORE, MEASURED, evaluate, measured_scenarios, render
+from benchmarks.comm_auto_replay import BEFORE, MEASURED, evaluate, measured_scenarios, render, size_class_gain
 from conftest import needs_torchtitan
 from paro_fsdp.planner import best_collectives, calibration_from_dict, cluster_from_calibration
 
@@ -46,3 +47,26 @@ def test_auto_picks_the_two_phase_collectives_on_the_probed_floor() -> None:
     model = ModelSizes(params=56_640_000, blocks=16)
     chosen = best_collectives("GGG", model, cluster, TrainingSetup(accum=1))
     assert (chosen.comm, chosen.ho_ring_chunks) == ("default", None)  # the floor: every chunk only costs
+
+
+def test_size_class_gain_is_what_choosing_per_class_saves() -> None:
+    """NGG reduces per unit (a reduce-scatter) and syncs once per step (an all-gather): where the
+    probe found cutting a reduce-scatter costly and cutting an all-gather free, the two classes
+    want different collectives, and choosing per class gains; with one cost for both, nothing."""
+    from paro_fsdp.planner import Cluster, HORingCost, ModelSizes, TrainingSetup, estimate
+
+    model, setup = ModelSizes(params=400_000_000, blocks=8), TrainingSetup(accum=1)
+    cluster = Cluster(nodes=2, ranks_per_node=4, intra_bw=1e9, inter_bw=1e9, device_memory=1e12)
+    split = dataclasses.replace(cluster, ho_ring_cost={"all_gather": HORingCost(0.0, 0.0),
+                                                       "reduce_scatter": HORingCost(10.0, 0.0)})
+    default, deep = (estimate("NGG", model, split, setup, c, d).comm_seconds_by_phase
+                     for c, d in (("default", None), ("ho_ring", 16)))
+    # per unit the two-phase reduce-scatter, once per step HO-Ring 16's gather
+    per_class = default["param_gather"] + default["grad_reduce"] + deep["sync_g"] + deep["sync_p"]
+    assert per_class < min(sum(default.values()), sum(deep.values()))
+    assert size_class_gain("NGG", model, split, setup) == pytest.approx(
+        min(sum(default.values()), sum(deep.values())) / per_class - 1)
+    same = dataclasses.replace(cluster, ho_ring_cost={"all_gather": HORingCost(0.0, 0.0),
+                                                      "reduce_scatter": HORingCost(0.0, 0.0)})
+    assert size_class_gain("NGG", model, same, setup) == pytest.approx(0.0, abs=1e-12)
+    assert size_class_gain("IIG", model, split, setup) == pytest.approx(0.0, abs=1e-12)  # no global collective
