@@ -47,7 +47,7 @@ _PARO = re.compile(r"step:\s*(\d+)\s+paro comm/step intra:\s*([\d.]+)MiB\s+inter
                    r"model state params:\s*([\d.]+)MiB\s+grads:\s*([\d.]+)MiB\s+optim:\s*([\d.]+)MiB")
 _PROBE = re.compile(r"\[e2e\] step=(\d+) t=([\d.]+) tx=(\d+) rx=(\d+) lo=(\d+)(?: cpu=([\d.]+))?")
 _PARAMS = re.compile(r"Model \S+ \S+ size: ([\d,]+) total parameters")
-_APPLIED = re.compile(r"Applied PaRO (\S+)")
+_APPLIED = re.compile(r"Applied PaRO (\S+)(?: \((.*)\) on \d+ group)?")
 _ERROR = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)")
 # torchrun's summary of a failed worker (only local rank 0's own output is echoed).
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*: (\d+) \(local_rank")
@@ -98,8 +98,9 @@ def _number(text: str) -> float:
 
 
 def parse_node_output(lines: Iterable[str]) -> dict:
-    """Steps, PaRO lines, worker probes and the parameter count from one node's output."""
-    steps, paro, probes, params, applied, errors = {}, {}, [], None, None, []
+    """Steps, PaRO lines, worker probes, the parameter count and the strategy and collectives
+    applied (what ``auto`` chose, where it chose) from one node's output."""
+    steps, paro, probes, params, applied, collectives, errors = {}, {}, [], None, None, None, []
     for raw in lines:
         line = _ANSI.sub("", raw)
         if m := _PROBE.search(line):
@@ -113,11 +114,11 @@ def parse_node_output(lines: Iterable[str]) -> dict:
         elif m := _PARAMS.search(line):
             params = int(m[1].replace(",", ""))
         elif m := _APPLIED.search(line):
-            applied = m[1]
+            applied, collectives = m[1], m[2]
         elif m := _ERROR.search(line):
             errors.append(f"{m[1]}: {m[2].strip()}")
     return {"steps": [steps[k] for k in sorted(steps)], "paro": paro, "probes": sorted(probes), "params": params,
-            "applied": applied, "errors": errors}
+            "applied": applied, "collectives": collectives, "errors": errors}
 
 
 def root_causes(lines: Iterable[str]) -> list[str]:
@@ -154,7 +155,7 @@ def parse_run(outputs: list[list[str]]) -> dict:
     first = nodes[0]
     last_paro = first["paro"][max(first["paro"])] if first["paro"] else None
     return {"params": first["params"] or next((n["params"] for n in nodes if n["params"]), None),
-            "applied": first["applied"], "steps": first["steps"], "paro": last_paro,
+            "applied": first["applied"], "collectives": first["collectives"], "steps": first["steps"], "paro": last_paro,
             "probes": [n["probes"] for n in nodes]}
 
 

@@ -27,18 +27,22 @@ from benchmarks.e2e import REPO, _config, _spec, add_series_args, launch_series,
 from benchmarks.e2e_report import (FLOOR_RATE, MODELS, STOCK, _rate_label, _scenario, comm_matters, run_key,
                                    step_times)
 from paro_fsdp.comm.ho_ring import check_chunks
+from paro_fsdp.comm.names import AUTO
 from paro_fsdp.comm.registry import DEFAULT, HO_RING
 from paro_fsdp.strategy import ParoStrategy
 
 BEGIN, END = "<!-- ho-ring-depth:begin -->", "<!-- ho-ring-depth:end -->"
 
 
-def variants(depths: list[int]) -> list[tuple[str, int | None]]:
-    """``(paro_comm, paro_ho_ring_chunks)`` of every run of one strategy and rate, in launch order."""
-    return [(DEFAULT, None), *((HO_RING, depth) for depth in depths)]
+def variants(depths: list[int], auto: bool = False) -> list[tuple[str, int | None]]:
+    """``(paro_comm, paro_ho_ring_chunks)`` of every run of one strategy and rate, in launch order
+    (with ``auto``, the one run of ``paro_comm = "auto"``)."""
+    return [(AUTO, None)] if auto else [(DEFAULT, None), *((HO_RING, depth) for depth in depths)]
 
 
 def _label(comm: str, chunks: int | None) -> str:
+    if comm == AUTO:
+        return "auto"
     return "two-phase" if comm == DEFAULT else f"HO-Ring, {chunks} chunks"
 
 
@@ -73,7 +77,8 @@ def render(runs: list[dict], commands: list[str]) -> str:
                 times = step_times(run)
                 median = statistics.median(times)
                 gain = "" if base_s is None or column == (DEFAULT, None) else f", {base_s / median - 1:+.1%}"
-                cells.append(f"{median:.2f} s ({min(times):.2f}-{max(times):.2f}){gain}")
+                chose = f"; ran {run.get('collectives')}" if column[0] == AUTO else ""
+                cells.append(f"{median:.2f} s ({min(times):.2f}-{max(times):.2f}){gain}{chose}")
         lines.append(f"| {model} {nodes}x{ranks} A={accum} | {config} | {_rate_label(rate)} | "
                      + " | ".join(cells) + " |")
     return "\n".join([*lines, END])
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step A")
     p.add_argument("--configs", type=_csv(_config), default=["GGG"], help="PaRO strategy codes, comma-separated")
     p.add_argument("--depths", type=_csv(int), default=[4, 16], help="paro_ho_ring_chunks values, comma-separated")
+    p.add_argument("--auto", action="store_true",
+                   help='launch paro_comm = "auto" alone (no --depths), to see what it chooses and how fast that runs')
     p.add_argument("--rates", type=_csv(str), default=["250mbit", "1gbit", FLOOR_RATE], help="link rates (tc units)")
     add_series_args(p, REPO / "docs" / "ho-ring-depth.md", steps=6)
     return p
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     command = " ".join(["python -m benchmarks.ho_ring_depth", *argv])
     plan = [(config, rate, comm, chunks) for config in args.configs for rate in args.rates
-            for comm, chunks in variants(args.depths)]
+            for comm, chunks in variants(args.depths, args.auto)]
     specs = [(f"{config} {_label(comm, chunks)} @ {rate}",
               {**_spec(args.model, nodes, ranks, args.accum, config, comm, rate, args.steps, "sweep"),
                "ho_ring_chunks": chunks}) for config, rate, comm, chunks in plan]

@@ -70,3 +70,24 @@ def test_size_class_gain_is_what_choosing_per_class_saves() -> None:
                                                       "reduce_scatter": HORingCost(0.0, 0.0)})
     assert size_class_gain("NGG", model, same, setup) == pytest.approx(0.0, abs=1e-12)
     assert size_class_gain("IIG", model, split, setup) == pytest.approx(0.0, abs=1e-12)  # no global collective
+
+
+def test_an_auto_launch_is_read_as_what_it_ran() -> None:
+    """The trainer's "Applied PaRO ..." line says which collectives ``auto`` chose; the replay reads
+    it back as the variant label it compares with its own pick."""
+    from benchmarks.comm_auto_replay import launched_auto
+    from benchmarks.e2e_report import parse_node_output
+
+    line = ("[rank0]:[titan] INFO - Applied PaRO GGG (ho_ring, at most 8 chunks (chosen by the planner)) on "
+            "2 group(s) x 4 rank(s) to the model")
+    parsed = parse_node_output([line])
+    assert (parsed["applied"], parsed["collectives"]) == ("GGG", "ho_ring, at most 8 chunks (chosen by the planner)")
+    probes = [[[k, 2.0 * k, 0, 0, 0] for k in range(1, 7)]]  # a step every 2 s
+    runs = [{"nodes": 2, "ranks": 4, "rate": "1gbit", "comm": "auto", "status": "ok", "probes": probes,
+             "collectives": parsed["collectives"]},
+            {"nodes": 4, "ranks": 2, "rate": "1gbit", "comm": "auto", "status": "ok", "probes": probes,
+             "collectives": "default (chosen by the planner)"},
+            {"nodes": 4, "ranks": 2, "rate": "250mbit", "comm": "ho_ring", "status": "ok", "probes": probes,
+             "collectives": "ho_ring"}]  # not an auto launch
+    assert launched_auto({"runs": runs}) == {(2, 4, "1gbit"): ("HO-Ring, 8 chunks", 2.0),
+                                             (4, 2, "1gbit"): ("two-phase", 2.0)}
