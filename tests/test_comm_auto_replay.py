@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from benchmarks.comm_auto_replay import BEFORE, MEASURED, evaluate, measured_scenarios, render, size_class_gain
+from benchmarks.comm_auto_replay import (BEFORE, LAUNCHED, MEASURED, evaluate, launched_auto, measured_scenarios,
+                                         render, size_class_gain)
 from conftest import needs_torchtitan
 from paro_fsdp.planner import best_collectives, calibration_from_dict, cluster_from_calibration
 
@@ -19,8 +20,9 @@ SAVED = MEASURED.parent / "comm-auto-replay.json"
 def test_replay_rebuilds_from_the_saved_calibrations_and_its_gaps_follow_the_measurements() -> None:
     measured = measured_scenarios(json.loads(MEASURED.read_text()))
     raw = json.loads(SAVED.read_text())
-    rows = evaluate(measured, raw["calibrations"])
+    rows = evaluate(measured, raw["calibrations"], launched_auto(json.loads(LAUNCHED.read_text())))
     assert len(rows) == len(measured) == 6
+    assert all(row["launched"] for row in rows)  # auto launched in every scenario
     labels = {"two-phase": ("default", None), "HO-Ring, 4 chunks": ("ho_ring", 4), "HO-Ring, 16 chunks": ("ho_ring", 16)}
     for row in rows:
         steps = measured[(row["nodes"], row["ranks"], row["rate"])]
@@ -75,7 +77,6 @@ def test_size_class_gain_is_what_choosing_per_class_saves() -> None:
 def test_an_auto_launch_is_read_as_what_it_ran() -> None:
     """The trainer's "Applied PaRO ..." line says which collectives ``auto`` chose; the replay reads
     it back as the variant label it compares with its own pick."""
-    from benchmarks.comm_auto_replay import launched_auto
     from benchmarks.e2e_report import parse_node_output
 
     line = ("[rank0]:[titan] INFO - Applied PaRO GGG (ho_ring, at most 8 chunks (chosen by the planner)) on "
