@@ -30,6 +30,14 @@ class LinkFit:
             raise ValueError(f"link bandwidth must be a finite number of bytes/s > 0, got {self.bandwidth!r}")
 
 
+def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(slope, intercept)`` of the least-squares line through ``(x, y)`` points (>= 2 distinct x)."""
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return slope, mean_y - slope * mean_x
+
+
 def fit_link(points: list[tuple[float, float]]) -> LinkFit:
     """Least-squares line through ``(bytes_sent_per_rank, seconds)`` points.
 
@@ -39,17 +47,13 @@ def fit_link(points: list[tuple[float, float]]) -> LinkFit:
     """
     if len({b for b, _ in points}) < 2:
         raise ValueError(f"fitting a link needs timings at >= 2 distinct sizes, got {len(points)} point(s)")
-    k = len(points)
-    mean_b = sum(b for b, _ in points) / k
-    mean_t = sum(t for _, t in points) / k
-    var = sum((b - mean_b) ** 2 for b, _ in points)
-    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / var
+    slope, intercept = _least_squares(points)
     if slope <= 0:
         raise ValueError(
             f"collective times do not grow with size (points {points}): use larger probe sizes "
             f"(paro probe --sizes) so bandwidth, not latency, dominates the largest ones"
         )
-    return LinkFit(latency=max(0.0, mean_t - slope * mean_b), bandwidth=1.0 / slope)
+    return LinkFit(latency=max(0.0, intercept), bandwidth=1.0 / slope)
 
 
 def fit_ho_ring_cost(points: list[tuple[int, float]], two_phase_seconds: float, overlap_seconds: float) -> HORingCost:
@@ -66,11 +70,7 @@ def fit_ho_ring_cost(points: list[tuple[int, float]], two_phase_seconds: float, 
     """
     if len({c for c, _ in points}) < 2 or min(c for c, _ in points) < 2:
         raise ValueError(f"fitting HO-Ring's cost needs timings at >= 2 distinct depths >= 2, got {points}")
-    residual = [(c, t - overlap_seconds / c) for c, t in points]
-    mean_c = sum(c for c, _ in residual) / len(residual)
-    mean_r = sum(r for _, r in residual) / len(residual)
-    per_chunk = (sum((c - mean_c) * (r - mean_r) for c, r in residual)
-                 / sum((c - mean_c) ** 2 for c, _ in residual))
+    per_chunk, _ = _least_squares([(c, t - overlap_seconds / c) for c, t in points])
     fixed = sum(t - two_phase_seconds + overlap_seconds * (1 - 1 / c) - (c - 1) * per_chunk
                 for c, t in points) / len(points)
     return HORingCost(fixed=fixed, per_chunk=per_chunk)
