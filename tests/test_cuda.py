@@ -390,7 +390,7 @@ def test_engine_gradients_survive_a_slow_consumer_stream(bf16: bool) -> None:
 
 # Quantized inter-group traffic ---------------------------------------------------------------
 
-QUANT_CASES = (("IIG", "default"), ("NIG", "ho_ring"), ("GGG", "ho_ring"), ("NNN", "default"))
+QUANT_CASES = (("IIG", "default"), ("NIG", "ho_ring"), ("GGG", "ho_ring"), ("NNN", "default"), ("NNN", "ho_ring"))
 
 
 def _quantized_run(device: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ training close to the exact run)."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -100,6 +101,65 @@ def test_error_feedback_keeps_quantization_error_from_building_up():
     without, with_feedback = (max(run_distributed(_repeated_reduce_scatter, 2, fb)) for fb in (False, True))
     assert without > 0.01  # int4's error does not average out on a repeated gradient
     assert with_feedback < without / 8, (with_feedback, without)
+
+
+def _second_hops(g: int, m: int) -> dict:
+    mesh = init_device_mesh("cpu", (g, m), mesh_dim_names=("dp_replicate", "dp_shard"))
+    groups = MeshGroups(mesh, quant=InterQuant(grads="int8", block_size=64))
+    rank = dist.get_rank()
+    xs = [torch.randn(1001 + 7 * i, generator=torch.Generator().manual_seed(10 * rank + i)) for i in range(3)]
+    out: dict = {}
+    with phase("sync_g"):
+        # Issued, never waited for: the second hop must leave without the caller.
+        hop = (g - 1) * packed_bytes(-(-xs[0].numel() // g), "int8", 64)  # each hop sends one chunk per peer
+        pending = groups.start_all_reduce(xs[0].clone(), INTER)
+        deadline = time.monotonic() + 60
+        while groups.stats.get("sync_g", INTER) < 2 * hop and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["sent before wait"] = (hop, groups.stats.get("sync_g", INTER))
+        pending.wait()
+        one_at_a_time = [x.clone() for x in xs]
+        for x in one_at_a_time:
+            groups.start_all_reduce(x, INTER).wait()
+        in_flight = [x.clone() for x in xs]
+        handles = [groups.start_all_reduce(x, INTER) for x in in_flight]
+        for handle in reversed(handles):  # waited in another order than issued
+            handle.wait()
+        averaged = xs[1].clone()
+        groups.start_all_reduce(averaged, INTER, op=dist.ReduceOp.AVG).wait()
+    out["same bits in flight"] = all(a.equal(b) for a, b in zip(one_at_a_time, in_flight))
+    out["results"] = [x.numpy() for x in one_at_a_time]
+    out["averaged"] = averaged.numpy()
+    exact = [x.clone() for x in xs]
+    for x in exact:
+        dist.all_reduce(x, group=groups.inter)
+    out["exact"] = [x.numpy() for x in exact]
+
+    def failing(group: dist.ProcessGroup) -> None:
+        raise ValueError("the first hop failed")
+
+    landed = groups._relay.submit(failing)
+    with pytest.raises(ValueError, match="the first hop failed"):
+        landed()
+    return out
+
+
+def test_quantized_all_reduce_sends_its_second_hop_without_waiting_for_the_caller():
+    """The all-gather of the sums leaves as soon as the all-to-all lands, not at ``wait()``
+    (on gloo from a worker thread, on a group of its own); the results are the same whether the
+    handles are waited one at a time or several in flight in another order, every replica holds
+    the same bits, the sum is within the quantization error of the exact one, AVG divides it,
+    and an error in the hop surfaces at ``wait()``."""
+    runs = run_distributed(_second_hops, 4, 2, 2)
+    for rank, out in enumerate(runs):
+        hop, sent = out["sent before wait"]
+        assert sent == 2 * hop, f"rank {rank}: second hop not sent before wait ({sent} of {2 * hop} bytes)"
+        assert out["same bits in flight"], f"rank {rank}"
+        peer = runs[rank ^ 2]  # the other group's rank with the same local index
+        for got, other, exact in zip(out["results"], peer["results"], out["exact"]):
+            assert got.tobytes() == other.tobytes(), f"rank {rank}: replicas differ"
+            assert abs(got - exact).max() <= 0.02 * abs(exact).max()
+        assert abs(out["averaged"] - out["results"][1] / 2).max() <= 0.02 * abs(out["exact"][1]).max()
 
 
 def test_parallelize_rejects_a_quant_that_is_not_an_interquant():

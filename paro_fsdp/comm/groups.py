@@ -20,6 +20,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from paro_fsdp.comm import quant as q
 from paro_fsdp.comm.errors import CollectiveError, Issued, adopt_default_timeout
+from paro_fsdp.comm.relay import Relay, StreamRelay, ThreadRelay
+from paro_fsdp.comm.streams import keep_for_current_stream
 from paro_fsdp.comm.stats import INTER, INTRA, CommStats, current_phase
 from paro_fsdp.comm.torch_compat import all_gather_single, reduce_scatter_single
 
@@ -124,9 +126,17 @@ class MeshGroups:
     def index(self, link: str) -> int:
         return self.local_index if link == INTRA else self.group_index
 
-    def _issued(self, collective: str, link: str, purpose: str | None = None) -> Issued:
+    def _issued(self, collective: str, link: str, purpose: str | None = None,
+                group: dist.ProcessGroup | None = None) -> Issued:
         """What a ``start_*`` call issues, for naming it if it fails (phase: the current one)."""
-        return Issued(collective, link, self._ranks[link], current_phase(), self.group(link), purpose)
+        return Issued(collective, link, self._ranks[link], current_phase(), group or self.group(link), purpose)
+
+    @functools.cached_property
+    def _relay(self) -> Relay:
+        """What issues the second hop of a quantized inter-group all-reduce (:mod:`.relay`)."""
+        if self._gloo[INTER]:
+            return ThreadRelay(self._ranks[INTER], dist.get_backend(self.inter))
+        return StreamRelay(self.inter, self.device)
 
     def _quant_format(self, kind: str, link: str) -> str | None:
         """The format a collective ``kind`` on ``link`` sends in now (``None``: exact)."""
@@ -200,19 +210,21 @@ class MeshGroups:
     # once per hop; sums are taken in fp32 after dequantization.
 
     def _start_quantized_all_gather(self, output: torch.Tensor, input: torch.Tensor, link: str,
-                                    fmt: str) -> "Pending":
-        """All-gather of ``input`` quantized; every rank, the owner included, writes the dequantized
-        values into ``output``, so all copies agree bit for bit."""
+                                    fmt: str, group: dist.ProcessGroup | None = None) -> "Pending":
+        """All-gather of ``input`` quantized (over ``group``: ``link``'s by default); every rank,
+        the owner included, writes the dequantized values into ``output``, so all copies agree
+        bit for bit."""
         k, numel, block = self.size(link), input.numel(), self.quant.block_size
+        group = group or self.group(link)
         packed = q.quantize(input.reshape(1, -1), fmt, block)
         received = packed.new_empty(k, packed.shape[1])
         self.stats.add(link, (k - 1) * packed.numel(), quantized=True)
-        work = all_gather_single(received, packed, group=self.group(link), async_op=True)
+        work = all_gather_single(received, packed, group=group, async_op=True)
 
         def finish() -> None:
             output.view(k, numel).copy_(q.dequantize(received, numel, fmt, block))
 
-        return Pending(work, finish, issued=self._issued("all_gather", link, f"{fmt} all_gather"))
+        return Pending(work, finish, issued=self._issued("all_gather", link, f"{fmt} all_gather", group))
 
     def _start_quantized_exchange(self, input: torch.Tensor, link: str, fmt: str) -> Callable[[], torch.Tensor]:
         """Issue the all-to-all of ``input``'s k chunks, quantized; the returned call waits for it
@@ -237,6 +249,7 @@ class MeshGroups:
 
         def finish() -> torch.Tensor:
             pending.wait()
+            keep_for_current_stream(received)  # allocated on the issuing stream; read on this one
             values = q.dequantize(received, rows.shape[1], fmt, block)
             values[own] = rows[own]
             return values.sum(dim=0)
@@ -245,18 +258,24 @@ class MeshGroups:
 
     def _start_quantized_all_reduce(self, tensor: torch.Tensor, link: str, fmt: str,
                                     op: dist.ReduceOp.RedOpType) -> "Pending":
-        """All-reduce as a quantized reduce-scatter, then a quantized all-gather of the sums
-        (issued when waited for), so every element is quantized once per hop."""
+        """All-reduce as a quantized reduce-scatter, then a quantized all-gather of the sums, so
+        every element is quantized once per hop. The second hop is issued as soon as the first
+        lands, not when the handle is waited for (:mod:`.relay`)."""
         k, flat = self.size(link), tensor.view(-1)
         padded = -(-flat.numel() // k) * k
         work = flat if padded == flat.numel() else torch.cat([flat, flat.new_zeros(padded - flat.numel())])
         exchange = self._start_quantized_exchange(work, link, fmt)
 
-        def finish() -> None:
+        def second_hop(group: dist.ProcessGroup) -> Pending:
             summed = exchange()
             if op == dist.ReduceOp.AVG:
                 summed.div_(k)
-            self._start_quantized_all_gather(work, summed, link, fmt).wait()
+            return self._start_quantized_all_gather(work, summed, link, fmt, group)
+
+        landed = self._relay.submit(second_hop)
+
+        def finish() -> None:
+            landed()
             if work is not flat:
                 flat.copy_(work[: flat.numel()])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -37,22 +38,30 @@ def current_phase() -> str:
 
 
 class CommStats:
-    """Bytes sent by this rank, keyed by (phase, link); of those, how many were quantized."""
+    """Bytes sent by this rank, keyed by (phase, link); of those, how many were quantized.
+
+    Collectives may be issued from a worker thread (:mod:`paro_fsdp.comm.relay`), so the counts
+    are updated under a lock.
+    """
 
     def __init__(self) -> None:
         self._bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._quantized: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
 
     def add(self, link: str, nbytes: int, phase_name: str | None = None, *, quantized: bool = False) -> None:
         if link not in LINKS:
             raise ValueError(f"unknown link {link!r}; expected one of {LINKS}")
-        self._bytes[(phase_name or current_phase(), link)] += int(nbytes)
-        if quantized:
-            self._quantized[link] += int(nbytes)
+        key = (phase_name or current_phase(), link)
+        with self._lock:
+            self._bytes[key] += int(nbytes)
+            if quantized:
+                self._quantized[link] += int(nbytes)
 
     def reset(self) -> None:
-        self._bytes.clear()
-        self._quantized.clear()
+        with self._lock:
+            self._bytes.clear()
+            self._quantized.clear()
 
     def quantized(self, link: str | None = None) -> int:
         """Of the bytes counted, those sent block-quantized (scales included), on one or both links."""
